@@ -1,0 +1,6 @@
+# -*- test-case-name: tests.test_tap -*-
+"""twistd plugin: names where hmacfs lives so `twistd --help` stays fast."""
+
+from twisted.application.service import ServiceMaker
+
+hmacfs = ServiceMaker("hmacfs", "hmacfs.tap", "XEP-0363 HTTP upload server (HMAC-signed URLs)", "hmacfs")
