@@ -1,0 +1,152 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+The ``hmacfs`` command: sign URLs, check a configuration, make a demo setup.
+
+One argparse entry point with subcommands; later features add theirs here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+from hmacfs.auth import sign_slot
+from hmacfs.config import Config, ConfigError, load_config
+
+DEMO_FILE = "example-upload.txt"
+DEMO_BODY = b"Hello from hmacfs! This file was uploaded with a signed PUT URL.\n"
+
+
+def _load(path: str) -> Config:
+    try:
+        config, warnings = load_config(path)
+    except ConfigError as error:
+        sys.stderr.write(f"hmacfs: {path}: {error}\n")
+        raise SystemExit(1) from None
+    for warning in warnings:
+        sys.stderr.write(f"hmacfs: {path}: warning: {warning}\n")
+    return config
+
+
+def default_base_url(config: Config) -> str:
+    """http://HOST:PORT/<UploadSubDir> guessed from ListenPort (for local testing)."""
+    raw = config.listen_raw
+    host, port = "127.0.0.1", "8080"
+    if not config.unix_socket and not raw.startswith(("unix:", "systemd:", "/")):
+        if raw.startswith(("tcp:", "tcp6:")):
+            for part in raw.split(":")[1:]:
+                if part.startswith("port="):
+                    port = part[5:]
+                elif part.isdigit():
+                    port = part
+        else:
+            head, _, port = raw.rpartition(":")
+            if head and head not in ("0.0.0.0", "::", "[::]"):
+                host = head
+    prefix = f"/{config.upload_subdir}" if config.upload_subdir else ""
+    return f"http://{host}:{port}{prefix}"
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    expires = None
+    if args.protocol == "v3":
+        expires = int(time.time()) + args.expires
+    slot = sign_slot(
+        base_url=args.base_url or default_base_url(config),
+        path=args.path,
+        size=args.size,
+        secret=config.secret,
+        scheme=args.protocol,
+        content_type=args.type,
+        style=args.style,
+        expires=expires,
+    )
+    print(f"PUT {slot.put_url}")
+    print(f"GET {slot.get_url}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config, warnings = load_config(args.file)
+    except ConfigError as error:
+        print(f"{args.file}: error: {error}", file=sys.stderr)
+        return 1
+    for warning in warnings:
+        print(f"{args.file}: warning: {warning}", file=sys.stderr)
+    print(json.dumps(config.redacted(), indent=2, default=str))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Write a local config (first time only) and print a signed example upload."""
+    path = Path(args.config)
+    if not path.exists():
+        path.write_text(
+            "# Written by `make run`: a local demo configuration (see packaging/config.toml).\n"
+            'ListenPort = "127.0.0.1:8080"\n'
+            f'Secret = "{secrets.token_urlsafe(32)}"\n'
+            'StoreDir = "./data"\n'
+            'UploadSubDir = "upload"\n'
+            'LogLevel = "info"\n'
+            "MaxUploadSize = \"1GiB\"\n"
+        )
+        path.chmod(0o600)
+    config = _load(str(path))
+    Path(DEMO_FILE).write_bytes(DEMO_BODY)
+    slot = sign_slot(
+        base_url=default_base_url(config),
+        path=f"{uuid.uuid4()}/{DEMO_FILE}",
+        size=len(DEMO_BODY),
+        secret=config.secret,
+        scheme="v2",
+        content_type="text/plain",
+    )
+    print("hmacfs is starting on", default_base_url(config), "(Ctrl-C stops it)")
+    print("Example upload URL (Prosody v2 scheme, valid for this one file):")
+    print(f"  {slot.put_url}")
+    print("Upload it, then download it:")
+    print(f"  curl -sS -T {DEMO_FILE} -H 'Content-Type: text/plain' '{slot.put_url}'")
+    print(f"  curl -sS '{slot.get_url}'")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hmacfs", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sign = sub.add_parser("sign", help="print PUT and GET URLs as an XMPP server would sign them")
+    sign.add_argument("--config", required=True)
+    sign.add_argument("--protocol", choices=["v", "v2", "token", "v3"], default="v")
+    sign.add_argument("--type", default=None, help="Content-Type bound by v2/token")
+    sign.add_argument("--expires", type=int, default=300, help="v3: seconds from now")
+    sign.add_argument("--style", choices=["prosody", "ejabberd"], default="prosody")
+    sign.add_argument("--base-url", default=None, help="default: from ListenPort and UploadSubDir")
+    sign.add_argument("path", help="slot path, e.g. <uuid>/<filename>")
+    sign.add_argument("size", type=int)
+    sign.set_defaults(func=cmd_sign)
+
+    check = sub.add_parser("check-config", help="validate a config file and print it (secret redacted)")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check_config)
+
+    demo = sub.add_parser("demo", help="write a local config and print a signed example upload")
+    demo.add_argument("--config", default="config.local.toml")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,226 @@
+# -*- test-case-name: tests.test_resource -*-
+"""
+The HTTP face of hmacfs: one thin leaf resource for the upload tree.
+
+Every decision is made elsewhere (``UploadPolicy`` at header time, ``Store``
+for files, ``render_download`` for GET/HEAD); this module turns the outcomes
+into status codes, CORS headers and short plain-text reasons.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from hmacfs.logs import log_router
+
+from hmacfs.download import render_download
+from hmacfs.paths import PathError, parse_slot_path
+from hmacfs.upload import UploadFailed
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
+    from hmacfs.storage import Store, StoredFile
+
+log = Logger(observer=log_router)
+
+ALLOWED_METHODS = b"GET, HEAD, PUT, OPTIONS"
+
+#: Request headers a browser client may send (Authorization must be named:
+#: a ``*`` does not cover it).  Later features append to these lists.
+CORS_ALLOW_HEADERS = [
+    b"Authorization",
+    b"Content-Type",
+    b"X-Session-Token",
+    b"X-Checksum",
+    b"Content-Digest",
+    b"Range",
+]
+CORS_EXPOSE_HEADERS = [
+    b"X-Session-Token",
+    b"Content-Range",
+    b"Content-Length",
+    b"Accept-Ranges",
+    b"ETag",
+    b"Location",
+]
+CORS_MAX_AGE = b"7200"
+SESSION_TOKEN = b"X-Session-Token"
+_TOKEN = re.compile(rb"[A-Za-z0-9._~-]{8,128}")
+
+
+@attrs.define
+class DownloadSettings:
+    """How GET/HEAD behave: retries for shared storage and the write idle timeout."""
+
+    enable_get_retries: bool = True
+    max_retries: int = 5
+    retry_delay: float = 2.0
+    write_timeout: float = 120.0
+    chunk_size: int = 262144
+
+
+def add_cors_headers(request: Any) -> None:
+    """CORS headers for every response, errors included (else scripts see status 0)."""
+    headers = request.responseHeaders
+    headers.setRawHeaders(b"Access-Control-Allow-Origin", [b"*"])
+    headers.setRawHeaders(b"Access-Control-Allow-Methods", [ALLOWED_METHODS])
+    headers.setRawHeaders(b"Access-Control-Allow-Headers", [b", ".join(CORS_ALLOW_HEADERS)])
+    headers.setRawHeaders(b"Access-Control-Expose-Headers", [b", ".join(CORS_EXPOSE_HEADERS)])
+    headers.setRawHeaders(b"Access-Control-Max-Age", [CORS_MAX_AGE])
+
+
+def session_token(request: Any) -> bytes:
+    """The client's ``X-Session-Token`` if well-formed, or a fresh unpredictable one."""
+    given = request.requestHeaders.getRawHeaders(SESSION_TOKEN)
+    if given and _TOKEN.fullmatch(given[0]):
+        return given[0]
+    return secrets.token_urlsafe(24).encode("ascii")
+
+
+def error_page(request: Any, status: int, reason: str, headers: tuple = ()) -> bytes:
+    """A short plain-text error: the status line's phrase and why."""
+    request.setResponseCode(status)
+    for name, value in headers:
+        request.responseHeaders.setRawHeaders(name, [value])
+    request.responseHeaders.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
+    request.responseHeaders.setRawHeaders(b"Cache-Control", [b"no-store"])
+    phrase = http.RESPONSES.get(status, b"Error").decode("ascii")
+    body = f"{status} {phrase}: {reason}\n".encode()
+    request.responseHeaders.setRawHeaders(b"Content-Length", [str(len(body)).encode()])
+    request.hmacfs_reason = reason
+    if request.method == b"HEAD":
+        return b""
+    return body
+
+
+class UploadResource(Resource):
+    """GET/HEAD/PUT/OPTIONS on ``/<UploadSubDir>/<slot path>``."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        *,
+        prefix: str,
+        store: Store,
+        clock: IReactorTime,
+        downloads: DownloadSettings,
+    ) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.store = store
+        self.clock = clock
+        self.downloads = downloads
+
+    def render(self, request: Any) -> bytes | int:
+        add_cors_headers(request)
+        request.responseHeaders.setRawHeaders(SESSION_TOKEN, [session_token(request)])
+        rejection = getattr(request, "rejection", None)
+        if rejection is not None:
+            return error_page(request, rejection.status, rejection.reason, rejection.headers)
+        method = request.method
+        if method == b"OPTIONS":
+            request.setResponseCode(204)
+            request.responseHeaders.setRawHeaders(b"Allow", [ALLOWED_METHODS])
+            return b""
+        if method == b"PUT":
+            return self._render_put(request)
+        if method in (b"GET", b"HEAD"):
+            return self._render_get(request)
+        return error_page(request, 405, "method not allowed", ((b"Allow", ALLOWED_METHODS),))
+
+    # PUT
+
+    def _render_put(self, request: Any) -> bytes | int:
+        receiver = getattr(request, "body_consumer", None)
+        if receiver is None:  # only reachable when no policy is installed
+            return error_page(request, 500, "uploads are not configured")
+        receiver.done.addCallbacks(
+            self._created, self._not_created, callbackArgs=(request,), errbackArgs=(request,)
+        )
+        return NOT_DONE_YET
+
+    def _created(self, stored: StoredFile, request: Any) -> None:
+        if request._disconnected:
+            return
+        request.setResponseCode(201)
+        request.responseHeaders.setRawHeaders(b"Location", [request.path])
+        request.responseHeaders.setRawHeaders(b"ETag", [stored.etag.encode("ascii")])
+        request.responseHeaders.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
+        body = b"201 Created\n"
+        request.responseHeaders.setRawHeaders(b"Content-Length", [str(len(body)).encode()])
+        request.write(body)
+        request.finish()
+
+    def _not_created(self, failure: Failure, request: Any) -> None:
+        if failure.check(UploadFailed):
+            status, reason = failure.value.status, failure.value.reason
+        else:
+            log.failure("upload failed", failure)
+            status, reason = 500, "internal error"
+        if request._disconnected:
+            return
+        body = error_page(request, status, reason)
+        request.write(body)
+        request.finish()
+
+    # GET / HEAD
+
+    def _render_get(self, request: Any) -> bytes | int:
+        try:
+            slot = parse_slot_path(request.path, self.prefix)
+        except PathError as error:
+            return error_page(request, error.status, error.reason)
+        stored = self.store.stat(slot.segments)
+        if stored is not None:
+            return self._serve(request, stored)
+        if not (self.downloads.enable_get_retries and self.downloads.max_retries > 0):
+            return error_page(request, 404, "no such file")
+        self._retry(request, slot.segments, self.downloads.max_retries)
+        return NOT_DONE_YET
+
+    def _retry(self, request: Any, segments: tuple[str, ...], remaining: int) -> None:
+        """Look again later: on shared storage the file may not be visible here yet."""
+        finished: Deferred[None] = request.notifyFinish()
+        gone: list[bool] = []
+        finished.addErrback(lambda _: gone.append(True))
+
+        def again() -> None:
+            if gone:
+                return
+            stored = self.store.stat(segments)
+            if stored is not None:
+                result = self._serve(request, stored)
+                if result is not NOT_DONE_YET:
+                    request.write(result)
+                    request.finish()
+            elif remaining <= 1:
+                request.write(error_page(request, 404, "no such file"))
+                request.finish()
+            else:
+                self._retry(request, segments, remaining - 1)
+
+        self.clock.callLater(self.downloads.retry_delay, again)
+
+    def _serve(self, request: Any, stored: StoredFile) -> bytes | int:
+        try:
+            return render_download(
+                request,
+                stored,
+                clock=self.clock,
+                write_timeout=self.downloads.write_timeout,
+                chunk_size=self.downloads.chunk_size,
+            )
+        except FileNotFoundError:
+            return error_page(request, 404, "no such file")

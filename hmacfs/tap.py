@@ -1,0 +1,210 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+Service wiring: twistd options and ``makeService``.
+
+``makeService`` only assembles services; nothing listens, opens a thread or
+connects before ``startService``.  Every part takes the reactor as an argument
+so tests can pass a ``MemoryReactorClock``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from hmacfs.auth import Authenticator
+from hmacfs.clientaddr import ClientAddressResolver, request_client
+from hmacfs.config import Config, ConfigError, load_config
+from hmacfs.logs import log_router
+from hmacfs.request import StreamingSite
+from hmacfs.resource import DownloadSettings, UploadResource
+from hmacfs.storage import Store
+from hmacfs.upload import UploadLimits, UploadPolicy
+
+log = Logger(observer=log_router)
+access_log = Logger(namespace="hmacfs.access", observer=log_router)
+
+
+class Options(usage.Options):
+    """``twistd hmacfs --config FILE``"""
+
+    optParameters = [
+        ["config", "c", None, "Path to config.toml (default: $HMACFS_CONFIG or ./config.toml)."],
+    ]
+
+    config_obj: Config
+
+    def postOptions(self) -> None:
+        path = self["config"] or os.environ.get("HMACFS_CONFIG") or "config.toml"
+        if not os.path.exists(path):
+            raise usage.UsageError(f"config file {path!r} does not exist (use --config FILE)")
+        try:
+            config, warnings = load_config(path)
+        except ConfigError as error:
+            raise usage.UsageError(str(error)) from None
+        for warning in warnings:
+            log.warn("config {path}: {warning}", path=path, warning=warning)
+        self["config"] = path
+        self.config_obj = config
+
+
+class DiskThreadPoolService(Service):
+    """The thread pool that does the blocking disk work (writes, fsync, rename)."""
+
+    def __init__(self, reactor: Any, size: int = 8) -> None:
+        self.reactor = reactor
+        self.pool = ThreadPool(minthreads=1, maxthreads=size, name="hmacfs-disk")
+
+    def run_blocking(self, function: Any, *args: Any) -> Deferred:
+        return deferToThreadPool(self.reactor, self.pool, function, *args)
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.pool.stop)
+
+
+class LoggingService(Service):
+    """Applies LogLevel/LogFile when the service starts, closes the file at stop."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def startService(self) -> None:
+        super().startService()
+        log_router.configure(self.config.log_level, self.config.log_file)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        log_router.close()
+        return succeed(None)
+
+
+class DrainService(Service):
+    """On stop, give uploads in flight up to DrainTimeout seconds to finish."""
+
+    def __init__(self, reactor: Any, site: StreamingSite, timeout: float) -> None:
+        self.reactor = reactor
+        self.site = site
+        self.timeout = timeout
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        done: Deferred[None] = Deferred()
+        deadline = self.reactor.seconds() + self.timeout
+
+        def check() -> None:
+            active = self.site.body_policy.active if self.site.body_policy else 0
+            if active == 0 or self.reactor.seconds() >= deadline:
+                if active:
+                    log.warn("stopping with {active} uploads still in flight", active=active)
+                done.callback(None)
+            else:
+                self.reactor.callLater(0.1, check)
+
+        check()
+        return done
+
+
+def make_access_logger(resolver: ClientAddressResolver) -> Any:
+    """One line per request: client, method, path (never the query: it holds the MAC)."""
+
+    def log_request(request: Any) -> None:
+        import time
+
+        reason = getattr(request, "hmacfs_reason", None)
+        access_log.info(
+            '{client} "{method} {path}" {status} {bytes} {seconds:.3f}s{why}',
+            client=request_client(request, resolver),
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1"),
+            status=request.code,
+            bytes=request.sentLength,
+            received=getattr(request, "body_received", 0),
+            seconds=time.monotonic() - getattr(request, "started", time.monotonic()),
+            why=f" ({reason})" if reason else "",
+        )
+
+    return log_request
+
+
+def build_site(config: Config, reactor: Any, run_blocking: Any) -> StreamingSite:
+    """The upload Site for a configuration; also what embedding applications mount."""
+    store = Store(config.store_dir, min_free_bytes=config.min_free_bytes)
+    secret = config.secret
+    authenticator = Authenticator(lambda: (secret,), reactor, config.clock_skew)
+    policy = UploadPolicy(
+        limits=UploadLimits(
+            prefix=config.upload_subdir,
+            max_upload_size=config.max_upload_size,
+            checksum_verification=config.checksum_verification,
+            buffer_size=config.buffer_size,
+        ),
+        store=store,
+        authenticator=authenticator,
+        run_blocking=run_blocking,
+        clock=reactor,
+    )
+    resource = UploadResource(
+        prefix=config.upload_subdir,
+        store=store,
+        clock=reactor,
+        downloads=DownloadSettings(
+            enable_get_retries=config.enable_get_retries,
+            max_retries=config.max_retries,
+            retry_delay=config.retry_delay,
+            write_timeout=config.write_timeout,
+            chunk_size=max(config.buffer_size, 65536),
+        ),
+    )
+    resolver = ClientAddressResolver(config.trusted_proxies)
+    site = StreamingSite(
+        resource,
+        body_policy=policy,
+        reactor=reactor,
+        read_timeout=config.read_timeout,
+        read_size=config.buffer_size,
+        access_log=make_access_logger(resolver) if config.log_access else None,
+    )
+    return site
+
+
+def make_service_from_config(config: Config, reactor: Any = None) -> MultiService:
+    """Assemble the hmacfs services for ``config`` (nothing starts here)."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    top = MultiService()
+    LoggingService(config).setServiceParent(top)
+    disk = DiskThreadPoolService(reactor)
+    disk.setServiceParent(top)
+    site = build_site(config, reactor, disk.run_blocking)
+    DrainService(reactor, site, config.drain_timeout).setServiceParent(top)
+    endpoint = serverFromString(reactor, config.listen)
+    listener = StreamServerEndpointService(endpoint, site)
+    listener._raiseSynchronously = True
+    listener.setServiceParent(top)
+    top.site = site  # type: ignore[attr-defined]
+    top.listener = listener  # type: ignore[attr-defined]
+    return top
+
+
+def makeService(options: Options) -> MultiService:
+    """twistd entry point."""
+    return make_service_from_config(options.config_obj)
+
+
+__all__ = ["Options", "makeService", "make_service_from_config", "build_site"]

@@ -1,0 +1,112 @@
+# -*- test-case-name: tests.test_upload -*-
+"""
+Shared test helpers: a site on a StringTransport, a controllable disk runner,
+and a way to find free ports and start the real daemon.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from hmacfs.config import Config, default_config
+from hmacfs.tap import build_site
+
+SECRET = b"test-secret-0123456789abcdef"
+
+
+class ManualRunner:
+    """
+    Stands in for the disk thread pool: jobs wait until the test runs them,
+    so a test can hold the "disk" back and watch flow control.
+    """
+
+    def __init__(self, auto: bool = False) -> None:
+        self.auto = auto
+        self.jobs: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred]] = []
+
+    def __call__(self, function: Callable[..., Any], *args: Any) -> Deferred:
+        if self.auto:
+            return maybeDeferred(function, *args)
+        d: Deferred = Deferred()
+        self.jobs.append((function, args, d))
+        return d
+
+    def run_all(self) -> int:
+        """Run queued jobs (and the jobs they queue) until none are left."""
+        count = 0
+        while self.jobs:
+            function, args, d = self.jobs.pop(0)
+            count += 1
+            try:
+                result = function(*args)
+            except BaseException as error:  # noqa: BLE001 - handed to the Deferred
+                d.errback(error)
+            else:
+                d.callback(result)
+        return count
+
+
+def make_config(store: Path, **overrides: Any) -> Config:
+    return default_config(store, SECRET, **overrides)
+
+
+class SiteHarness:
+    """A StreamingSite for ``config`` driven through StringTransports."""
+
+    def __init__(self, config: Config, runner: ManualRunner | None = None) -> None:
+        self.config = config
+        self.reactor = MemoryReactorClock()
+        self.runner = runner or ManualRunner(auto=True)
+        self.site = build_site(config, self.reactor, self.runner)
+        self.site.startFactory()
+
+    def connect(self, port: int = 40000) -> tuple[Any, StringTransport]:
+        protocol = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+
+def v1_mac(path: str, size: int, secret: bytes = SECRET) -> str:
+    return hmac.new(secret, path.encode() + b" " + str(size).encode(), hashlib.sha256).hexdigest()
+
+
+def put_head(
+    path: str,
+    size: int | None,
+    *,
+    mac: str | None = None,
+    prefix: str = "upload",
+    extra: tuple[str, ...] = (),
+    quote: Callable[[str], str] | None = None,
+) -> bytes:
+    """The request line and headers of a v1-signed PUT (no body)."""
+    from urllib.parse import quote as urlquote
+
+    mac = mac if mac is not None else v1_mac(path, size or 0)
+    url_path = (quote or (lambda p: urlquote(p, safe="/")))(path)
+    lines = [f"PUT /{prefix}/{url_path}?v={mac} HTTP/1.1", "Host: localhost"]
+    if size is not None:
+        lines.append(f"Content-Length: {size}")
+    lines.extend(extra)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the real servers and tools the test suite talks to, when missing.
+# Needs root (CI and the dev machines run as root); otherwise prints what is missing.
+set -euo pipefail
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+if [ ${#need[@]} -eq 0 ]; then exit 0; fi
+if [ "$(id -u)" != 0 ]; then
+  echo "missing system packages: ${need[*]} (run as root, or: sudo apt-get install ${need[*]})" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# Debian starts the packaged services; the tests start their own on free ports.
+systemctl disable --now redis-server nginx >/dev/null 2>&1 || true
+service redis-server stop >/dev/null 2>&1 || true
+service nginx stop >/dev/null 2>&1 || true

@@ -1,0 +1,321 @@
+"""
+The upload path without sockets: a real Site, Store and Authenticator on a
+StringTransport, fed bytes the way a client sends them.  This is the layer
+that proves early rejection, 100-continue, streaming, pausing and aborts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.python.failure import Failure
+from twisted.internet.error import ConnectionLost
+from twisted.trial.unittest import SynchronousTestCase
+
+from hmacfs.testing import ManualRunner, SiteHarness, make_config, put_head, v1_mac
+
+UUID = "6f1c1b5e-2c59-4a55-9b0e-0d4f4a3f2b11"
+
+
+def files_under(root: Path) -> list[str]:
+    """Every regular file below root, relative, our private .hmacfs dir excluded."""
+    found = []
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if not rel.startswith(".hmacfs" + os.sep + "meta"):
+                found.append(rel)
+    return sorted(found)
+
+
+def partials(root: Path) -> list[str]:
+    directory = root / ".hmacfs" / "partial"
+    return sorted(os.listdir(directory)) if directory.exists() else []
+
+
+class UploadTestsMixin:
+    def setUp(self) -> None:
+        self.store = Path(self.mktemp())
+        self.store.mkdir()
+        self.runner = ManualRunner(auto=True)
+        self.harness = SiteHarness(make_config(self.store, **self.overrides()), self.runner)
+
+    def overrides(self) -> dict:
+        return {}
+
+    def status(self, transport) -> int:
+        data = transport.value()
+        while data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"):
+            data = data[len(b"HTTP/1.1 100 Continue\r\n\r\n") :]
+        return int(data.split(b" ", 2)[1])
+
+
+class EarlyRejectionTests(UploadTestsMixin, SynchronousTestCase):
+    """Refusals are decided from the headers, before any body byte is read."""
+
+    def assertRejectedEarly(self, head: bytes, status: int) -> bytes:
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(head)
+        response = transport.value()
+        self.assertNotIn(b"100 Continue", response)
+        self.assertTrue(response.startswith(b"HTTP/1.1 %d " % status), response[:200])
+        self.assertIn(b"Access-Control-Allow-Origin: *", response)
+        self.assertIn(b"Connection: close", response)
+        self.assertEqual(partials(self.store), [])
+        self.assertEqual(files_under(self.store), [])
+        return response
+
+    def test_bad_mac_403_without_continue(self) -> None:
+        """A tampered MAC is refused with 403 at header time and 100 Continue is never sent."""
+        head = put_head(f"{UUID}/a.txt", 10, mac="0" * 64, extra=("Expect: 100-continue",))
+        body = self.assertRejectedEarly(head, 403)
+        self.assertIn(b"bad MAC", body)
+
+    def test_missing_mac_403(self) -> None:
+        """A PUT without any MAC parameter is refused."""
+        head = f"PUT /upload/{UUID}/a.txt HTTP/1.1\r\nContent-Length: 5\r\n\r\n".encode()
+        self.assertRejectedEarly(head, 403)
+
+    def test_chunked_411(self) -> None:
+        """A chunked PUT has no size to check the MAC against: 411."""
+        mac = v1_mac(f"{UUID}/a.txt", 5)
+        head = (
+            f"PUT /upload/{UUID}/a.txt?v={mac} HTTP/1.1\r\n"
+            "Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+        ).encode()
+        self.assertRejectedEarly(head, 411)
+
+    def test_wrong_size_403(self) -> None:
+        """The MAC binds the size: a different Content-Length fails."""
+        head = put_head(f"{UUID}/a.txt", 11, mac=v1_mac(f"{UUID}/a.txt", 10))
+        self.assertRejectedEarly(head, 403)
+
+    def test_post_405(self) -> None:
+        """Methods other than PUT with a body are refused with 405 and Allow."""
+        head = f"POST /upload/{UUID}/a.txt HTTP/1.1\r\nContent-Length: 5\r\n\r\n".encode()
+        response = self.assertRejectedEarly(head, 405)
+        self.assertIn(b"Allow: GET, HEAD, PUT, OPTIONS", response)
+
+    def test_traversal_400(self) -> None:
+        """A '..' segment never reaches the filesystem."""
+        path = "../../etc/passwd"
+        head = f"PUT /upload/{UUID}/%2e%2e/x?v={v1_mac(path, 3)} HTTP/1.1\r\nContent-Length: 3\r\n\r\n"
+        self.assertRejectedEarly(head.encode(), 400)
+
+    def test_existing_file_409_untouched(self) -> None:
+        """A second PUT to an existing file gets 409 and the file keeps its bytes."""
+        target = self.store / UUID / "a.txt"
+        target.parent.mkdir()
+        target.write_bytes(b"original")
+        self.assertRejectedEarly(put_head(f"{UUID}/a.txt", 3), 409)
+        self.assertEqual(target.read_bytes(), b"original")
+
+    def test_rejected_body_is_discarded_not_parsed(self) -> None:
+        """Body bytes that arrive after a refusal are not parsed as another request."""
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/a.txt", 30, mac="1" * 64))
+        first = transport.value()
+        protocol.dataReceived(b"GET /upload/x/y HTTP/1.1\r\n\r\n" + b"x" * 3)
+        self.assertEqual(transport.value(), first)
+        self.assertEqual(first.count(b"HTTP/1.1 "), 1)
+
+
+class MaxSizeTests(UploadTestsMixin, SynchronousTestCase):
+    def overrides(self) -> dict:
+        return {"max_upload_size": 1000}
+
+    def test_too_large_413(self) -> None:
+        """A signed upload over MaxUploadSize gets 413 before the body."""
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/big.bin", 1001, extra=("Expect: 100-continue",)))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertEqual(partials(self.store), [])
+
+
+class StreamingTests(UploadTestsMixin, SynchronousTestCase):
+    """Accepted bodies stream to the partial file and are committed atomically."""
+
+    def upload(self, body: bytes, chunk: int, name: str = "file.bin", expect: bool = False):
+        protocol, transport = self.harness.connect()
+        extra = ("Expect: 100-continue", "Content-Type: application/pdf") if expect else ()
+        protocol.dataReceived(put_head(f"{UUID}/{name}", len(body), extra=extra))
+        if expect:
+            self.assertEqual(transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        for start in range(0, len(body), chunk):
+            protocol.dataReceived(body[start : start + chunk])
+        return protocol, transport
+
+    def test_continue_only_after_acceptance(self) -> None:
+        """An accepted PUT with Expect: 100-continue gets exactly one 100 before the body."""
+        body = os.urandom(5000)
+        _protocol, transport = self.upload(body, 1024, expect=True)
+        self.assertEqual(self.status(transport), 201)
+        self.assertEqual(transport.value().count(b"100 Continue"), 1)
+
+    def test_one_byte_chunks(self) -> None:
+        """A body fed one byte at a time is stored byte-identical."""
+        body = os.urandom(300)
+        _protocol, transport = self.upload(body, 1)
+        self.assertEqual(self.status(transport), 201)
+        self.assertEqual((self.store / UUID / "file.bin").read_bytes(), body)
+        self.assertIn(b"Location: /upload/" + UUID.encode() + b"/file.bin", transport.value())
+        self.assertEqual(partials(self.store), [])
+
+    def test_big_chunk(self) -> None:
+        """A 3 MiB body in one piece is stored byte-identical."""
+        body = os.urandom(3 * 1024 * 1024)
+        _protocol, transport = self.upload(body, len(body))
+        self.assertEqual(self.status(transport), 201)
+        self.assertEqual((self.store / UUID / "file.bin").read_bytes(), body)
+
+    def test_empty_file(self) -> None:
+        """A zero-byte upload is a valid upload."""
+        _protocol, transport = self.upload(b"", 1)
+        self.assertEqual(self.status(transport), 201)
+        self.assertEqual((self.store / UUID / "file.bin").read_bytes(), b"")
+
+    def test_short_body_leaves_nothing(self) -> None:
+        """A client that goes away mid-body leaves no file at the target and no partial."""
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/cut.bin", 1000))
+        protocol.dataReceived(b"x" * 400)
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertFalse((self.store / UUID / "cut.bin").exists())
+        self.assertEqual(partials(self.store), [])
+        # ... and the same URL works again afterwards.
+        body = b"y" * 1000
+        _p, transport2 = self.upload(body, 100, name="cut.bin")
+        self.assertEqual(self.status(transport2), 201)
+        self.assertEqual((self.store / UUID / "cut.bin").read_bytes(), body)
+
+    def test_concurrent_same_path_409(self) -> None:
+        """While one upload of a path is in flight, a second one gets 409."""
+        protocol, _transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/busy.bin", 100))
+        protocol.dataReceived(b"a" * 10)
+        other, transport2 = self.harness.connect(40001)
+        other.dataReceived(put_head(f"{UUID}/busy.bin", 100))
+        self.assertEqual(self.status(transport2), 409)
+
+    def test_pipelined_request_after_upload(self) -> None:
+        """Bytes after the body belong to the next request on a keep-alive connection."""
+        body = b"z" * 50
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(
+            put_head(f"{UUID}/p.bin", 50) + body + f"GET /upload/{UUID}/p.bin HTTP/1.1\r\n\r\n".encode()
+        )
+        value = transport.value()
+        self.assertIn(b"HTTP/1.1 201 ", value)
+        self.assertTrue(value.endswith(body), value[-200:])
+
+    @settings(derandomize=True, deadline=None, max_examples=40)
+    @given(st.binary(min_size=0, max_size=4096), st.lists(st.integers(1, 700), min_size=1, max_size=20))
+    def test_any_chunking_same_bytes(self, body: bytes, cuts: list[int]) -> None:
+        """However the body is split into reads, the stored bytes are the same."""
+        name = hashlib.sha256(body + repr(cuts).encode()).hexdigest()[:16]
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/{name}", len(body)))
+        position, index = 0, 0
+        while position < len(body):
+            step = cuts[index % len(cuts)]
+            protocol.dataReceived(body[position : position + step])
+            position += step
+            index += 1
+        self.assertEqual(self.status(transport), 201)
+        self.assertEqual((self.store / UUID / name).read_bytes(), body)
+
+
+class FlowControlTests(UploadTestsMixin, SynchronousTestCase):
+    """The socket is paused while the disk lags and resumed when it catches up."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.runner.auto = False
+
+    def overrides(self) -> dict:
+        return {"buffer_size": 4096}
+
+    def test_pause_and_resume(self) -> None:
+        """More than the high-water mark queued pauses reading; draining resumes it."""
+        body = os.urandom(64 * 1024)
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/slow.bin", len(body)))
+        for start in range(0, 32 * 1024, 1024):
+            protocol.dataReceived(body[start : start + 1024])
+        self.assertEqual(transport.producerState, "paused")
+        self.runner.run_all()
+        self.assertEqual(transport.producerState, "producing")
+        for start in range(32 * 1024, len(body), 1024):
+            protocol.dataReceived(body[start : start + 1024])
+        self.runner.run_all()
+        self.assertEqual(self.status(transport), 201)
+        self.assertEqual((self.store / UUID / "slow.bin").read_bytes(), body)
+
+    def test_memory_bounded_by_high_water(self) -> None:
+        """Queued bytes never exceed the high-water mark plus one read while paused."""
+        body = os.urandom(256 * 1024)
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/bounded.bin", len(body)))
+        receiver = protocol.requests[-1].body_consumer
+        fed = 0
+        while fed < len(body):
+            if transport.producerState == "paused":
+                self.assertLessEqual(receiver._queued, 4 * 4096 + 1024)
+                self.runner.run_all()
+                continue
+            protocol.dataReceived(body[fed : fed + 1024])
+            fed += 1024
+        self.runner.run_all()
+        self.assertEqual(self.status(transport), 201)
+        self.assertEqual((self.store / UUID / "bounded.bin").read_bytes(), body)
+
+    def test_disconnect_while_write_in_flight(self) -> None:
+        """A disconnect during a pending write removes the partial once the write returns."""
+        protocol, _transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/gone.bin", 10000))
+        protocol.dataReceived(b"q" * 5000)
+        self.assertEqual(len(partials(self.store)), 1)
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.runner.run_all()
+        self.assertEqual(partials(self.store), [])
+        self.assertFalse((self.store / UUID / "gone.bin").exists())
+
+
+class ChecksumTests(UploadTestsMixin, SynchronousTestCase):
+    def overrides(self) -> dict:
+        return {"checksum_verification": True}
+
+    def test_matching_checksum(self) -> None:
+        """X-Checksum equal to the body's SHA-256 stores the file."""
+        body = os.urandom(10000)
+        protocol, transport = self.harness.connect()
+        digest = hashlib.sha256(body).hexdigest()
+        protocol.dataReceived(put_head(f"{UUID}/ok.bin", len(body), extra=(f"X-Checksum: {digest}",)))
+        protocol.dataReceived(body)
+        self.assertEqual(self.status(transport), 201)
+
+    def test_mismatch_400_no_file(self) -> None:
+        """A wrong Content-Digest gives 400 and leaves no file."""
+        import base64
+
+        body = os.urandom(10000)
+        wrong = base64.b64encode(hashlib.sha256(b"other").digest()).decode()
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(
+            put_head(f"{UUID}/bad.bin", len(body), extra=(f"Content-Digest: sha-256=:{wrong}:",))
+        )
+        protocol.dataReceived(body)
+        self.assertEqual(self.status(transport), 400)
+        self.assertIn(b"checksum mismatch", transport.value())
+        self.assertFalse((self.store / UUID / "bad.bin").exists())
+        self.assertEqual(partials(self.store), [])
+
+    def test_malformed_checksum_400_early(self) -> None:
+        """A malformed X-Checksum is refused before the body."""
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/m.bin", 10, extra=("X-Checksum: nothex",)))
+        self.assertEqual(self.status(transport), 400)
