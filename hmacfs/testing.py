@@ -57,7 +57,7 @@ class ManualRunner:
 
 
 def make_config(store: Path, **overrides: Any) -> Config:
-    return default_config(store, SECRET, **overrides)
+    return default_config(Path(store).resolve(), SECRET, **overrides)
 
 
 class SiteHarness:

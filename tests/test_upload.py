@@ -39,7 +39,7 @@ def partials(root: Path) -> list[str]:
 
 class UploadTestsMixin:
     def setUp(self) -> None:
-        self.store = Path(self.mktemp())
+        self.store = Path(self.mktemp()).resolve()
         self.store.mkdir()
         self.runner = ManualRunner(auto=True)
         self.harness = SiteHarness(make_config(self.store, **self.overrides()), self.runner)
@@ -57,7 +57,7 @@ class UploadTestsMixin:
 class EarlyRejectionTests(UploadTestsMixin, SynchronousTestCase):
     """Refusals are decided from the headers, before any body byte is read."""
 
-    def assertRejectedEarly(self, head: bytes, status: int) -> bytes:
+    def assertRejectedEarly(self, head: bytes, status: int, files: tuple[str, ...] = ()) -> bytes:
         protocol, transport = self.harness.connect()
         protocol.dataReceived(head)
         response = transport.value()
@@ -66,7 +66,7 @@ class EarlyRejectionTests(UploadTestsMixin, SynchronousTestCase):
         self.assertIn(b"Access-Control-Allow-Origin: *", response)
         self.assertIn(b"Connection: close", response)
         self.assertEqual(partials(self.store), [])
-        self.assertEqual(files_under(self.store), [])
+        self.assertEqual(files_under(self.store), list(files))
         return response
 
     def test_bad_mac_403_without_continue(self) -> None:
@@ -111,7 +111,7 @@ class EarlyRejectionTests(UploadTestsMixin, SynchronousTestCase):
         target = self.store / UUID / "a.txt"
         target.parent.mkdir()
         target.write_bytes(b"original")
-        self.assertRejectedEarly(put_head(f"{UUID}/a.txt", 3), 409)
+        self.assertRejectedEarly(put_head(f"{UUID}/a.txt", 3), 409, (f"{UUID}/a.txt",))
         self.assertEqual(target.read_bytes(), b"original")
 
     def test_rejected_body_is_discarded_not_parsed(self) -> None:

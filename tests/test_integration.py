@@ -1,0 +1,470 @@
+"""
+SLOW SUITE: the real daemon (``twistd -n hmacfs``) on a loopback port and on a
+UNIX socket, driven with curl and raw sockets.  ``make test-fast`` skips it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import quote
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from hmacfs.auth import sign_slot
+from hmacfs.testing import SECRET, free_port, in_ci, v1_mac
+
+VENV_BIN = Path(sys.executable).parent
+TWISTD = str(VENV_BIN / "twistd")
+ROOT = Path(__file__).resolve().parent.parent
+CURL = shutil.which("curl")
+
+
+def require_curl() -> str:
+    if CURL is None:
+        if in_ci():
+            raise AssertionError("curl is required in CI")
+        raise SkipTest("curl not installed")
+    return CURL
+
+
+class Daemon:
+    """One ``twistd -n hmacfs`` process with its own store and config."""
+
+    def __init__(self, *, unix: bool = False, extra: str = "") -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="hmacfs-it-"))
+        self.store = self.dir / "store"
+        self.store.mkdir()
+        self.unix = unix
+        if unix:
+            self.socket = self.dir / "hmacfs.sock"
+            listen = f'UnixSocket = true\nListenPort = "{self.socket}"\n'
+        else:
+            self.port = free_port()
+            listen = f'ListenPort = "127.0.0.1:{self.port}"\n'
+        self.config = self.dir / "config.toml"
+        self.config.write_text(
+            listen
+            + f'Secret = "{SECRET.decode()}"\nStoreDir = "{self.store}"\n'
+            + 'UploadSubDir = "upload"\nLogLevel = "info"\n'
+            + f'LogFile = "{self.dir / "hmacfs.log"}"\n'
+            + "MaxUploadSize = \"250MiB\"\nMinFreeBytes = 0\nEnableGetRetries = false\n"
+            + extra
+        )
+        self.output = open(self.dir / "twistd.out", "wb")
+        self.process = subprocess.Popen(
+            [TWISTD, "--nodaemon", "--pidfile=", "hmacfs", "--config", str(self.config)],
+            cwd=ROOT,
+            stdout=self.output,
+            stderr=subprocess.STDOUT,
+        )
+        self.wait_listening()
+
+    def wait_listening(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"twistd exited {self.process.returncode}: {self.log_tail()}")
+            try:
+                self.raw_connect().close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"twistd did not listen within {timeout}s: {self.log_tail()}")
+
+    def raw_connect(self) -> socket.socket:
+        if self.unix:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(self.socket))
+        else:
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        sock.settimeout(5)
+        return sock
+
+    def log_tail(self) -> str:
+        texts = []
+        for name in ("twistd.out", "hmacfs.log"):
+            path = self.dir / name
+            if path.exists():
+                texts.append(path.read_text(errors="replace")[-3000:])
+        return "\n".join(texts)
+
+    def base(self) -> str:
+        return "http://localhost/upload" if self.unix else f"http://127.0.0.1:{self.port}/upload"
+
+    def curl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        cmd = [require_curl(), "-sS", "--max-time", str(int(timeout))]
+        if self.unix:
+            cmd += ["--unix-socket", str(self.socket)]
+        return subprocess.run(cmd + list(args), capture_output=True, timeout=timeout + 10)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.output.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return self.process.returncode
+
+
+_daemons: dict[str, Daemon] = {}
+
+
+def shared_daemon(kind: str) -> Daemon:
+    """One daemon per kind per test process, stopped at exit."""
+    if kind not in _daemons:
+        _daemons[kind] = Daemon(unix=(kind == "unix"))
+    daemon = _daemons[kind]
+    if daemon.process.poll() is not None:
+        raise AssertionError(f"daemon died: {daemon.log_tail()}")
+    return daemon
+
+
+@atexit.register
+def _stop_all() -> None:
+    for daemon in _daemons.values():
+        daemon.stop()
+
+
+def make_file(directory: Path, size: int) -> Path:
+    """A file of ``size`` pseudo-random bytes, written in 1 MiB steps."""
+    path = directory / f"src-{size}.bin"
+    block = os.urandom(1024 * 1024)
+    with open(path, "wb") as handle:
+        remaining = size
+        counter = 0
+        while remaining:
+            piece = (counter.to_bytes(8, "big") + block)[: min(remaining, 1024 * 1024)]
+            handle.write(piece)
+            remaining -= len(piece)
+            counter += 1
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def status_of(result: subprocess.CompletedProcess) -> int:
+    return int(result.stdout.decode().strip().splitlines()[-1])
+
+
+class TCPDaemonTests(SynchronousTestCase):
+    """Uploads and downloads through the real daemon on a loopback TCP port."""
+
+    kind = "tcp"
+
+    def setUp(self) -> None:
+        require_curl()
+        self.daemon = shared_daemon(self.kind)
+        self.work = Path(self.mktemp())
+        self.work.mkdir()
+
+    def put_file(self, source: Path, name: str | None = None) -> tuple[int, str, str]:
+        slot = f"{uuid.uuid4()}/{name or source.name}"
+        size = source.stat().st_size
+        url = f"{self.daemon.base()}/{quote(slot)}?v={v1_mac(slot, size)}"
+        result = self.daemon.curl("-T", str(source), "-o", "/dev/null", "-w", "%{http_code}\n", url)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return status_of(result), slot, url
+
+    def roundtrip(self, size: int) -> None:
+        source = make_file(self.work, size)
+        status, slot, _url = self.put_file(source)
+        self.assertEqual(status, 201)
+        out = self.work / "out.bin"
+        got = self.daemon.curl("-o", str(out), "-w", "%{http_code}\n", f"{self.daemon.base()}/{quote(slot)}")
+        self.assertEqual(status_of(got), 200)
+        self.assertEqual(sha256_file(out), sha256_file(source))
+        stored = self.daemon.store / slot
+        self.assertEqual(stored.stat().st_size, size)
+
+    def test_one_byte(self) -> None:
+        """A 1-byte file goes up with 201 and comes back identical."""
+        self.roundtrip(1)
+
+    def test_three_mib(self) -> None:
+        """A 3 MiB file goes up with 201 and comes back identical."""
+        self.roundtrip(3 * 1024 * 1024)
+
+    def test_two_hundred_mib(self) -> None:
+        """A 200 MiB file streams up and back byte-identical."""
+        self.roundtrip(200 * 1024 * 1024)
+
+    def test_second_put_409(self) -> None:
+        """The same signed URL used twice: 201, then 409 with the first file untouched."""
+        source = make_file(self.work, 1000)
+        status, slot, url = self.put_file(source)
+        self.assertEqual(status, 201)
+        other = self.work / "other.bin"
+        other.write_bytes(b"\0" * 1000)
+        again = self.daemon.curl("-T", str(other), "-o", "/dev/null", "-w", "%{http_code}\n", url)
+        self.assertEqual(status_of(again), 409)
+        self.assertEqual((self.daemon.store / slot).read_bytes(), source.read_bytes())
+
+    def test_tampered_mac_403(self) -> None:
+        """A MAC with one changed digit is refused and nothing is stored."""
+        source = make_file(self.work, 100)
+        slot = f"{uuid.uuid4()}/t.bin"
+        mac = v1_mac(slot, 100)
+        mac = ("0" if mac[0] != "0" else "1") + mac[1:]
+        url = f"{self.daemon.base()}/{slot}?v={mac}"
+        result = self.daemon.curl("-T", str(source), "-w", "\n%{http_code}\n", url)
+        self.assertEqual(status_of(result), 403)
+        self.assertIn(b"bad MAC", result.stdout)
+        self.assertFalse((self.daemon.store / slot).exists())
+
+    def test_chunked_411(self) -> None:
+        """A chunked PUT is refused with 411."""
+        slot = f"{uuid.uuid4()}/c.bin"
+        url = f"{self.daemon.base()}/{slot}?v={v1_mac(slot, 5)}"
+        result = self.daemon.curl(
+            "-X", "PUT", "-H", "Transfer-Encoding: chunked", "--data-binary", "hello",
+            "-o", "/dev/null", "-w", "%{http_code}\n", url,
+        )
+        self.assertEqual(status_of(result), 411)
+
+    def test_delete_405(self) -> None:
+        """Methods we do not serve get 405 with Allow."""
+        result = self.daemon.curl("-X", "DELETE", "-i", f"{self.daemon.base()}/a/b")
+        self.assertIn(b" 405 ", result.stdout.splitlines()[0])
+        self.assertIn(b"Allow: GET, HEAD, PUT, OPTIONS", result.stdout)
+
+    def test_options_cors(self) -> None:
+        """A preflight gets 204 without authentication and the CORS headers."""
+        result = self.daemon.curl(
+            "-X", "OPTIONS", "-i", "-H", "Origin: https://chat.example",
+            "-H", "Access-Control-Request-Method: PUT", f"{self.daemon.base()}/a/b.png",
+        )
+        head = result.stdout.decode()
+        self.assertIn(" 204 ", head.splitlines()[0])
+        self.assertIn("Access-Control-Allow-Origin: *", head)
+        self.assertIn("Authorization", head)
+
+    def test_range_and_head(self) -> None:
+        """Range gives 206 with the right bytes; HEAD gives Content-Length and no body."""
+        source = make_file(self.work, 10000)
+        status, slot, _ = self.put_file(source, "r.bin")
+        self.assertEqual(status, 201)
+        url = f"{self.daemon.base()}/{quote(slot)}"
+        part = self.daemon.curl("-r", "100-199", "-w", "\n%{http_code}", url)
+        body, _, code = part.stdout.rpartition(b"\n")
+        self.assertEqual(int(code), 206)
+        self.assertEqual(body, source.read_bytes()[100:200])
+        tail = self.daemon.curl("-H", "Range: bytes=9990-", url)
+        self.assertEqual(tail.stdout, source.read_bytes()[9990:])
+        head = self.daemon.curl("-I", url).stdout.decode()
+        self.assertIn("Content-Length: 10000", head)
+        self.assertIn(" 200 ", head.splitlines()[0])
+        bad = self.daemon.curl("-i", "-H", "Range: bytes=20000-", url).stdout.decode()
+        self.assertIn(" 416 ", bad.splitlines()[0])
+        self.assertIn("Content-Range: bytes */10000", bad)
+
+    def test_v2_content_type_and_serving(self) -> None:
+        """A v2 slot binds the type; the download is served with it, inline for images."""
+        body = self.work / "pic.png"
+        body.write_bytes(b"\x89PNG fake" * 10)
+        slot = sign_slot(
+            base_url=self.daemon.base(), path=f"{uuid.uuid4()}/pic.png", size=90,
+            secret=SECRET, scheme="v2", content_type="image/png",
+        )
+        wrong = self.daemon.curl(
+            "-T", str(body), "-H", "Content-Type: image/jpeg", "-o", "/dev/null",
+            "-w", "%{http_code}\n", slot.put_url,
+        )
+        self.assertEqual(status_of(wrong), 403)
+        ok = self.daemon.curl(
+            "-T", str(body), "-H", "Content-Type: image/png", "-o", "/dev/null",
+            "-w", "%{http_code}\n", slot.put_url,
+        )
+        self.assertEqual(status_of(ok), 201)
+        head = self.daemon.curl("-I", slot.get_url).stdout.decode()
+        self.assertIn("Content-Type: image/png", head)
+        self.assertIn("X-Content-Type-Options: nosniff", head)
+        self.assertNotIn("attachment", head)
+
+    def raw_expect(self, head: bytes) -> bytes:
+        """Send only the headers (with Expect) and read what comes back within 3 s."""
+        sock = self.daemon.raw_connect()
+        try:
+            sock.sendall(head)
+            sock.settimeout(3)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            return data
+        finally:
+            sock.close()
+
+    def test_403_before_body_no_continue(self) -> None:
+        """With Expect: 100-continue and a bad MAC, the 403 arrives before any body byte is sent."""
+        slot = f"{uuid.uuid4()}/e.bin"
+        head = (
+            f"PUT /upload/{slot}?v={'0' * 64} HTTP/1.1\r\nHost: x\r\n"
+            "Content-Length: 104857600\r\nExpect: 100-continue\r\n\r\n"
+        ).encode()
+        answer = self.raw_expect(head)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 403 "), answer)
+        self.assertNotIn(b"100 Continue", answer)
+
+    def test_413_before_body_no_continue(self) -> None:
+        """A signed upload over MaxUploadSize gets 413 before the body, without 100 Continue."""
+        slot = f"{uuid.uuid4()}/big.bin"
+        size = 300 * 1024 * 1024
+        head = (
+            f"PUT /upload/{slot}?v={v1_mac(slot, size)} HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: {size}\r\nExpect: 100-continue\r\n\r\n"
+        ).encode()
+        answer = self.raw_expect(head)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertNotIn(b"100 Continue", answer)
+
+    def test_continue_after_acceptance(self) -> None:
+        """A valid upload with Expect gets 100 Continue, then 201 after the body."""
+        slot = f"{uuid.uuid4()}/ok.bin"
+        sock = self.daemon.raw_connect()
+        try:
+            sock.sendall(
+                f"PUT /upload/{slot}?v={v1_mac(slot, 5)} HTTP/1.1\r\nHost: x\r\n"
+                "Content-Length: 5\r\nExpect: 100-continue\r\n\r\n".encode()
+            )
+            self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(b"hello")
+            answer = sock.recv(4096)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 201 "), answer)
+        finally:
+            sock.close()
+
+    def test_access_log_has_no_mac(self) -> None:
+        """The access log names method, path and status but never the query (the MAC)."""
+        source = make_file(self.work, 10)
+        _status, slot, url = self.put_file(source, "log.bin")
+        mac = url.rsplit("=", 1)[1]
+        deadline = time.monotonic() + 5
+        log = ""
+        while time.monotonic() < deadline:
+            log = (self.daemon.dir / "hmacfs.log").read_text()
+            if "log.bin" in log:
+                break
+            time.sleep(0.1)
+        self.assertIn('"PUT /upload/', log)
+        self.assertIn(" 201 ", log)
+        self.assertNotIn(mac, log)
+
+
+class UnixDaemonTests(TCPDaemonTests):
+    """The same behaviour on a UNIX socket (how nginx talks to us)."""
+
+    kind = "unix"
+
+    def test_two_hundred_mib(self) -> None:
+        """Covered on TCP; a 3 MiB round trip is enough here."""
+        self.roundtrip(3 * 1024 * 1024 + 17)
+
+
+class DaemonLifecycleTests(SynchronousTestCase):
+    """Starting, refusing bad configs and stopping."""
+
+    def test_bad_config_exits_nonzero_naming_key(self) -> None:
+        """A bad value makes twistd exit non-zero before listening, naming key and value."""
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        config = directory / "bad.toml"
+        port = free_port()
+        config.write_text(
+            f'ListenPort = "127.0.0.1:{port}"\nSecret = "0123456789abcdef0123"\n'
+            f'StoreDir = "{directory}"\nBufferSize = "lots"\n'
+        )
+        result = subprocess.run(
+            [TWISTD, "--nodaemon", "--pidfile=", "hmacfs", "--config", str(config)],
+            capture_output=True, timeout=60, cwd=ROOT,
+        )
+        self.assertNotEqual(result.returncode, 0)
+        output = (result.stdout + result.stderr).decode()
+        self.assertIn("BufferSize", output)
+        self.assertIn("lots", output)
+        self.assertNotIn("0123456789abcdef0123", output)
+
+    def test_tac_file(self) -> None:
+        """`twistd -ny hmacfs.tac` with HMACFS_CONFIG serves uploads too."""
+        require_curl()
+        directory = Path(tempfile.mkdtemp(prefix="hmacfs-tac-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        port = free_port()
+        config = directory / "c.toml"
+        config.write_text(
+            f'ListenPort = "127.0.0.1:{port}"\nSecret = "{SECRET.decode()}"\nStoreDir = "{directory}"\n'
+            "MinFreeBytes = 0\n"
+        )
+        env = dict(os.environ, HMACFS_CONFIG=str(config))
+        process = subprocess.Popen(
+            [TWISTD, "--nodaemon", "--pidfile=", "-y", str(ROOT / "hmacfs.tac")],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        self.addCleanup(process.wait, 10)
+        self.addCleanup(process.terminate)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        slot = f"{uuid.uuid4()}/tac.txt"
+        result = subprocess.run(
+            [require_curl(), "-sS", "-T", "-", "-H", "Content-Length: 3", "-H", "Transfer-Encoding:",
+             "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}/upload/{slot}?v={v1_mac(slot, 3)}"],
+            input=b"abc", capture_output=True, timeout=30,
+        )
+        self.assertEqual(result.stdout, b"201")
+        self.assertEqual((directory / slot).read_bytes(), b"abc")
+
+    def test_sigterm_removes_socket(self) -> None:
+        """SIGTERM stops the daemon cleanly and removes its UNIX socket file."""
+        daemon = Daemon(unix=True)
+        sock_path = daemon.socket
+        self.assertTrue(sock_path.exists())
+        daemon.process.send_signal(signal.SIGTERM)
+        daemon.process.wait(20)
+        self.assertEqual(daemon.process.returncode, 0, daemon.log_tail())
+        self.assertFalse(sock_path.exists())
+        daemon.stop()
+
+    def test_stale_socket_replaced(self) -> None:
+        """A socket file left by a crashed process does not stop the next start."""
+        first = Daemon(unix=True)
+        first.process.kill()
+        first.process.wait(10)
+        self.assertTrue(first.socket.exists())
+        config = first.config.read_text()
+        second_dir = first.dir
+        process = subprocess.Popen(
+            [TWISTD, "--nodaemon", "--pidfile=", "hmacfs", "--config", str(first.config)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        first.process = process
+        self.addCleanup(first.stop)
+        first.wait_listening()
+        self.assertIn("UnixSocket", config)
+        self.assertTrue((second_dir / "hmacfs.sock").exists())
