@@ -124,6 +124,7 @@ class UploadResource(Resource):
         self.downloads = downloads
 
     def render(self, request: Any) -> bytes | int:
+        request.responseHeaders.setRawHeaders(b"Server", [b"hmacfs"])
         add_cors_headers(request)
         request.responseHeaders.setRawHeaders(SESSION_TOKEN, [session_token(request)])
         rejection = getattr(request, "rejection", None)

@@ -73,7 +73,9 @@ class DiskThreadPoolService(Service):
 
     def stopService(self) -> Deferred:
         super().stopService()
-        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.pool.stop)
+        # Joins the workers: they only ever run short writes, fsyncs and renames.
+        self.pool.stop()
+        return succeed(None)
 
 
 class LoggingService(Service):
@@ -142,7 +144,13 @@ def make_access_logger(resolver: ClientAddressResolver) -> Any:
 
 def build_site(config: Config, reactor: Any, run_blocking: Any) -> StreamingSite:
     """The upload Site for a configuration; also what embedding applications mount."""
-    store = Store(config.store_dir, min_free_bytes=config.min_free_bytes)
+    store = Store(
+        config.store_dir,
+        min_free_bytes=config.min_free_bytes,
+        # An upload idle longer than ReadTimeout has been disconnected, so its
+        # partial file is a leftover (crash, dead node) and must not block the path.
+        stale_after=config.read_timeout + 60.0,
+    )
     secret = config.secret
     authenticator = Authenticator(lambda: (secret,), reactor, config.clock_skew)
     policy = UploadPolicy(

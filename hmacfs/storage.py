@@ -1,0 +1,516 @@
+# -*- test-case-name: tests.test_storage -*-
+"""
+The on-disk store for uploads: path safety, partial files, atomic commit, metadata.
+
+Layout under the store root::
+
+    <root>/<segments...>                  finished files, served as they are
+    <root>/.hmacfs/partial/<key>.part     uploads in progress
+    <root>/.hmacfs/meta/<key>.json        metadata of finished files
+
+where ``key`` is the SHA-256 hex digest of ``"/".join(segments)`` in UTF-8, so our private
+names never depend on what a client chose.
+
+Invariants: a file is never overwritten (commit publishes with ``os.link``, which refuses an
+existing name atomically); a failed upload leaves nothing at the target path; no method
+buffers a whole file.  Everything here is synchronous and blocking: the caller runs
+``PartialUpload.write``/``commit`` on a thread pool.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import stat as stat_mod
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import attrs
+from twisted.logger import Logger
+
+log = Logger()
+
+PRIVATE_DIR = ".hmacfs"
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+_FILE_MODE = 0o640
+_DIR_MODE = 0o750
+# Linux refuses writev() with more buffers than this (EINVAL); Python does not split.
+try:
+    _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
+except (AttributeError, ValueError, OSError):
+    _IOV_MAX = 1024
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StorageError(Exception):
+    """A refusal the HTTP layer turns into ``status`` with ``reason``."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}"
+
+
+@attrs.frozen
+class StoredFile:
+    """A finished upload as GET/HEAD need it."""
+
+    path: Path
+    size: int
+    mtime: float
+    content_type: str
+    etag: str
+    sha256: str | None
+
+
+def path_key(segments: Sequence[str]) -> str:
+    """The name of a path's private files; hashed so it never depends on client input."""
+    return hashlib.sha256("/".join(segments).encode("utf-8")).hexdigest()
+
+
+def _check_segments(segments: Sequence[str]) -> tuple[str, ...]:
+    """Refuse anything that is not a plain list of plain names (SlotPath already did)."""
+    if isinstance(segments, (str, bytes)):
+        raise TypeError("segments must be a sequence of path segments, not a string")
+    segs = tuple(segments)
+    if not segs:
+        raise StorageError(403, "empty path")
+    for seg in segs:
+        if (
+            not isinstance(seg, str)
+            or seg in ("", ".", "..")
+            or "/" in seg
+            or os.sep in seg
+            or (os.altsep is not None and os.altsep in seg)
+            or "\0" in seg
+        ):
+            raise StorageError(403, "forbidden path")
+        try:
+            seg.encode("utf-8")
+        except UnicodeEncodeError:
+            raise StorageError(403, "forbidden path") from None
+    # casefold: on a case-insensitive filesystem ".HMACFS" is the same directory.
+    if segs[0].casefold() == PRIVATE_DIR:
+        raise StorageError(403, "forbidden path")
+    return segs
+
+
+def _etag(st: os.stat_result) -> str:
+    """A strong validator: changes when the file is replaced, stable while it is not."""
+    return f'"{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}"'
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a directory entry change (link, rename, mkdir) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class Store:
+    """
+    Finished files and uploads in progress under one root directory.
+
+    Paths come from ``hmacfs.paths.SlotPath.segments``, already validated; the checks here
+    are repeated on purpose, so a bug elsewhere cannot write outside ``root``.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        min_free_bytes: int = 0,
+        now: Callable[[], float] = time.time,
+        stale_after: float = 3600.0,
+    ) -> None:
+        #: a partial file untouched for this long belongs to a dead upload (a
+        #: crash, or a node that went away): it no longer blocks its path.
+        self.stale_after = stale_after
+        # Resolve once: the operator may point StoreDir at a symlink; below it we follow none.
+        self.root = Path(os.path.realpath(root))
+        self.min_free_bytes = min_free_bytes
+        self._now = now
+        self.partial_dir = self.root / PRIVATE_DIR / "partial"
+        self.meta_dir = self.root / PRIVATE_DIR / "meta"
+        os.makedirs(self.partial_dir, mode=_DIR_MODE, exist_ok=True)
+        os.makedirs(self.meta_dir, mode=_DIR_MODE, exist_ok=True)
+
+    # -- paths ---------------------------------------------------------------------------
+
+    def target_path(self, segments: Sequence[str]) -> Path:
+        """Where a path's file lives; 403 for anything that could leave ``root``."""
+        segs = _check_segments(segments)
+        target = self.root.joinpath(*segs)
+        root_str = str(self.root)
+        normed = os.path.normpath(target)
+        if normed == root_str or os.path.commonpath([root_str, normed]) != root_str:
+            raise StorageError(403, "forbidden path")
+        return target
+
+    def partial_path(self, segments: Sequence[str]) -> Path:
+        return self.partial_dir / f"{path_key(segments)}.part"
+
+    def meta_path(self, segments: Sequence[str]) -> Path:
+        return self.meta_dir / f"{path_key(segments)}.json"
+
+    def _ensure_parents(self, segs: tuple[str, ...], *, create: bool) -> bool:
+        """
+        Walk the directories between ``root`` and the target, creating them if asked.
+
+        A symlink among them is refused (403): we never follow links below root, so an
+        upload can never land outside it.  A regular file where a directory is needed is a
+        conflict (409).  Returns False if a directory is missing and ``create`` is False.
+        """
+        current = self.root
+        for seg in segs[:-1]:
+            current = current / seg
+            if create:
+                try:
+                    os.mkdir(current, _DIR_MODE)
+                    continue
+                except FileExistsError:
+                    pass
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                return False
+            if stat_mod.S_ISLNK(st.st_mode):
+                log.warn("refusing symlinked directory {path}", path=str(current))
+                raise StorageError(403, "forbidden path")
+            if not stat_mod.S_ISDIR(st.st_mode):
+                raise StorageError(409, "path conflicts with an existing file")
+        return True
+
+    # -- queries -------------------------------------------------------------------------
+
+    def exists(self, segments: Sequence[str]) -> bool:
+        """Whether anything (even a dangling link) occupies the target: the caller's 409."""
+        return os.path.lexists(self.target_path(segments))
+
+    def free_bytes(self) -> int:
+        """Bytes an unprivileged writer may still use on the store's filesystem."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def check_free_space(self, incoming: int) -> None:
+        """Refuse an upload (507) that would leave less than ``min_free_bytes`` free."""
+        if self.free_bytes() - incoming < self.min_free_bytes:
+            raise StorageError(507, "insufficient storage")
+
+    def _read_meta(self, segs: tuple[str, ...]) -> dict[str, object]:
+        try:
+            with open(self.meta_path(segs), "rb") as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            log.failure("unreadable metadata for {path}", path="/".join(segs))
+            return {}
+        return meta if isinstance(meta, dict) else {}
+
+    def _stored_file(self, segs: tuple[str, ...], st: os.stat_result) -> StoredFile:
+        meta = self._read_meta(segs)
+        content_type = meta.get("content_type")
+        sha256 = meta.get("sha256")
+        return StoredFile(
+            path=self.target_path(segs),
+            size=st.st_size,
+            mtime=st.st_mtime,
+            content_type=content_type if isinstance(content_type, str) else DEFAULT_CONTENT_TYPE,
+            etag=_etag(st),
+            sha256=sha256 if isinstance(sha256, str) else None,
+        )
+
+    def stat(self, segments: Sequence[str]) -> StoredFile | None:
+        """A finished regular file, or None (missing, directory, symlink, symlinked parent)."""
+        segs = _check_segments(segments)
+        target = self.target_path(segs)
+        try:
+            if not self._ensure_parents(segs, create=False):
+                return None
+            st = os.lstat(target)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except StorageError:
+            return None
+        if not stat_mod.S_ISREG(st.st_mode):
+            return None
+        return self._stored_file(segs, st)
+
+    def open_file(self, segments: Sequence[str]) -> tuple[BinaryIO, StoredFile] | None:
+        """
+        Open a finished file for serving, or None like ``stat``.
+
+        Opens with O_NOFOLLOW and describes the *opened* file (fstat), so the ETag and size
+        always match the bytes served even if the name changes in between.
+        """
+        segs = _check_segments(segments)
+        target = self.target_path(segs)
+        try:
+            if not self._ensure_parents(segs, create=False):
+                return None
+            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except (FileNotFoundError, NotADirectoryError, StorageError):
+            return None
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # the target itself is a symlink
+                return None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat_mod.S_ISREG(st.st_mode):
+                os.close(fd)
+                return None
+            f = os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+        return f, self._stored_file(segs, st)
+
+    # -- changes -------------------------------------------------------------------------
+
+    def open_partial(
+        self, segments: Sequence[str], content_type: str, size: int | None
+    ) -> PartialUpload:
+        """
+        Start an upload: 409 if the file exists or another upload of it is in progress.
+
+        The partial file is created with O_EXCL, so two concurrent PUTs of one path cannot
+        both proceed; the second gets 409 "upload already in progress".
+        """
+        segs = _check_segments(segments)
+        target = self.target_path(segs)
+        try:
+            self._ensure_parents(segs, create=True)
+        except OSError as e:
+            raise _translate(e) from e
+        if os.path.lexists(target):
+            raise StorageError(409, "file already exists")
+        partial = self.partial_path(segs)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            try:
+                fd = os.open(partial, flags, _FILE_MODE)
+            except FileExistsError:
+                if not self._remove_if_stale(partial):
+                    raise StorageError(409, "upload already in progress") from None
+                fd = os.open(partial, flags, _FILE_MODE)
+        except FileExistsError:
+            raise StorageError(409, "upload already in progress") from None
+        except OSError as e:
+            raise _translate(e) from e
+        return PartialUpload(
+            store=self,
+            path=partial,
+            target=target,
+            segments=segs,
+            content_type=content_type,
+            size=size,
+            fd=fd,
+        )
+
+    def _remove_if_stale(self, partial: Path) -> bool:
+        """Remove a partial file nobody has written to for ``stale_after`` seconds."""
+        try:
+            age = self._now() - os.lstat(partial).st_mtime
+        except FileNotFoundError:
+            return True
+        if age < self.stale_after:
+            return False
+        log.info("removing stale partial upload {path} ({age:.0f}s idle)", path=partial, age=age)
+        _unlink_quietly(partial)
+        return True
+
+    def delete(self, segments: Sequence[str]) -> bool:
+        """Remove a finished file and its metadata; False if there was no regular file."""
+        segs = _check_segments(segments)
+        target = self.target_path(segs)
+        try:
+            if not self._ensure_parents(segs, create=False):
+                return False
+            st = os.lstat(target)
+        except (FileNotFoundError, NotADirectoryError, StorageError):
+            return False
+        if not stat_mod.S_ISREG(st.st_mode):
+            return False
+        try:
+            os.unlink(target)
+        except FileNotFoundError:
+            return False
+        _unlink_quietly(self.meta_path(segs))
+        log.info("deleted {path}", path="/".join(segs))
+        return True
+
+
+def _translate(e: OSError) -> OSError | StorageError:
+    """Map the OS errors a client can cause or should hear about; others stay 500s."""
+    if e.errno in _NO_SPACE:
+        return StorageError(507, "insufficient storage")
+    if e.errno == errno.ENAMETOOLONG:
+        return StorageError(400, "file name too long")
+    return e
+
+
+@attrs.define(eq=False)
+class PartialUpload:
+    """
+    One upload in progress, owning its O_EXCL partial file.
+
+    ``write`` and ``commit`` block; run them on a worker thread.  Do not call ``abort``
+    concurrently with them from another thread: a lock makes it wait for the running call
+    (so the fd is never closed under a write), which blocks the calling thread meanwhile.
+    After a failed ``write`` the caller must ``abort``; ``commit`` cleans up after itself.
+    """
+
+    store: Store
+    path: Path
+    target: Path
+    segments: tuple[str, ...]
+    content_type: str
+    size: int | None
+    fd: int
+    written: int = 0
+    _finished: bool = attrs.field(default=False, init=False)
+    _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
+
+    def write(self, chunks: Sequence[bytes]) -> int:
+        """Append all of ``chunks``; returns the number of bytes written."""
+        with self._lock:
+            if self._finished:
+                raise ValueError("upload already committed or aborted")
+            views = [memoryview(c) for c in chunks if len(c)]
+            total = 0
+            while views:
+                try:
+                    n = os.writev(self.fd, views[:_IOV_MAX])
+                except OSError as e:
+                    raise _translate(e) from e
+                if n <= 0:  # never for a regular file; do not spin if it ever happens
+                    raise OSError(errno.EIO, "writev wrote nothing", str(self.path))
+                total += n
+                self.written += n
+                # Drop what was written; a short write leaves the rest of a buffer.
+                while n:
+                    if n >= len(views[0]):
+                        n -= len(views.pop(0))
+                    else:
+                        views[0] = views[0][n:]
+                        n = 0
+            return total
+
+    def commit(self, sha256_hex: str | None) -> StoredFile:
+        """
+        Publish the upload at its target; 409 if something appeared there meanwhile.
+
+        Order: fsync data, write metadata to a temporary name, link the partial to the
+        target (atomic, never overwrites), move the metadata into place, unlink the partial,
+        fsync directories.  Metadata reaches its final name only after the link succeeded,
+        so a losing upload never touches the existing file's metadata.  On any failure
+        nothing of this upload remains (not even at the target).
+        """
+        with self._lock:
+            if self._finished:
+                raise ValueError("upload already committed or aborted")
+            self._finished = True
+            store = self.store
+            meta_final = store.meta_path(self.segments)
+            meta_tmp = meta_final.with_name(meta_final.name + ".tmp")
+            linked = placed = False
+            try:
+                os.fsync(self.fd)
+                os.close(self.fd)
+                self.fd = -1
+                self._write_meta(meta_tmp, sha256_hex)
+                # A retention sweep may have removed now-empty parents during the upload.
+                store._ensure_parents(self.segments, create=True)
+                try:
+                    os.link(self.path, self.target, follow_symlinks=False)
+                except FileExistsError:
+                    log.info("upload of {path} lost to an existing file", path=self._name)
+                    raise StorageError(409, "file already exists") from None
+                linked = True
+                os.rename(meta_tmp, meta_final)
+                placed = True
+                os.unlink(self.path)
+                self._fsync_parents()
+                _fsync_dir(store.meta_dir)
+                st = os.lstat(self.target)
+            except BaseException as e:
+                self._close()
+                if placed:
+                    _unlink_quietly(meta_final)
+                if linked:
+                    _unlink_quietly(self.target)
+                _unlink_quietly(meta_tmp)
+                _unlink_quietly(self.path)
+                if isinstance(e, OSError):
+                    translated = _translate(e)
+                    if translated is not e:
+                        raise translated from e
+                raise
+            log.debug("committed {path}: {size} bytes", path=self._name, size=st.st_size)
+            return store._stored_file(self.segments, st)
+
+    def abort(self) -> None:
+        """Drop the upload: close and remove the partial file. Idempotent."""
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+            self._close()
+            _unlink_quietly(self.path)
+
+    @property
+    def _name(self) -> str:
+        return "/".join(self.segments)
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def _write_meta(self, path: Path, sha256_hex: str | None) -> None:
+        meta = {
+            "path": self._name,
+            "content_type": self.content_type,
+            "size": self.written,
+            "sha256": sha256_hex,
+            "created": self.store._now(),
+        }
+        data = json.dumps(meta).encode("utf-8")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(path, flags, _FILE_MODE)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _fsync_parents(self) -> None:
+        """fsync from the target's directory up to root, so new directories survive too."""
+        directory = self.target.parent
+        while True:
+            _fsync_dir(directory)
+            if directory == self.store.root:
+                break
+            directory = directory.parent

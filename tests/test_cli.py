@@ -1,0 +1,71 @@
+"""The hmacfs command: signing URLs that the server accepts, checking configs."""
+
+from __future__ import annotations
+
+import io
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from urllib.parse import urlsplit, parse_qs
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from hmacfs.auth import Authenticator
+from hmacfs.cli import main
+from hmacfs.paths import parse_slot_path
+
+
+class CLITests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir()
+        self.config = self.dir / "c.toml"
+        self.config.write_text(
+            f'Secret = "cli-secret-0123456789"\nStoreDir = "{self.dir}"\nListenPort = "127.0.0.1:9999"\n'
+        )
+
+    def run_cli(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            code = main(list(argv))
+        return code, out.getvalue(), err.getvalue()
+
+    def test_sign_urls_verify(self) -> None:
+        """`hmacfs sign` prints a PUT URL whose MAC the server's Authenticator accepts."""
+        for protocol in ("v", "v2", "token", "v3"):
+            code, out, _ = self.run_cli(
+                "sign", "--config", str(self.config), "--protocol", protocol, "--type", "image/png",
+                "abc/My Photo.png", "1234",
+            )
+            self.assertEqual(code, 0)
+            put = out.splitlines()[0].split(" ", 1)[1]
+            self.assertTrue(put.startswith("http://127.0.0.1:9999/upload/abc/My%20Photo.png?"), put)
+            parts = urlsplit(put)
+            query = {k.encode(): [v.encode() for v in vs] for k, vs in parse_qs(parts.query).items()}
+            slot = parse_slot_path(parts.path.encode(), "upload")
+            import time
+
+            clock = Clock()
+            clock.advance(time.time())
+            auth = Authenticator(lambda: (b"cli-secret-0123456789",), clock)
+            from urllib.parse import unquote_to_bytes
+
+            result = auth.verify_upload(
+                method=b"PUT", full_path=unquote_to_bytes(parts.path), slot=slot, query=query,
+                size=1234, content_type=b"image/png",
+            )
+            self.assertEqual(result.scheme, protocol)
+
+    def test_check_config_ok_redacted(self) -> None:
+        """check-config exits 0 and prints the effective config without the secret."""
+        code, out, _ = self.run_cli("check-config", str(self.config))
+        self.assertEqual(code, 0)
+        self.assertIn("ListenPort", out)
+        self.assertNotIn("cli-secret-0123456789", out)
+
+    def test_check_config_error(self) -> None:
+        """check-config exits 1 and names the bad key."""
+        self.config.write_text(self.config.read_text() + 'MaxUploadSize = "huge"\n')
+        code, _, err = self.run_cli("check-config", str(self.config))
+        self.assertEqual(code, 1)
+        self.assertIn("MaxUploadSize", err)

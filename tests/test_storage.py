@@ -1,0 +1,481 @@
+# -*- test-case-name: tests.test_storage -*-
+"""Tests for hmacfs.storage: path safety, partial files, atomic commit, metadata."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from hmacfs import storage
+from hmacfs.storage import DEFAULT_CONTENT_TYPE, Store, StorageError, path_key
+
+SEGS = ("0123abcd", "photo.jpg")
+
+
+class StoreTestsMixin:
+    """Helpers: a fresh store in a real temporary directory."""
+
+    def make_store(self, **kwargs: object) -> Store:
+        root = Path(self.mktemp())  # type: ignore[attr-defined]
+        root.mkdir()
+        kwargs.setdefault("now", lambda: 1700000000.5)
+        return Store(root, **kwargs)  # type: ignore[arg-type]
+
+    def upload(self, store: Store, segs, body: bytes, ctype: str = "image/jpeg", sha=None):
+        partial = store.open_partial(segs, ctype, len(body))
+        partial.write([body])
+        return partial.commit(sha)
+
+    def private_files(self, store: Store) -> list[str]:
+        return sorted(os.listdir(store.partial_dir)) + sorted(os.listdir(store.meta_dir))
+
+
+class CommitTests(StoreTestsMixin, SynchronousTestCase):
+    def test_init_creates_private_dirs(self) -> None:
+        """The constructor creates .hmacfs/partial and .hmacfs/meta under the root."""
+        store = self.make_store()
+        self.assertTrue(store.partial_dir.is_dir())
+        self.assertTrue(store.meta_dir.is_dir())
+        self.assertEqual(store.partial_dir, store.root / ".hmacfs" / "partial")
+        self.assertEqual(store.meta_dir, store.root / ".hmacfs" / "meta")
+
+    def test_commit_exact_bytes_and_meta(self) -> None:
+        """open/write/commit stores exactly the bytes written plus the documented metadata."""
+        store = self.make_store()
+        body = bytes(range(256)) * 10
+        partial = store.open_partial(SEGS, "image/jpeg", len(body))
+        self.assertEqual(partial.path, store.partial_dir / f"{path_key(SEGS)}.part")
+        self.assertTrue(partial.path.exists())
+        self.assertEqual(partial.write([body[:100], b"", body[100:]]), len(body))
+        self.assertEqual(partial.written, len(body))
+        stored = partial.commit("ab" * 32)
+
+        target = store.root / "0123abcd" / "photo.jpg"
+        self.assertEqual(target.read_bytes(), body)
+        self.assertEqual(stored.path, target)
+        self.assertEqual(stored.size, len(body))
+        self.assertEqual(stored.content_type, "image/jpeg")
+        self.assertEqual(stored.sha256, "ab" * 32)
+        meta = json.loads((store.meta_dir / f"{path_key(SEGS)}.json").read_text())
+        self.assertEqual(
+            meta,
+            {
+                "path": "0123abcd/photo.jpg",
+                "content_type": "image/jpeg",
+                "size": len(body),
+                "sha256": "ab" * 32,
+                "created": 1700000000.5,
+            },
+        )
+        # Only the finished meta file remains: no partial, no .tmp.
+        self.assertEqual(self.private_files(store), [f"{path_key(SEGS)}.json"])
+        self.assertEqual(os.stat(target).st_mode & 0o777 & ~0o640, 0)
+
+    def test_key_is_sha256_of_joined_path(self) -> None:
+        """Private names are sha256("/".join(segments)) so they never contain client text."""
+        self.assertEqual(path_key(("a", "b")), hashlib.sha256(b"a/b").hexdigest())
+        self.assertEqual(path_key(("é",)), hashlib.sha256("é".encode()).hexdigest())
+        self.assertNotEqual(path_key(("a", "b")), path_key(("ab",)))
+
+    def test_commit_loses_to_file_that_appeared(self) -> None:
+        """
+        A file created at the target during the upload wins: commit answers 409, the existing
+        bytes and metadata are untouched, and no partial or temporary metadata remains.
+        """
+        store = self.make_store()
+        partial = store.open_partial(SEGS, "text/plain", 3)
+        partial.write([b"new"])
+        target = store.target_path(SEGS)
+        target.write_bytes(b"old bytes")
+        meta_path = store.meta_path(SEGS)
+        old_meta = b'{"content_type": "image/png", "sha256": null}'
+        meta_path.write_bytes(old_meta)
+
+        e = self.assertRaises(StorageError, partial.commit, None)
+        self.assertEqual(e.status, 409)
+        self.assertEqual(target.read_bytes(), b"old bytes")
+        self.assertEqual(meta_path.read_bytes(), old_meta)
+        self.assertEqual(self.private_files(store), [meta_path.name])
+        self.assertEqual(partial.fd, -1)
+        partial.abort()  # no-op afterwards
+        self.assertEqual(target.read_bytes(), b"old bytes")
+
+    def test_failure_after_link_leaves_nothing(self) -> None:
+        """If commit fails after linking, the target and our metadata are removed again."""
+        store = self.make_store()
+        partial = store.open_partial(SEGS, "text/plain", 3)
+        partial.write([b"abc"])
+
+        def broken_rename(src, dst):
+            raise OSError(errno.EIO, "simulated")
+
+        self.patch(storage.os, "rename", broken_rename)
+        e = self.assertRaises(OSError, partial.commit, None)
+        self.assertEqual(e.errno, errno.EIO)
+        self.assertFalse(os.path.lexists(store.target_path(SEGS)))
+        self.assertEqual(self.private_files(store), [])
+
+    def test_enospc_on_fsync_is_507(self) -> None:
+        """A full disk at commit becomes 507 and leaves nothing behind."""
+        store = self.make_store()
+        partial = store.open_partial(SEGS, "text/plain", 3)
+        partial.write([b"abc"])
+
+        def full_fsync(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(storage.os, "fsync", full_fsync)
+        e = self.assertRaises(StorageError, partial.commit, None)
+        self.assertEqual(e.status, 507)
+        self.assertFalse(os.path.lexists(store.target_path(SEGS)))
+        self.assertEqual(self.private_files(store), [])
+
+    def test_commit_recreates_parent_removed_meanwhile(self) -> None:
+        """A parent directory removed during the upload (retention sweep) is recreated."""
+        store = self.make_store()
+        partial = store.open_partial(SEGS, "text/plain", 2)
+        partial.write([b"hi"])
+        os.rmdir(store.root / SEGS[0])
+        partial.commit(None)
+        self.assertEqual(store.target_path(SEGS).read_bytes(), b"hi")
+
+    def test_abort_leaves_nothing(self) -> None:
+        """abort removes the partial file and creates nothing at the target; twice is fine."""
+        store = self.make_store()
+        partial = store.open_partial(SEGS, "text/plain", None)
+        partial.write([b"some data"])
+        partial.abort()
+        partial.abort()
+        self.assertEqual(partial.fd, -1)
+        self.assertFalse(os.path.lexists(store.target_path(SEGS)))
+        self.assertEqual(self.private_files(store), [])
+        self.assertRaises(ValueError, partial.write, [b"x"])
+        self.assertRaises(ValueError, partial.commit, None)
+
+    def test_abort_after_commit_keeps_file(self) -> None:
+        """A late abort after a successful commit touches neither the file nor a new upload."""
+        store = self.make_store()
+        partial = store.open_partial(SEGS, "text/plain", 2)
+        partial.write([b"hi"])
+        partial.commit(None)
+        self.assertTrue(store.delete(SEGS))
+        second = store.open_partial(SEGS, "text/plain", 2)
+        partial.abort()
+        self.assertTrue(second.path.exists())
+        second.abort()
+
+    def test_second_open_is_in_progress(self) -> None:
+        """A second upload of the same path while one is running gets 409 in progress."""
+        store = self.make_store()
+        first = store.open_partial(SEGS, "text/plain", 1)
+        e = self.assertRaises(StorageError, store.open_partial, SEGS, "text/plain", 1)
+        self.assertEqual((e.status, e.reason), (409, "upload already in progress"))
+        first.abort()
+        store.open_partial(SEGS, "text/plain", 1).abort()
+
+    def test_open_existing_target_409(self) -> None:
+        """Opening an upload for a path that already holds a file is 409 file exists."""
+        store = self.make_store()
+        self.upload(store, SEGS, b"x")
+        self.assertTrue(store.exists(SEGS))
+        e = self.assertRaises(StorageError, store.open_partial, SEGS, "text/plain", 1)
+        self.assertEqual((e.status, e.reason), (409, "file already exists"))
+        self.assertEqual(os.listdir(store.partial_dir), [])
+
+    def test_open_dangling_symlink_target_409(self) -> None:
+        """Even a dangling symlink at the target counts as existing (lexists)."""
+        store = self.make_store()
+        os.mkdir(store.root / SEGS[0])
+        os.symlink("/nonexistent-hmacfs-test", store.target_path(SEGS))
+        self.assertTrue(store.exists(SEGS))
+        e = self.assertRaises(StorageError, store.open_partial, SEGS, "text/plain", 1)
+        self.assertEqual(e.status, 409)
+
+    def test_file_where_directory_needed_409(self) -> None:
+        """Uploading a/b when a is a file is a conflict, not a server error."""
+        store = self.make_store()
+        self.upload(store, ("a",), b"x")
+        e = self.assertRaises(StorageError, store.open_partial, ("a", "b"), "text/plain", 1)
+        self.assertEqual(e.status, 409)
+
+
+class PathSafetyTests(StoreTestsMixin, SynchronousTestCase):
+    def test_target_path_joins_segments(self) -> None:
+        """target_path is the root joined with the segments."""
+        store = self.make_store()
+        self.assertEqual(store.target_path(("a", "b c.txt")), store.root / "a" / "b c.txt")
+
+    def test_target_path_refuses_traversal(self) -> None:
+        """Segments that are empty, '.', '..', contain '/' or NUL are refused with 403."""
+        store = self.make_store()
+        for segs in [
+            ("..", "etc"),
+            ("a", "..", "..", "x"),
+            ("a", ".."),
+            (".",),
+            ("a", ""),
+            ("a/../../x",),
+            ("/etc", "passwd"),
+            ("a\0b",),
+            (),
+        ]:
+            e = self.assertRaises(StorageError, store.target_path, segs)
+            self.assertEqual(e.status, 403, segs)
+
+    def test_normpath_check_alone_refuses_escape(self) -> None:
+        """Even if segment validation let '..' through, the commonpath check refuses it."""
+        store = self.make_store()
+        self.patch(storage, "_check_segments", tuple)
+        for segs in [("..", "x"), ("a", "..", "..", "x"), ("a", ".."), ()]:
+            e = self.assertRaises(StorageError, store.target_path, segs)
+            self.assertEqual(e.status, 403, segs)
+        self.assertEqual(store.target_path(("a", "..", "b")), store.root / "a" / ".." / "b")
+
+    def test_private_dir_is_reserved(self) -> None:
+        """The first segment '.hmacfs' (any case) is never a user path."""
+        store = self.make_store()
+        for first in (".hmacfs", ".HMACFS"):
+            e = self.assertRaises(StorageError, store.target_path, (first, "meta", "x.json"))
+            self.assertEqual(e.status, 403)
+        self.assertEqual(store.target_path(("a", ".hmacfs")), store.root / "a" / ".hmacfs")
+
+    def test_string_is_not_segments(self) -> None:
+        """Passing a plain string instead of segments is a programming error."""
+        store = self.make_store()
+        self.assertRaises(TypeError, store.target_path, "a/b")
+
+    def test_symlinked_directory_refused(self) -> None:
+        """A symlinked directory under root pointing outside is refused; nothing is written."""
+        store = self.make_store()
+        outside = Path(self.mktemp()).absolute()
+        outside.mkdir()
+        os.symlink(outside, store.root / "escape")
+        e = self.assertRaises(
+            StorageError, store.open_partial, ("escape", "sub", "f.txt"), "text/plain", 1
+        )
+        self.assertEqual(e.status, 403)
+        self.assertEqual(os.listdir(outside), [])
+        self.assertEqual(os.listdir(store.partial_dir), [])
+        self.assertIsNone(store.stat(("escape", "f.txt")))
+
+    def test_symlinked_root_is_fine(self) -> None:
+        """The operator may point StoreDir at a symlink; only links below it are refused."""
+        real = Path(self.mktemp()).absolute()
+        real.mkdir()
+        link = Path(self.mktemp())
+        os.symlink(real, link)
+        store = Store(link)
+        self.upload(store, SEGS, b"data")
+        self.assertEqual((real / SEGS[0] / SEGS[1]).read_bytes(), b"data")
+
+
+class StatTests(StoreTestsMixin, SynchronousTestCase):
+    def test_stat_missing(self) -> None:
+        """stat of a missing file, or below a missing directory, is None."""
+        store = self.make_store()
+        self.assertIsNone(store.stat(SEGS))
+        self.assertIsNone(store.stat(("nodir", "x", "y")))
+
+    def test_stat_directory(self) -> None:
+        """stat of a directory is None (we never list directories)."""
+        store = self.make_store()
+        self.upload(store, SEGS, b"x")
+        self.assertIsNone(store.stat(SEGS[:1]))
+
+    def test_stat_symlink(self) -> None:
+        """stat of a symlink is None even when it points at a stored file."""
+        store = self.make_store()
+        self.upload(store, SEGS, b"x")
+        os.symlink(store.target_path(SEGS), store.root / "link")
+        self.assertIsNone(store.stat(("link",)))
+        self.assertIsNone(store.open_file(("link",)))
+
+    def test_stat_below_a_file(self) -> None:
+        """stat of a/b where a is a file is None, not an error."""
+        store = self.make_store()
+        self.upload(store, ("a",), b"x")
+        self.assertIsNone(store.stat(("a", "b")))
+
+    def test_stat_with_meta(self) -> None:
+        """stat reports size, content type and digest from the metadata."""
+        store = self.make_store()
+        committed = self.upload(store, SEGS, b"hello", "text/plain", "cd" * 32)
+        stored = store.stat(SEGS)
+        self.assertEqual(stored, committed)
+        self.assertEqual(stored.size, 5)
+        self.assertEqual(stored.content_type, "text/plain")
+        self.assertEqual(stored.sha256, "cd" * 32)
+        self.assertEqual(stored.mtime, os.stat(store.target_path(SEGS)).st_mtime)
+
+    def test_stat_without_meta(self) -> None:
+        """A file without (or with broken) metadata is served as application/octet-stream."""
+        store = self.make_store()
+        self.upload(store, SEGS, b"hello", "text/plain")
+        store.meta_path(SEGS).unlink()
+        stored = store.stat(SEGS)
+        self.assertEqual((stored.content_type, stored.sha256), (DEFAULT_CONTENT_TYPE, None))
+        store.meta_path(SEGS).write_text("{not json")
+        self.assertEqual(store.stat(SEGS).content_type, DEFAULT_CONTENT_TYPE)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_etag(self) -> None:
+        """The ETag is strong, stable for an unchanged file, and changes when mtime changes."""
+        store = self.make_store()
+        self.upload(store, SEGS, b"hello")
+        etag = store.stat(SEGS).etag
+        self.assertTrue(etag.startswith('"5-') and etag.endswith('"'), etag)
+        self.assertEqual(store.stat(SEGS).etag, etag)
+        st = os.stat(store.target_path(SEGS))
+        os.utime(store.target_path(SEGS), ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+        self.assertNotEqual(store.stat(SEGS).etag, etag)
+
+    def test_open_file(self) -> None:
+        """open_file returns the open file and a description of that same file."""
+        store = self.make_store()
+        committed = self.upload(store, SEGS, b"hello")
+        f, stored = store.open_file(SEGS)
+        with f:
+            self.assertEqual(f.read(), b"hello")
+        self.assertEqual(stored, committed)
+        self.assertIsNone(store.open_file(("missing",)))
+        self.assertIsNone(store.open_file(SEGS[:1]))
+
+    def test_delete(self) -> None:
+        """delete removes the file and its metadata; False when there is nothing to delete."""
+        store = self.make_store()
+        self.upload(store, SEGS, b"hello")
+        self.assertTrue(store.delete(SEGS))
+        self.assertFalse(os.path.lexists(store.target_path(SEGS)))
+        self.assertFalse(store.meta_path(SEGS).exists())
+        self.assertFalse(store.delete(SEGS))
+        self.assertFalse(store.delete(SEGS[:1]))
+        self.assertTrue((store.root / SEGS[0]).is_dir())
+
+
+class FreeSpaceTests(StoreTestsMixin, SynchronousTestCase):
+    def fake_statvfs(self, path):
+        return SimpleNamespace(f_bavail=10, f_frsize=100)
+
+    def test_free_bytes(self) -> None:
+        """free_bytes is the unprivileged space: f_bavail * f_frsize of the store."""
+        store = self.make_store()
+        self.patch(storage.os, "statvfs", self.fake_statvfs)
+        self.assertEqual(store.free_bytes(), 1000)
+
+    def test_check_free_space_boundary(self) -> None:
+        """An upload may use space down to exactly min_free_bytes, not one byte more."""
+        store = self.make_store(min_free_bytes=500)
+        self.patch(storage.os, "statvfs", self.fake_statvfs)
+        store.check_free_space(500)
+        e = self.assertRaises(StorageError, store.check_free_space, 501)
+        self.assertEqual((e.status, e.reason), (507, "insufficient storage"))
+
+    def test_check_free_space_real(self) -> None:
+        """On the real filesystem, a huge reserve gives 507 and none passes for 0 bytes."""
+        store = self.make_store(min_free_bytes=2**62)
+        e = self.assertRaises(StorageError, store.check_free_space, 0)
+        self.assertEqual(e.status, 507)
+        self.make_store().check_free_space(0)
+
+
+class WriteTests(StoreTestsMixin, SynchronousTestCase):
+    def test_short_writes(self) -> None:
+        """write() finishes the job when writev writes one byte at a time."""
+        store = self.make_store()
+        calls = []
+
+        def one_byte_writev(fd, buffers):
+            calls.append(len(buffers))
+            for buf in buffers:
+                if len(buf):
+                    return os.write(fd, bytes(buf[:1]))
+            return 0
+
+        self.patch(storage.os, "writev", one_byte_writev)
+        partial = store.open_partial(SEGS, "text/plain", None)
+        self.assertEqual(partial.write([b"abc", b"", b"de"]), 5)
+        self.assertEqual(partial.write([b"f"]), 1)
+        self.assertEqual(len(calls), 6)
+        partial.commit(None)
+        self.assertEqual(store.target_path(SEGS).read_bytes(), b"abcdef")
+        self.assertEqual(store.stat(SEGS).size, 6)
+
+    def test_many_chunks(self) -> None:
+        """More chunks than the kernel's IOV_MAX in one call are all written in order."""
+        store = self.make_store()
+        chunks = [bytes([i % 256]) * (i % 3 + 1) for i in range(5000)]
+        partial = store.open_partial(SEGS, "text/plain", None)
+        self.assertEqual(partial.write(chunks), sum(map(len, chunks)))
+        partial.commit(None)
+        self.assertEqual(store.target_path(SEGS).read_bytes(), b"".join(chunks))
+
+    def test_write_enospc(self) -> None:
+        """A full disk during write becomes 507; abort then leaves nothing."""
+        store = self.make_store()
+
+        def full(fd, buffers):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        partial = store.open_partial(SEGS, "text/plain", None)
+        self.patch(storage.os, "writev", full)
+        e = self.assertRaises(StorageError, partial.write, [b"x"])
+        self.assertEqual(e.status, 507)
+        partial.abort()
+        self.assertEqual(self.private_files(store), [])
+
+    @settings(derandomize=True, deadline=None, max_examples=200)
+    @given(
+        body=st.binary(max_size=4096),
+        cuts=st.lists(st.integers(min_value=0, max_value=4096), max_size=20),
+        groups=st.lists(st.integers(min_value=1, max_value=5), max_size=20),
+    )
+    def test_any_chunking_same_bytes(self, body: bytes, cuts: list[int], groups: list[int]):
+        """Any split of a body into chunks and write() calls commits exactly the body."""
+        store = self.make_store()
+        points = sorted({min(c, len(body)) for c in cuts} | {0, len(body)})
+        chunks = [body[a:b] for a, b in zip(points, points[1:])]
+        partial = store.open_partial(SEGS, "application/octet-stream", len(body))
+        i = 0
+        for n in groups + [len(chunks)]:
+            partial.write(chunks[i : i + n])
+            i += n
+        stored = partial.commit(None)
+        self.assertEqual(store.target_path(SEGS).read_bytes(), body)
+        self.assertEqual(stored.size, len(body))
+        self.assertEqual(partial.written, len(body))
+
+
+class StalePartialTests(SynchronousTestCase):
+    """Leftover partial files from a crash do not block their path forever."""
+
+    def setUp(self) -> None:
+        self.root = Path(self.mktemp()).resolve()
+        self.root.mkdir()
+        self.clock = [1_000_000.0]
+        self.store = Store(self.root, now=lambda: self.clock[0], stale_after=100.0)
+
+    def test_fresh_partial_blocks(self) -> None:
+        """A partial written to recently means an upload in progress: 409."""
+        first = self.store.open_partial(("u", "f"), "text/plain", 3)
+        os.utime(first.path, (self.clock[0] - 10, self.clock[0] - 10))
+        error = self.assertRaises(StorageError, self.store.open_partial, ("u", "f"), "text/plain", 3)
+        self.assertEqual(error.status, 409)
+        first.abort()
+
+    def test_stale_partial_replaced(self) -> None:
+        """A partial idle longer than stale_after is removed and the new upload proceeds."""
+        first = self.store.open_partial(("u", "g"), "text/plain", 3)
+        os.close(first.fd)
+        os.utime(first.path, (self.clock[0] - 500, self.clock[0] - 500))
+        second = self.store.open_partial(("u", "g"), "text/plain", 3)
+        second.write([b"abc"])
+        second.commit(None)
+        self.assertEqual((self.root / "u" / "g").read_bytes(), b"abc")
