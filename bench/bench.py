@@ -1,0 +1,1577 @@
+#!/usr/bin/env python3
+"""Loopback benchmark: hmacfs against nginx ``dav_methods PUT`` on the workloads of PERFORMANCE.md.
+
+Run from the repository root::
+
+    python bench/bench.py [--quick] [--server hmacfs|nginx|both] [--venv .venv]
+
+Both servers run fresh from a temp dir on /dev/shm (tmpfs, like the reference figures), on
+127.0.0.1 only; each workload is interleaved server by server, the repeated ones reported as a
+median. Every stored byte that a figure depends on is checked (size and SHA-256 samples): a
+server that loses data gets "FAIL", not a number. Results go to stdout as one table and to
+bench-out/results.json.
+
+Stdlib only: the load comes from curl (big bodies), wrk with bench/wrk_put.lua and
+bench/wrk_get.lua (small requests) and a selectors loop in this file (slow uploads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime
+import hashlib
+import heapq
+import hmac
+import http.client
+import json
+import os
+import platform
+import random
+import re
+import resource
+import secrets
+import selectors
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Self
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+LOOPBACK = "127.0.0.1"
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SMALL_FILLER = b"0123456789abcdef" * 256  # wrk_put.lua builds the same bodies
+GET_FILES = 16  # distinct 64 KiB files the GET load cycles through
+WRK_THREADS = max(1, min(os.cpu_count() or 2, 4))
+
+
+class BenchError(Exception):
+    """A workload could not produce a trustworthy figure (the message says why)."""
+
+
+class Deadline:
+    """A hard time budget, so no loop or child process can run unbounded."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise BenchError(f"timed out (workload budget {self.seconds:.0f} s)")
+        return left
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.end
+
+
+# --------------------------------------------------------------------------------------------
+# /proc accounting of a server's process tree (nginx master + workers, twistd + any children)
+
+
+def _read_stat(pid: int) -> tuple[int, int] | None:
+    """(ppid, utime+stime+cutime+cstime ticks) of one process, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()
+    # fields[0] is field 3 (state): ppid is field 4, utime..cstime are fields 14..17.
+    return int(fields[1]), sum(int(x) for x in fields[11:15])
+
+
+def tree_pids(root: int) -> list[int]:
+    """The root and all its descendants, found by scanning /proc for parent links."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        st = _read_stat(int(name))
+        if st is not None:
+            children.setdefault(st[0], []).append(int(name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User+system CPU of the whole tree, including children it has already reaped."""
+    ticks = 0
+    for pid in tree_pids(root):
+        st = _read_stat(pid)
+        if st is not None:
+            ticks += st[1]
+    return ticks / CLK_TCK
+
+
+def tree_rss_bytes(root: int) -> int:
+    """Sum of VmRSS over the tree (shared pages count once per process, as `ps` shows them)."""
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"VmRSS:"):
+                        total += int(line.split()[1]) * KiB
+                        break
+        except OSError:
+            pass
+    return total
+
+
+class RssSampler:
+    """Samples the tree's RSS every 50 ms in a thread and keeps the peak."""
+
+    def __init__(self, root: int, interval: float = 0.05) -> None:
+        self.root = root
+        self.interval = interval
+        self.peak = tree_rss_bytes(root)
+        self.samples = 1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, tree_rss_bytes(self.root))
+            self.samples += 1
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.peak = max(self.peak, tree_rss_bytes(self.root))
+
+
+def listen_overflows() -> dict[str, int]:
+    """Kernel counters of connections dropped at a full accept queue (a too small backlog)."""
+    wanted = ("ListenOverflows", "ListenDrops", "SyncookiesSent", "SyncookiesFailed")
+    counters: dict[str, int] = {}
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return counters
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            for name, value in zip(names.split()[1:], values.split()[1:]):
+                if name in wanted:
+                    counters[name] = int(value)
+    return counters
+
+
+def children_cpu_seconds() -> float:
+    """CPU of reaped child processes (curl, wrk): the load generator's share of the cores."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def self_cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+# --------------------------------------------------------------------------------------------
+# Servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        return f"(no log: {e})"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+class Server:
+    """One server under test: started in its own session so the whole tree can be stopped."""
+
+    name = "?"
+
+    def __init__(self, workdir: Path, secret: str, options: argparse.Namespace) -> None:
+        self.workdir = workdir
+        self.secret = secret
+        self.options = options
+        self.store = workdir / "store"
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start_error: str | None = None
+        self.logs: list[Path] = []
+
+    # -- subclass hooks
+    def command(self) -> tuple[list[str], dict[str, str], Path]:
+        raise NotImplementedError
+
+    def stored_candidates(self, a: str, b: str) -> list[Path]:
+        raise NotImplementedError
+
+    # -- lifecycle
+    def start(self, timeout: float = 30.0) -> None:
+        self.stop()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.store.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        argv, env, out = self.command()
+        self.logs = [out] + [p for p in self.logs if p != out]
+        with open(out, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=self.workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _STARTED.append(self)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise BenchError(
+                    f"{self.name} exited with status {self.proc.returncode} while starting:\n"
+                    + self.log_tail()
+                )
+            try:
+                with socket.create_connection((LOOPBACK, self.port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise BenchError(
+            f"{self.name} did not listen on {LOOPBACK}:{self.port} within {timeout:.0f} s:\n"
+            + self.log_tail()
+        )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        """SIGTERM to the server's own process group, SIGKILL after 10 s."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        # Workers that outlived their master are still in its process group.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(f"--- {p.name} (last {lines} lines)\n{tail(p, lines)}" for p in self.logs)
+
+    # -- addressing
+    @property
+    def base_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}/"
+
+    def signed_path(self, a: str, b: str, size: int) -> str:
+        """Prosody v1: HMAC-SHA256(secret, "<a>/<b> <size>"), lowercase hex, as `?v=`."""
+        mac = hmac.new(self.secret.encode(), f"{a}/{b} {size}".encode(), hashlib.sha256)
+        return f"/upload/{a}/{b}?v={mac.hexdigest()}"
+
+    def find_stored(self, a: str, b: str) -> Path | None:
+        for path in self.stored_candidates(a, b):
+            if path.is_file():
+                return path
+        return None
+
+
+class NginxServer(Server):
+    name = "nginx"
+
+    def command(self) -> tuple[list[str], dict[str, str], Path]:
+        prefix = self.workdir / "prefix"
+        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (prefix / sub).mkdir(parents=True, exist_ok=True)
+        template = (BENCH_DIR / "nginx.conf.template").read_text()
+        values = {
+            "USER_LINE": "user root;" if os.geteuid() == 0 else "# not root: no user directive",
+            "WORKERS": str(self.options.nginx_workers),
+            "PREFIX": str(prefix),
+            "PORT": str(self.port),
+            "STORE": str(self.store),
+            "BODY_BUFFER": self.options.nginx_body_buffer,
+        }
+        conf = re.sub(r"@@([A-Z_]+)@@", lambda m: values[m.group(1)], template)
+        conf_path = prefix / "nginx.conf"
+        conf_path.write_text(conf)
+        error_log = prefix / "error.log"
+        self.logs = [error_log]
+        argv = [find_tool("nginx"), "-p", str(prefix), "-c", str(conf_path), "-e", str(error_log)]
+        return argv, dict(os.environ), prefix / "stderr.log"
+
+    def stored_candidates(self, a: str, b: str) -> list[Path]:
+        return [self.store / "upload" / a / b]
+
+
+class HmacfsServer(Server):
+    name = "hmacfs"
+
+    def command(self) -> tuple[list[str], dict[str, str], Path]:
+        venv = Path(self.options.venv)
+        if not venv.is_absolute():
+            venv = REPO / venv
+        twistd = venv / "bin" / "twistd"
+        missing = [
+            str(p)
+            for p in (
+                twistd,
+                REPO / "twisted" / "plugins" / "hmacfs_plugin.py",
+                REPO / "hmacfs" / "tap.py",
+            )
+            if not p.exists()
+        ]
+        if missing:
+            raise BenchError("hmacfs is not runnable yet, missing: " + ", ".join(missing))
+        config = {
+            "ListenPort": f"{LOOPBACK}:{self.port}",
+            "Secret": self.secret,
+            "StoreDir": str(self.store),
+            "UploadSubDir": "upload",
+            "LogLevel": "warn",
+            "AccessLog": False,
+            "BufferSize": 262144,
+            "NumCores": self.options.hmacfs_cores,
+            "MaxUploadSize": 0,
+            "MinFreeBytes": 0,
+        }
+        config_path = self.workdir / "config.toml"
+        config_path.write_text(
+            "# written by bench/bench.py\n"
+            + "".join(f"{k} = {toml_value(v)}\n" for k, v in config.items())
+        )
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        )
+        env["PYTHONUNBUFFERED"] = "1"
+        argv = [str(twistd), "-n", "--pidfile=", "hmacfs", "--config", str(config_path)]
+        return argv, env, self.workdir / "twistd.out"
+
+    def stored_candidates(self, a: str, b: str) -> list[Path]:
+        return [self.store / "upload" / a / b, self.store / a / b]
+
+
+def toml_value(value: object) -> str:
+    """The few TOML scalars our config needs."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(str(value))  # a TOML basic string for these plain ASCII values
+
+
+_STARTED: list[Server] = []
+
+
+# --------------------------------------------------------------------------------------------
+# Tools
+
+
+def find_tool(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if path is None:
+        raise BenchError(f"{name} not found")
+    return path
+
+
+def ensure_tools(need_nginx: bool) -> None:
+    """Install the Debian packages only when missing (and only as root)."""
+    wanted = {"curl": "curl", "wrk": "wrk"}
+    if need_nginx:
+        wanted["nginx"] = "nginx"
+    missing = []
+    for tool, package in wanted.items():
+        try:
+            find_tool(tool)
+        except BenchError:
+            missing.append(package)
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise SystemExit(
+            f"missing {', '.join(missing)}: run `apt-get install -y {' '.join(missing)}`"
+        )
+    print(f"installing {' '.join(missing)} with apt-get", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
+    if subprocess.run(install, check=False, env=env, timeout=900).returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, timeout=600, check=False)
+        subprocess.run(install, env=env, timeout=900, check=True)
+
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"? ({e})"
+    text = (out.stdout + out.stderr).strip().splitlines()
+    return text[0] if text else "?"
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP helpers (loopback only)
+
+
+def _conn(server: Server, timeout: float) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection(LOOPBACK, server.port, timeout=timeout)
+
+
+def http_put(server: Server, path: str, body: bytes, timeout: float = 30.0) -> int:
+    conn = _conn(server, timeout)
+    try:
+        conn.request("PUT", path, body=body, headers={"Content-Type": "application/octet-stream"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def http_get(
+    server: Server, path: str, timeout: float = 30.0, limit: int = 8 * MiB
+) -> tuple[int, bytes]:
+    conn = _conn(server, timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read(limit)
+    finally:
+        conn.close()
+
+
+def http_get_digest(server: Server, path: str, deadline: Deadline) -> tuple[int, int, str]:
+    """Stream a (big) download and hash it: the data check when the file is not on disk."""
+    conn = _conn(server, min(60.0, deadline.remaining()))
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        digest, size = hashlib.sha256(), 0
+        while chunk := resp.read(4 * MiB):
+            digest.update(chunk)
+            size += len(chunk)
+            deadline.remaining()
+        return resp.status, size, digest.hexdigest()
+    finally:
+        conn.close()
+
+
+def curl(args: list[str], deadline: Deadline) -> dict[str, float]:
+    """Run curl with a machine-readable -w line; returns http_code, size and time."""
+    fmt = "%{http_code} %{size_upload} %{size_download} %{time_total}"
+    argv = [find_tool("curl"), "-sS", "--noproxy", "*", "-w", fmt, *args]
+    try:
+        out = subprocess.run(
+            argv, check=False, capture_output=True, text=True, timeout=deadline.remaining()
+        )
+    except subprocess.TimeoutExpired as e:
+        raise BenchError("curl timed out") from e
+    if out.returncode != 0:
+        raise BenchError(f"curl exit {out.returncode}: {out.stderr.strip()[:300]}")
+    code, up, down, total = out.stdout.strip().split()[-4:]
+    return {
+        "code": int(code),
+        "size_upload": float(up),
+        "size_download": float(down),
+        "time": float(total),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Test data
+
+
+class BigFile:
+    """One file of random-ish content (1 MiB of urandom, each MiB stamped with its index)."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+        block = bytearray(os.urandom(MiB))
+        digest = hashlib.sha256()
+        self.samples: dict[int, str] = {}
+        count = size // MiB
+        with open(path, "wb") as f:
+            for i in range(count):
+                block[:8] = i.to_bytes(8, "little")
+                f.write(block)
+                digest.update(block)
+                if i in (0, count // 2, count - 1):
+                    self.samples[i * MiB] = hashlib.sha256(block).hexdigest()
+        self.sha256 = digest.hexdigest()
+
+    def check(self, server: Server, a: str, b: str, deadline: Deadline) -> str:
+        """Raise unless the server kept every byte; return how it was checked."""
+        path = server.find_stored(a, b)
+        if path is not None:
+            size = path.stat().st_size
+            if size != self.size:
+                raise BenchError(f"stored {path} has {size} bytes, sent {self.size}")
+            with open(path, "rb") as f:
+                for offset, want in self.samples.items():
+                    f.seek(offset)
+                    if hashlib.sha256(f.read(MiB)).hexdigest() != want:
+                        raise BenchError(f"stored {path}: SHA-256 of the MiB at {offset} differs")
+            return f"on disk: size + SHA-256 of {len(self.samples)} MiB samples"
+        status, size, digest = http_get_digest(server, f"/upload/{a}/{b}", deadline)
+        if status != 200 or size != self.size or digest != self.sha256:
+            raise BenchError(
+                f"not found on disk; GET gave status {status}, {size} bytes, "
+                f"sha256 {'matches' if digest == self.sha256 else 'differs'}"
+            )
+        return "via GET: size + full SHA-256"
+
+
+def small_body(index: int, size: int) -> bytes:
+    """The body wrk_put.lua sends for 1-based index `index`."""
+    return b"%08d" % index + SMALL_FILLER[: size - 8]
+
+
+# --------------------------------------------------------------------------------------------
+# Workloads
+
+
+class Bench:
+    def __init__(self, options: argparse.Namespace, tmp: Path) -> None:
+        self.options = options
+        self.tmp = tmp
+        self.token = secrets.token_hex(4)
+        q = options.quick
+        self.big_size = (256 if q else 1024) * MiB
+        self.small_count = options.small_puts or (500 if q else 2000)
+        self.get_seconds = options.get_seconds or (5 if q else 10)
+        self.slow_count = options.slow_count or (100 if q else 500)
+        self.slow_seconds = options.slow_seconds or (5 if q else 10)
+        self.runs = options.runs or (1 if q else 3)
+        self.only = {w.strip() for w in options.only.split(",") if w.strip()}
+        self.big: BigFile | None = None
+        self.slow_pattern = os.urandom(MiB)
+        self.get_paths: dict[str, list[tuple[str, bytes]]] = {}
+
+    # a. one big PUT with curl -T
+    def put_big(self, server: Server, run: int, deadline: Deadline) -> dict[str, Any]:
+        assert self.big is not None
+        a, b = f"big-{self.token}-{run}", "file.bin"
+        url = f"http://{LOOPBACK}:{server.port}" + server.signed_path(a, b, self.big.size)
+        rss0 = tree_rss_bytes(server.pid)
+        cpu0, gen0 = tree_cpu_seconds(server.pid), children_cpu_seconds()
+        with RssSampler(server.pid) as sampler:
+            res = curl(
+                ["-T", str(self.big.path), "-o", str(self.tmp / "put-response.txt"), url], deadline
+            )
+        cpu1, gen1 = tree_cpu_seconds(server.pid), children_cpu_seconds()
+        if res["code"] not in (200, 201, 204):
+            body = (self.tmp / "put-response.txt").read_text(errors="replace")[:300]
+            raise BenchError(f"PUT status {res['code']}: {body}")
+        if int(res["size_upload"]) != self.big.size:
+            raise BenchError(f"curl uploaded {res['size_upload']:.0f} of {self.big.size} bytes")
+        checked = self.big.check(server, a, b, deadline)
+        gib = self.big.size / GiB
+        return {
+            "mib_s": self.big.size / MiB / res["time"],
+            "seconds": res["time"],
+            "cpu_s_per_gib": (cpu1 - cpu0) / gib,
+            "rss_before_mib": rss0 / MiB,
+            "rss_peak_mib": sampler.peak / MiB,
+            "rss_added_mib": (sampler.peak - rss0) / MiB,
+            "rss_samples": sampler.samples,
+            "client_cpu_s": gen1 - gen0,
+            "status": res["code"],
+            "verified": checked,
+            "_stored": (a, b),
+        }
+
+    # c. the same big file back with curl -o /dev/null
+    def get_big(
+        self, server: Server, stored: tuple[str, str], deadline: Deadline
+    ) -> dict[str, Any]:
+        assert self.big is not None
+        a, b = stored
+        url = f"http://{LOOPBACK}:{server.port}/upload/{a}/{b}"
+        cpu0, gen0 = tree_cpu_seconds(server.pid), children_cpu_seconds()
+        res = curl(["-o", "/dev/null", url], deadline)
+        cpu1, gen1 = tree_cpu_seconds(server.pid), children_cpu_seconds()
+        if res["code"] != 200 or int(res["size_download"]) != self.big.size:
+            raise BenchError(
+                f"GET status {res['code']}, {res['size_download']:.0f} of {self.big.size} bytes"
+            )
+        return {
+            "mib_s": self.big.size / MiB / res["time"],
+            "seconds": res["time"],
+            "cpu_s_per_gib": (cpu1 - cpu0) / (self.big.size / GiB),
+            "client_cpu_s": gen1 - gen0,
+        }
+
+    # b. many 4 KiB PUTs through wrk, each signed URL used once
+    def put_small(self, server: Server, run: int, deadline: Deadline) -> dict[str, Any]:
+        n, size, conns = self.small_count, 4 * KiB, self.options.connections
+        threads = min(WRK_THREADS, conns, n)
+        a = f"small-{self.token}-{run}"
+        work = self.tmp / "wrk" / f"put-{server.name}-{run}"
+        done_dir = work / "done"
+        done_dir.mkdir(parents=True)
+        paths = [server.signed_path(a, f"{i}.bin", size) for i in range(1, n + 1)]
+        spec = work / "spec.lua"
+        spec.write_text(
+            "return {\n"
+            f"  host = {lua_str(f'{LOOPBACK}:{server.port}')},\n"
+            f"  threads = {threads},\n  size = {size},\n  done_dir = {lua_str(str(done_dir))},\n"
+            "  paths = {\n" + "".join(f"    {lua_str(p)},\n" for p in paths) + "  },\n}\n"
+        )
+        cpu0, gen0 = tree_cpu_seconds(server.pid), children_cpu_seconds()
+        wall = int(min(deadline.remaining(), 600)) + 1
+        summary, stderr = run_wrk(
+            [
+                "-t",
+                str(threads),
+                "-c",
+                str(conns),
+                "-d",
+                f"{wall}s",
+                "--timeout",
+                "60s",
+                "-s",
+                str(BENCH_DIR / "wrk_put.lua"),
+                server.base_url,
+            ],
+            spec,
+            work,
+            deadline,
+            done_dir=done_dir,
+            threads=threads,
+        )
+        cpu1, gen1 = tree_cpu_seconds(server.pid), children_cpu_seconds()
+        if summary.get("ok") != n or summary.get("bad"):
+            raise BenchError(
+                f"{summary.get('ok', 0)} of {n} PUTs succeeded, "
+                f"{summary.get('bad', 0)} bad statuses (errors: connect "
+                f"{summary.get('connect_errors')}, read {summary.get('read_errors')}, "
+                f"write {summary.get('write_errors')}); wrk stderr: {stderr[:300]}"
+            )
+        seconds = (summary["last_us"] - summary["first_us"]) / 1e6
+        checked = self.check_small(server, a, n, size, deadline)
+        return {
+            "rps": n / seconds,
+            "seconds": seconds,
+            "p50_ms": summary["p50_us"] / 1000,
+            "p90_ms": summary["p90_us"] / 1000,
+            "p99_ms": summary["p99_us"] / 1000,
+            "max_ms": summary["max_us"] / 1000,
+            "server_cpu_s": cpu1 - cpu0,
+            "wrk_cpu_s": gen1 - gen0,
+            "verified": checked,
+        }
+
+    def check_small(self, server: Server, a: str, n: int, size: int, deadline: Deadline) -> str:
+        sample = sorted({1, n, *random.sample(range(1, n + 1), min(n, 8))})
+        for i in sample:
+            deadline.remaining()
+            status, body = http_get(
+                server, f"/upload/{a}/{i}.bin", timeout=min(30, deadline.remaining())
+            )
+            if status != 200 or body != small_body(i, size):
+                raise BenchError(
+                    f"GET /upload/{a}/{i}.bin: status {status}, {len(body)} bytes, content differs"
+                )
+        where = [p.parent for p in server.stored_candidates(a, "x") if p.parent.is_dir()]
+        if not where:
+            return f"{len(sample)} samples via GET (store layout unknown: no file count)"
+        on_disk = sum(1 for i in range(1, n + 1) if (where[0] / f"{i}.bin").is_file())
+        if on_disk != n:
+            raise BenchError(f"{on_disk} of {n} files in {where[0]}")
+        return f"{n} files on disk, {len(sample)} samples via GET"
+
+    # d. GET load on pre-uploaded 64 KiB files
+    def prepare_get(self, server: Server, deadline: Deadline) -> None:
+        files = []
+        a = f"get-{self.token}"
+        for i in range(GET_FILES):
+            body = os.urandom(64 * KiB)
+            status = http_put(
+                server,
+                server.signed_path(a, f"{i}.bin", len(body)),
+                body,
+                timeout=min(30, deadline.remaining()),
+            )
+            if status not in (200, 201, 204):
+                raise BenchError(f"pre-upload of 64 KiB file {i}: status {status}")
+            files.append((f"/upload/{a}/{i}.bin", body))
+        self.get_paths[server.name] = files
+
+    def get_small(self, server: Server, run: int, deadline: Deadline) -> dict[str, Any]:
+        if server.name not in self.get_paths:
+            self.prepare_get(server, deadline)
+        files = self.get_paths[server.name]
+        work = self.tmp / "wrk" / f"get-{server.name}-{run}"
+        work.mkdir(parents=True)
+        spec = work / "spec.lua"
+        spec.write_text(
+            "return {\n"
+            f"  host = {lua_str(f'{LOOPBACK}:{server.port}')},\n"
+            "  paths = {\n" + "".join(f"    {lua_str(p)},\n" for p, _ in files) + "  },\n}\n"
+        )
+        conns = self.options.connections
+        cpu0, gen0 = tree_cpu_seconds(server.pid), children_cpu_seconds()
+        summary, stderr = run_wrk(
+            [
+                "-t",
+                str(WRK_THREADS),
+                "-c",
+                str(conns),
+                "-d",
+                f"{self.get_seconds}s",
+                "--timeout",
+                "10s",
+                "-s",
+                str(BENCH_DIR / "wrk_get.lua"),
+                server.base_url,
+            ],
+            spec,
+            work,
+            deadline,
+        )
+        cpu1, gen1 = tree_cpu_seconds(server.pid), children_cpu_seconds()
+        errors = {
+            k: summary[k]
+            for k in ("status_errors", "connect_errors", "read_errors", "write_errors", "timeouts")
+        }
+        if summary["requests"] == 0 or any(errors.values()):
+            raise BenchError(
+                f"{summary['requests']} requests, errors {errors}; wrk stderr: {stderr[:300]}"
+            )
+        if summary["bytes"] < summary["requests"] * 64 * KiB:
+            raise BenchError(
+                f"{summary['bytes']} bytes for {summary['requests']} responses of 64 KiB"
+            )
+        for path, body in files[:4]:
+            status, got = http_get(server, path, timeout=min(30, deadline.remaining()))
+            if status != 200 or got != body:
+                raise BenchError(f"GET {path} after the load: status {status}, content differs")
+        seconds = summary["duration_us"] / 1e6
+        return {
+            "rps": summary["requests"] / seconds,
+            "mib_s": summary["bytes"] / MiB / seconds,
+            "p50_ms": summary["p50_us"] / 1000,
+            "p99_ms": summary["p99_us"] / 1000,
+            "server_cpu_s": cpu1 - cpu0,
+            "wrk_cpu_s": gen1 - gen0,
+            "requests": summary["requests"],
+        }
+
+    # e. many slow uploads at once
+    def put_slow(self, server: Server, run: int, deadline: Deadline) -> dict[str, Any]:
+        n, seconds = self.slow_count, self.slow_seconds
+        a = f"slow-{self.token}-{run}"
+        rss0 = tree_rss_bytes(server.pid)
+        cpu0, self0 = tree_cpu_seconds(server.pid), self_cpu_seconds()
+        net0 = listen_overflows()
+        with RssSampler(server.pid) as sampler:
+            statuses, errors, elapsed = trickle_uploads(
+                server, a, n, MiB, seconds, self.slow_pattern, deadline
+            )
+        cpu1, self1 = tree_cpu_seconds(server.pid), self_cpu_seconds()
+        net1 = listen_overflows()
+        ok = sum(1 for s in statuses.values() if s in (200, 201, 204))
+        result = {
+            "ok": ok,
+            "peak_rss_mib": sampler.peak / MiB,
+            "rss_before_mib": rss0 / MiB,
+            "rss_added_mib": (sampler.peak - rss0) / MiB,
+            "seconds": elapsed,
+            "server_cpu_s": cpu1 - cpu0,
+            "client_cpu_s": self1 - self0,
+            # Host-wide counters, but nothing else on loopback should be overflowing meanwhile.
+            "listen_queue": {k: v - net0.get(k, 0) for k, v in net1.items()},
+        }
+        if ok != n:
+            kinds: dict[str, int] = {}
+            for i in range(n):
+                why = errors.get(i) or f"status {statuses.get(i)}"
+                if statuses.get(i) not in (200, 201, 204):
+                    kinds[why] = kinds.get(why, 0) + 1
+            top = ", ".join(
+                f"{k} x{v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:4]
+            )
+            raise BenchError(f"{ok} of {n} slow uploads stored ({top})", result)
+        for i in sorted({0, n - 1, *random.sample(range(n), min(n, 4))}):
+            status, body = http_get(
+                server, f"/upload/{a}/{i}.bin", timeout=min(30, deadline.remaining())
+            )
+            want = hashlib.sha256(slow_body_piece(self.slow_pattern, i, 0, MiB)).digest()
+            if status != 200 or hashlib.sha256(body).digest() != want:
+                raise BenchError(
+                    f"slow upload {i}: GET status {status}, {len(body)} bytes, content differs",
+                    result,
+                )
+        result["verified"] = "all statuses 201/204, samples via GET"
+        return result
+
+
+def lua_str(text: str) -> str:
+    return json.dumps(text)  # ASCII paths: JSON string escapes are valid Lua
+
+
+def run_wrk(
+    args: list[str],
+    spec: Path,
+    work: Path,
+    deadline: Deadline,
+    done_dir: Path | None = None,
+    threads: int = 0,
+) -> tuple[dict[str, Any], str]:
+    """Run wrk with BENCH_SPEC; with done_dir, SIGINT it once every thread wrote its marker."""
+    env = dict(os.environ, BENCH_SPEC=str(spec))
+    out_path, err_path = work / "wrk.out", work / "wrk.err"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(
+            [find_tool("wrk"), *args], stdout=out, stderr=err, env=env, stdin=subprocess.DEVNULL
+        )
+        started = time.monotonic()
+        try:
+            if done_dir is not None:
+                while proc.poll() is None and not deadline.expired():
+                    if len(os.listdir(done_dir)) >= threads and time.monotonic() - started > 0.5:
+                        proc.send_signal(signal.SIGINT)
+                        break
+                    time.sleep(0.01)
+                else:
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGINT)  # out of time: collect what wrk has
+            proc.wait(timeout=max(5.0, deadline.end - time.monotonic() + 5))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+            raise BenchError("wrk did not finish in time") from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=5)
+    stdout = out_path.read_text(errors="replace")
+    stderr = err_path.read_text(errors="replace")
+    match = re.search(r"^BENCH_JSON (\{.*\})$", stdout, re.MULTILINE)
+    if match is None:
+        raise BenchError(
+            f"wrk exit {proc.returncode}, no summary; "
+            f"stdout: {stdout[-300:]!r} stderr: {stderr[-300:]!r}"
+        )
+    return json.loads(match.group(1)), stderr
+
+
+def slow_body_piece(pattern: bytes, index: int, offset: int, length: int) -> bytes:
+    """Bytes [offset, offset+length) of slow upload `index`: "%08d" % index, then the pattern."""
+    if offset >= 8:
+        return pattern[offset : offset + length]
+    return (b"%08d" % index + pattern[8 : offset + length])[offset:]
+
+
+class _Slow:
+    __slots__ = ("index", "offset", "out", "response", "sock", "state", "status")
+
+    def __init__(self, index: int, sock: socket.socket) -> None:
+        self.index = index
+        self.sock = sock
+        self.state = "connecting"
+        self.out = bytearray()
+        self.offset = 0  # body bytes queued so far
+        self.response = bytearray()
+        self.status: int | None = None
+
+
+def trickle_uploads(
+    server: Server, a: str, n: int, size: int, seconds: float, pattern: bytes, deadline: Deadline
+) -> tuple[dict[int, int], dict[int, str], float]:
+    """n sockets each send a `size` body in pieces every 100 ms over `seconds` (one selector)."""
+    interval = 0.1
+    piece = -(-size // max(1, round(seconds / interval)))
+    sel = selectors.DefaultSelector()
+    conns: list[_Slow] = []
+    timers: list[tuple[float, int]] = []
+    statuses: dict[int, int] = {}
+    errors: dict[int, str] = {}
+    open_count = 0
+    start = time.monotonic()
+
+    def close(c: _Slow, error: str | None = None) -> None:
+        nonlocal open_count
+        if c.state == "closed":
+            return
+        if error and c.status is None:
+            errors[c.index] = error
+        try:
+            sel.unregister(c.sock)
+        except (KeyError, ValueError):
+            pass
+        c.sock.close()
+        c.state = "closed"
+        open_count -= 1
+
+    def want(c: _Slow) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
+        sel.modify(c.sock, events, c)
+
+    def queue_piece(c: _Slow, delay: float = interval) -> None:
+        length = min(piece, size - c.offset)
+        c.out += slow_body_piece(pattern, c.index, c.offset, length)
+        c.offset += length
+        if c.offset < size:
+            heapq.heappush(timers, (time.monotonic() + delay, c.index))
+
+    try:
+        for i in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            s.connect_ex((LOOPBACK, server.port))
+            c = _Slow(i, s)
+            conns.append(c)
+            sel.register(s, selectors.EVENT_WRITE, c)
+            open_count += 1
+        while open_count and not deadline.expired():
+            now = time.monotonic()
+            while timers and timers[0][0] <= now:
+                _, i = heapq.heappop(timers)
+                c = conns[i]
+                if c.state == "sending":
+                    queue_piece(c)
+                    want(c)
+            wait = min(0.05, max(0.0, timers[0][0] - now)) if timers else 0.05
+            for key, mask in sel.select(wait):
+                c = key.data
+                if c.state == "closed":
+                    continue
+                if c.state == "connecting":
+                    err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        close(c, f"connect: {os.strerror(err)}")
+                        continue
+                    c.state = "sending"
+                    path = server.signed_path(a, f"{c.index}.bin", size)
+                    c.out += (
+                        f"PUT {path} HTTP/1.1\r\nHost: {LOOPBACK}:{server.port}\r\n"
+                        f"Content-Type: application/octet-stream\r\nContent-Length: {size}\r\n\r\n"
+                    ).encode()
+                    queue_piece(c, random.uniform(0, interval))  # spread the ticks
+                    want(c)
+                    continue
+                if mask & selectors.EVENT_READ:
+                    try:
+                        data = c.sock.recv(65536)
+                    except OSError as e:
+                        close(c, f"recv: {e.strerror}")
+                        continue
+                    if not data:
+                        close(c, "closed by server before a response")
+                        continue
+                    c.response += data
+                    head, sep, _ = bytes(c.response).partition(b"\r\n\r\n")
+                    if sep:
+                        parts = head.split(b" ", 2)
+                        c.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1
+                        statuses[c.index] = c.status
+                        if c.offset < size or c.out:
+                            errors[c.index] = f"early response {c.status}"
+                            statuses[c.index] = -c.status
+                        close(c)
+                        continue
+                if mask & selectors.EVENT_WRITE and c.out:
+                    try:
+                        sent = c.sock.send(c.out)
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError as e:
+                        close(c, f"send: {e.strerror}")
+                        continue
+                    del c.out[:sent]
+                    if not c.out:
+                        if c.offset >= size:
+                            c.state = "waiting"
+                        want(c)
+        for c in conns:
+            if c.state != "closed":
+                close(c, f"no response within the budget (state {c.state})")
+    finally:
+        for c in conns:
+            if c.state != "closed":
+                c.sock.close()
+        sel.close()
+    return statuses, errors, time.monotonic() - start
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+ROWS: list[tuple[str, str, str, str, str]] = [
+    # (workload, metric, label template, better, target for hmacfs)
+    ("put_big", "mib_s", "{big} PUT (curl -T): MiB/s", "higher", ""),
+    ("put_big", "cpu_s_per_gib", "{big} PUT: server CPU s per GiB", "lower", "<= 1.0"),
+    ("put_big", "rss_added_mib", "{big} PUT: RSS added MiB", "lower", "<= 5"),
+    ("put_small", "rps", "{small} x 4 KiB PUTs, {conns} conns: req/s", "higher", ">= 16000"),
+    ("put_small", "p50_ms", "4 KiB PUTs: p50 latency ms", "lower", ""),
+    ("put_small", "p99_ms", "4 KiB PUTs: p99 latency ms", "lower", "<= 25"),
+    ("get_big", "mib_s", "{big} GET (curl): MiB/s", "higher", ">= 0.8 x nginx"),
+    ("get_small", "rps", "64 KiB GETs, {conns} conns, {get_s} s: req/s", "higher", ">= 31000"),
+    ("put_slow", "peak_rss_mib", "{slow} slow 1 MiB PUTs: server peak RSS MiB", "lower", "<= 40"),
+    ("put_slow", "ok", "{slow} slow 1 MiB PUTs: stored", "higher", "= {slow}"),
+]
+
+
+def aggregate(runs: list[dict[str, Any]], metric: str) -> tuple[float | None, str | None]:
+    """Median over runs; no figure at all if any run failed (a lost byte voids the workload)."""
+    if not runs:
+        return None, "not run"
+    for r in runs:
+        if "error" in r:
+            return None, r["error"]
+    values = [r[metric] for r in runs if metric in r]
+    if not values:
+        return None, "no value"
+    return statistics.median(values), None
+
+
+def meets(target: str, value: float | None, nginx: float | None) -> str:
+    if value is None or not target:
+        return ""
+    m = re.match(r"(<=|>=|=) ([\d.]+)( x nginx)?$", target)
+    if not m:
+        return ""
+    op, bound = m.group(1), float(m.group(2))
+    if m.group(3):
+        if nginx is None:
+            return ""
+        bound *= nginx
+    ok = {"<=": value <= bound, ">=": value >= bound, "=": value == bound}[op]
+    return "ok" if ok else "MISS"
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def build_rows(
+    bench: Bench, results: dict[str, dict[str, list[dict[str, Any]]]]
+) -> list[dict[str, Any]]:
+    names = {
+        "big": f"{bench.big_size // MiB} MiB"
+        if bench.big_size < GiB
+        else f"{bench.big_size // GiB} GiB",
+        "small": f"{bench.small_count:,}",
+        "conns": bench.options.connections,
+        "get_s": bench.get_seconds,
+        "slow": bench.slow_count,
+    }
+    rows = []
+    for workload, metric, label, better, target in ROWS:
+        if workload not in bench.only:
+            continue
+        row: dict[str, Any] = {
+            "workload": workload,
+            "metric": metric,
+            "label": label.format(**names),
+            "better": better,
+            "target": target.format(**names),
+        }
+        for server in ("hmacfs", "nginx"):
+            value, error = aggregate(results.get(server, {}).get(workload, []), metric)
+            if workload == "put_slow" and metric == "ok" and error:
+                # The count is the point of this row: show it even when some uploads failed.
+                runs = results.get(server, {}).get(workload, [])
+                counts = [r.get("ok") for r in runs if isinstance(r.get("ok"), int)]
+                if counts:
+                    value = float(min(counts))
+            row[server] = value
+            row[f"{server}_error"] = error
+        h, x = row["hmacfs"], row["nginx"]
+        row["ratio"] = h / x if h is not None and x else None
+        row["meets_target"] = meets(row["target"], h, x)
+        rows.append(row)
+    return rows
+
+
+def render_table(rows: list[dict[str, Any]], servers: list[str]) -> str:
+    def cell(row: dict[str, Any], server: str) -> str:
+        if server not in servers:
+            return "(not run)"
+        if row[server] is not None and not row[f"{server}_error"]:
+            return fmt(row[server])
+        err = row[f"{server}_error"] or "?"
+        shown = fmt(row[server]) + " " if row[server] is not None else ""
+        return f"{shown}FAIL: {err.splitlines()[0][:60]}"
+
+    header = ["workload", "hmacfs", "nginx", "ratio h/n", "better", "hmacfs target"]
+    lines = [header]
+    for row in rows:
+        target = row["target"]
+        if target and row["meets_target"]:
+            target += f" ({row['meets_target']})"
+        lines.append(
+            [
+                row["label"],
+                cell(row, "hmacfs"),
+                cell(row, "nginx"),
+                f"{row['ratio']:.2f}" if row["ratio"] is not None else "-",
+                f"{row['better']} is better",
+                target,
+            ]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for k, line in enumerate(lines):
+        out.append("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |")
+        if k == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def run_workload(
+    bench: Bench,
+    results: dict[str, dict[str, list[dict[str, Any]]]],
+    server: Server,
+    workload: str,
+    fn: Callable[[Deadline], dict[str, Any]],
+) -> dict[str, Any]:
+    """Run one workload under its hard time budget; failures become an "error" entry."""
+    slot = results.setdefault(server.name, {}).setdefault(workload, [])
+    if server.start_error:
+        entry: dict[str, Any] = {"error": "did not start (see below the table)"}
+    elif not server.alive():
+        entry = {"error": "server is not running (crashed earlier)"}
+    else:
+        label = f"[{time.strftime('%H:%M:%S')}] {server.name:6} {workload:9} run {len(slot) + 1}"
+        print(label + " ...", end="", flush=True)
+        try:
+            entry = fn(Deadline(bench.options.timeout))
+        except BenchError as e:
+            partial = e.args[1] if len(e.args) > 1 and isinstance(e.args[1], dict) else {}
+            entry = {**partial, "error": str(e.args[0])}
+        except Exception as e:  # noqa: BLE001 - a broken workload must not stop the others
+            entry = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        if not server.alive():
+            code = server.proc.returncode if server.proc else None
+            entry.setdefault("error", "")
+            entry["error"] = (entry["error"] + f"; server died (exit {code})").lstrip("; ")
+            entry["log_tail"] = server.log_tail()
+        elif "error" in entry:
+            entry["log_tail"] = server.log_tail(10)
+        if "error" in entry:
+            print(f" FAIL: {entry['error']}")
+            if "log_tail" in entry:
+                print(entry["log_tail"])
+        else:
+            shown = {
+                k: round(v, 3) if isinstance(v, float) else v
+                for k, v in entry.items()
+                if not k.startswith("_") and k != "verified"
+            }
+            print(" " + json.dumps(shown))
+    slot.append(entry)
+    return entry
+
+
+def start_server(server: Server) -> None:
+    try:
+        server.start()
+        server.start_error = None
+        print(
+            f"{server.name} listening on {LOOPBACK}:{server.port} (pid {server.pid}, "
+            f"RSS {tree_rss_bytes(server.pid) / MiB:.1f} MiB)"
+        )
+    except BenchError as e:
+        server.start_error = str(e)
+        server.stop()
+        print(f"ERROR: {server.name} failed to start: {e}", file=sys.stderr)
+
+
+def machine_load(seconds: float = 1.0) -> dict[str, Any]:
+    """How busy the CPUs are before we start, and with what: other work skews every figure."""
+
+    def snapshot() -> tuple[list[int], dict[int, int]]:
+        with open("/proc/stat") as f:
+            total = [int(x) for x in f.readline().split()[1:]]
+        per_pid = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                st = _read_stat(int(name))
+                if st is not None:
+                    per_pid[int(name)] = st[1]
+        return total, per_pid
+
+    (t0, p0), start = snapshot(), time.monotonic()
+    time.sleep(seconds)
+    (t1, p1), wall = snapshot(), time.monotonic() - start
+    delta = [b - a for a, b in zip(t0, t1)]
+    idle = delta[3] + delta[4]  # idle + iowait
+    busy = 1 - idle / max(1, sum(delta))
+    top = []
+    for pid, ticks in p1.items():
+        used = (ticks - p0.get(pid, ticks)) / CLK_TCK / wall
+        if used >= 0.05 and pid != os.getpid():
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                comm = "?"
+            top.append({"pid": pid, "comm": comm, "cpu": round(used, 2)})
+    top.sort(key=lambda t: -t["cpu"])
+    return {"busy_fraction": round(busy, 3), "cpus": os.cpu_count(), "busy_processes": top[:5]}
+
+
+def warm_up_memory(tmp: Path, size: int) -> None:
+    """Write and delete a scratch file on the tmpfs before measuring anything.
+
+    In a fresh VM the first touch of guest memory is several times dearer than later ones
+    (seen here: 3.3 then 1.3 then 0.6 CPU s/GiB for the same nginx PUT), which would charge
+    whichever server runs first. One pass over the pages the workloads will need evens that out.
+    """
+    t0 = time.monotonic()
+    scratch = tmp / "warm-up.bin"
+    block = os.urandom(MiB)
+    with open(scratch, "wb") as f:
+        f.writelines(block for _ in range(size // MiB))
+    scratch.unlink()
+    print(
+        f"memory warm-up: {size // MiB} MiB through {tmp.parent} in {time.monotonic() - t0:.1f} s"
+    )
+
+
+def keep_logs(servers: list[Server], where: Path) -> None:
+    """Copy the servers' logs out of the temp dir before it goes (the last start's only)."""
+    where.mkdir(parents=True, exist_ok=True)
+    for server in servers:
+        for path in server.logs:
+            if path.is_file():
+                shutil.copyfile(path, where / f"{server.name}-{path.name}")
+
+
+def remove_stored(server: Server, a: str, b: str) -> None:
+    """Free the tmpfs space of a finished big upload (the store is ours, not the server's data)."""
+    path = server.find_stored(a, b)
+    if path is not None:
+        path.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke check: 256 MiB, 1 run, 500 small PUTs, 5 s GET load, 100 slow uploads over 5 s",
+    )
+    parser.add_argument("--server", choices=("hmacfs", "nginx", "both"), default="both")
+    parser.add_argument(
+        "--venv", default=".venv", help="virtualenv holding twistd (relative to the repo root)"
+    )
+    parser.add_argument(
+        "--runs", type=int, help="repetitions of each repeated workload (default 3, quick 1)"
+    )
+    parser.add_argument(
+        "--hmacfs-cores",
+        type=lambda v: v if v == "auto" else int(v),
+        default=1,
+        help='NumCores in the hmacfs config: a number or "auto" (default 1)',
+    )
+    parser.add_argument(
+        "--nginx-workers", default="2", help="worker_processes for nginx (default 2)"
+    )
+    parser.add_argument(
+        "--nginx-body-buffer",
+        default="256k",
+        help="client_body_buffer_size for nginx (default 256k; nginx's own default is 16k)",
+    )
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
+    parser.add_argument(
+        "--small-puts", type=int, help="number of 4 KiB PUTs (default 2000, quick 500)"
+    )
+    parser.add_argument("--get-seconds", type=int, help="GET load duration (default 10, quick 5)")
+    parser.add_argument(
+        "--slow-count", type=int, help="concurrent slow uploads (default 500, quick 100)"
+    )
+    parser.add_argument(
+        "--slow-seconds", type=float, help="slow upload duration (default 10, quick 5)"
+    )
+    parser.add_argument(
+        "--only",
+        default="put_big,get_big,put_small,get_small,put_slow",
+        help="comma-separated workloads to run",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=180.0, help="hard budget per workload run, seconds"
+    )
+    parser.add_argument(
+        "--tmp-root", default="/dev/shm", help="where the temp dir (stores, files) goes"
+    )
+    parser.add_argument("--out", default=str(REPO / "bench-out" / "results.json"))
+    options = parser.parse_args(argv)
+
+    servers_wanted = ["hmacfs", "nginx"] if options.server == "both" else [options.server]
+    command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+    started_at = datetime.datetime.now(datetime.UTC).astimezone()
+    ensure_tools(need_nginx="nginx" in servers_wanted)
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = (options.slow_count or 500) + 1024
+    if soft < need:
+        new = need if hard == resource.RLIM_INFINITY else min(hard, max(need, soft))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))  # the servers inherit it too
+
+    tmp_root = Path(options.tmp_root)
+    if not tmp_root.is_dir():
+        print(
+            f"warning: {tmp_root} missing, using the default temp dir (not tmpfs)", file=sys.stderr
+        )
+        tmp_root = Path(tempfile.gettempdir())
+    tmp = Path(tempfile.mkdtemp(prefix="hmacfs-bench-", dir=tmp_root))
+    servers: list[Server] = []
+
+    def cleanup() -> None:
+        for s in _STARTED:
+            s.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    atexit.register(cleanup)
+
+    def interrupted(signum: int, frame: object) -> None:
+        print(
+            f"\ninterrupted by signal {signum}: stopping the servers, removing {tmp}",
+            file=sys.stderr,
+        )
+        sys.exit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
+
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    load_before: dict[str, Any] = {}
+    try:
+        bench = Bench(options, tmp)
+        only = bench.only
+        unknown = only - {w for w, *_ in ROWS}
+        if unknown:
+            raise SystemExit(f"unknown workload(s) in --only: {', '.join(sorted(unknown))}")
+        st = os.statvfs(tmp)
+        need_bytes = bench.big_size * 4 + GiB
+        if st.f_bavail * st.f_frsize < need_bytes:
+            raise SystemExit(
+                f"{tmp_root} has {st.f_bavail * st.f_frsize / GiB:.1f} GiB free, "
+                f"need {need_bytes / GiB:.1f} GiB"
+            )
+        secret = secrets.token_hex(16)
+        load_before = machine_load()
+        if load_before["busy_fraction"] > 0.1:
+            hogs = ", ".join(
+                f"{t['comm']} (pid {t['pid']}) {t['cpu']:.0%}"
+                for t in load_before["busy_processes"]
+            )
+            print(
+                f"WARNING: the CPUs were {load_before['busy_fraction']:.0%} busy before the bench "
+                f"({hogs or 'short-lived processes'}): figures will be low and noisy; ratios from "
+                "one run are still comparable, absolute figures are not.",
+                file=sys.stderr,
+                flush=True,
+            )
+        for name in servers_wanted:
+            cls = HmacfsServer if name == "hmacfs" else NginxServer
+            servers.append(cls(tmp / name, secret, options))
+        print(
+            f"{command}\n{started_at:%Y-%m-%d %H:%M:%S %z}; temp dir {tmp}; "
+            f"{bench.runs} run(s) per repeated workload"
+        )
+        if only & {"put_big", "get_big"}:
+            t0 = time.monotonic()
+            bench.big = BigFile(tmp / "big.bin", bench.big_size)
+            print(f"test file {bench.big_size // MiB} MiB written in {time.monotonic() - t0:.1f} s")
+        warm_up_memory(tmp, 2 * bench.big_size if only & {"put_big", "get_big"} else GiB // 4)
+        for s in servers:
+            start_server(s)
+
+        def order(run: int) -> list[Server]:
+            # Alternate who goes first, so neither server always meets a cold cache or page pool.
+            return servers if run % 2 == 0 else servers[::-1]
+
+        for run in range(bench.runs):
+            if "put_big" in only:
+                for s in order(run):
+                    put = run_workload(
+                        bench,
+                        results,
+                        s,
+                        "put_big",
+                        lambda d, s=s, run=run: bench.put_big(s, run, d),
+                    )
+                    stored = put.get("_stored")
+                    if "get_big" in only:
+                        if stored:
+                            run_workload(
+                                bench,
+                                results,
+                                s,
+                                "get_big",
+                                lambda d, s=s, stored=stored: bench.get_big(s, stored, d),
+                            )
+                        else:
+                            results.setdefault(s.name, {}).setdefault("get_big", []).append(
+                                {"error": "no verified upload to download"}
+                            )
+                    if stored:
+                        remove_stored(s, *stored)
+        for run in range(bench.runs):
+            if "put_small" in only:
+                for s in order(run):
+                    run_workload(
+                        bench,
+                        results,
+                        s,
+                        "put_small",
+                        lambda d, s=s, run=run: bench.put_small(s, run, d),
+                    )
+        for run in range(bench.runs):
+            if "get_small" in only:
+                for s in order(run):
+                    run_workload(
+                        bench,
+                        results,
+                        s,
+                        "get_small",
+                        lambda d, s=s, run=run: bench.get_small(s, run, d),
+                    )
+        if "put_slow" in only:
+            # Fresh processes: the peak reflects this workload, not what earlier ones left behind.
+            for s in servers:
+                if not s.start_error or s.alive():
+                    start_server(s)
+            for s in servers:
+                run_workload(bench, results, s, "put_slow", lambda d, s=s: bench.put_slow(s, 0, d))
+    finally:
+        for s in servers:
+            s.stop()
+        keep_logs(servers, Path(options.out).parent / "logs")
+
+    rows = build_rows(bench, results)
+    table = render_table(rows, servers_wanted)
+    print()
+    print(f"command: {command}")
+    print(f"date:    {started_at:%Y-%m-%d %H:%M:%S %z}")
+    print(
+        f"host:    {os.cpu_count()} CPUs, {platform.release()}, store on {tmp_root}; "
+        f"{tool_version([find_tool('wrk'), '-v'])}"
+    )
+    print(table)
+    print(
+        "ratio = hmacfs / nginx; a FAIL cell means the workload errored or lost data (no figure)."
+    )
+    if load_before.get("busy_fraction", 0) > 0.1:
+        print(
+            f"note: CPUs were {load_before['busy_fraction']:.0%} busy with other work "
+            "before the start "
+            f"(see machine_load_before in the JSON)."
+        )
+
+    for s in servers:
+        if s.start_error:
+            print(f"\n{s.name} start failure:\n{s.start_error}")
+    out = Path(options.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for per_server in results.values():
+        for entries in per_server.values():
+            for e in entries:
+                e.pop("_stored", None)
+    report = {
+        "command": command,
+        "date": started_at.isoformat(timespec="seconds"),
+        "host": {
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "nginx": tool_version([find_tool("nginx"), "-v"])
+            if "nginx" in servers_wanted
+            else None,
+            "wrk": tool_version([find_tool("wrk"), "-v"]),
+            "curl": tool_version([find_tool("curl"), "--version"]),
+            "tmp_root": str(tmp_root),
+        },
+        "parameters": {
+            "quick": options.quick,
+            "runs": bench.runs,
+            "big_bytes": bench.big_size,
+            "small_puts": bench.small_count,
+            "connections": options.connections,
+            "wrk_threads": WRK_THREADS,
+            "get_seconds": bench.get_seconds,
+            "slow_count": bench.slow_count,
+            "slow_seconds": bench.slow_seconds,
+            "hmacfs_cores": options.hmacfs_cores,
+            "nginx_workers": options.nginx_workers,
+            "nginx_body_buffer": options.nginx_body_buffer,
+            "workloads": sorted(bench.only),
+        },
+        "machine_load_before": load_before,
+        "machine_load_after": machine_load(),
+        "start_errors": {s.name: s.start_error for s in servers if s.start_error},
+        "rows": rows,
+        "runs": results,
+        "table": table,
+    }
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    failed = any(r.get(f"{n}_error") for r in rows for n in servers_wanted)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
