@@ -838,7 +838,11 @@ class Bench:
             top = ", ".join(
                 f"{k} x{v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:4]
             )
-            raise BenchError(f"{ok} of {n} slow uploads stored ({top})", result)
+            queue = ", ".join(f"{k} +{v}" for k, v in result["listen_queue"].items() if v)
+            raise BenchError(
+                f"{ok} of {n} slow uploads stored ({top}; kernel: {queue or 'no listen drops'})",
+                result,
+            )
         for i in sorted({0, n - 1, *random.sample(range(n), min(n, 4))}):
             status, body = http_get(
                 server, f"/upload/{a}/{i}.bin", timeout=min(30, deadline.remaining())

@@ -32,6 +32,8 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from hmacfs.logs import log_router
+
 from hmacfs.paths import PathError, SlotPath, validate_segments
 
 __all__ = [
@@ -47,7 +49,7 @@ __all__ = [
     "sign_slot",
 ]
 
-log = Logger()
+log = Logger(observer=log_router)
 
 #: Content type signed for v2/token when the PUT carries none (Prosody's default).
 DEFAULT_CONTENT_TYPE = b"application/octet-stream"

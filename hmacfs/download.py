@@ -34,6 +34,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from hmacfs.logs import log_router
+
 if TYPE_CHECKING:
     from hmacfs.storage import StoredFile
 
@@ -46,7 +48,7 @@ __all__ = [
     "render_download",
 ]
 
-log = Logger()
+log = Logger(observer=log_router)
 
 #: Bytes read from disk and handed to the transport per write.
 DEFAULT_CHUNK_SIZE = 262144

@@ -33,7 +33,9 @@ from typing import BinaryIO
 import attrs
 from twisted.logger import Logger
 
-log = Logger()
+from hmacfs.logs import log_router
+
+log = Logger(observer=log_router)
 
 PRIVATE_DIR = ".hmacfs"
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
