@@ -22,4 +22,4 @@ for _warning in _warnings:
     sys.stderr.write(f"hmacfs: {_path}: warning: {_warning}\n")
 
 application = Application("hmacfs")
-make_service_from_config(_config).setServiceParent(application)
+make_service_from_config(_config, config_path=_path).setServiceParent(application)

@@ -1220,7 +1220,9 @@ def run_workload(
             shown = {
                 k: round(v, 3) if isinstance(v, float) else v
                 for k, v in entry.items()
-                if not k.startswith("_") and k != "verified"
+                if not k.startswith("_")
+                and k != "verified"
+                and not (k == "listen_queue" and not any(v.values()))
             }
             print(" " + json.dumps(shown))
     slot.append(entry)

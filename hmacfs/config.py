@@ -629,6 +629,7 @@ _KEYS: tuple[_Key, ...] = (
     _Key("ClockSkew", "clock_skew", "30s", _duration()),
     _Key("DrainTimeout", "drain_timeout", "30s", _duration()),
     _Key("AccessLog", "log_access", True, _boolean),
+    _Key("SecretGracePeriod", "secret_grace_period", "1h", _duration()),
 )
 KNOWN_KEYS: tuple[str, ...] = tuple(spec.name for spec in _KEYS)
 
@@ -703,6 +704,7 @@ class Config:
     clock_skew: float
     drain_timeout: float
     log_access: bool
+    secret_grace_period: float
 
     def redacted(self) -> dict[str, object]:
         """

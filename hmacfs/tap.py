@@ -25,7 +25,9 @@ from hmacfs.auth import Authenticator
 from hmacfs.clientaddr import ClientAddressResolver, request_client
 from hmacfs.config import Config, ConfigError, load_config
 from hmacfs.logs import log_router
+from hmacfs.reload import ReloadService
 from hmacfs.request import StreamingSite
+from hmacfs.rotation import SecretRing
 from hmacfs.resource import DownloadSettings, UploadResource
 from hmacfs.storage import Store
 from hmacfs.upload import UploadLimits, UploadPolicy
@@ -52,7 +54,7 @@ class Options(usage.Options):
         except ConfigError as error:
             raise usage.UsageError(str(error)) from None
         for warning in warnings:
-            log.warn("config {path}: {warning}", path=path, warning=warning)
+            log.warn("config {path}: {problem}", path=path, problem=warning)
         self["config"] = path
         self.config_obj = config
 
@@ -142,7 +144,9 @@ def make_access_logger(resolver: ClientAddressResolver) -> Any:
     return log_request
 
 
-def build_site(config: Config, reactor: Any, run_blocking: Any) -> StreamingSite:
+def build_site(
+    config: Config, reactor: Any, run_blocking: Any, ring: SecretRing | None = None
+) -> StreamingSite:
     """The upload Site for a configuration; also what embedding applications mount."""
     store = Store(
         config.store_dir,
@@ -151,8 +155,9 @@ def build_site(config: Config, reactor: Any, run_blocking: Any) -> StreamingSite
         # partial file is a leftover (crash, dead node) and must not block the path.
         stale_after=config.read_timeout + 60.0,
     )
-    secret = config.secret
-    authenticator = Authenticator(lambda: (secret,), reactor, config.clock_skew)
+    if ring is None:
+        ring = SecretRing(config.secret, reactor, config.secret_grace_period)
+    authenticator = Authenticator(ring.secrets, reactor, config.clock_skew)
     policy = UploadPolicy(
         limits=UploadLimits(
             prefix=config.upload_subdir,
@@ -189,8 +194,13 @@ def build_site(config: Config, reactor: Any, run_blocking: Any) -> StreamingSite
     return site
 
 
-def make_service_from_config(config: Config, reactor: Any = None) -> MultiService:
-    """Assemble the hmacfs services for ``config`` (nothing starts here)."""
+def make_service_from_config(
+    config: Config, reactor: Any = None, config_path: str | None = None
+) -> MultiService:
+    """Assemble the hmacfs services for ``config`` (nothing starts here).
+
+    ``config_path`` is the file SIGHUP re-reads (None when embedded).
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -199,7 +209,10 @@ def make_service_from_config(config: Config, reactor: Any = None) -> MultiServic
     LoggingService(config).setServiceParent(top)
     disk = DiskThreadPoolService(reactor)
     disk.setServiceParent(top)
-    site = build_site(config, reactor, disk.run_blocking)
+    ring = SecretRing(config.secret, reactor, config.secret_grace_period)
+    site = build_site(config, reactor, disk.run_blocking, ring)
+    reload = ReloadService(reactor=reactor, config=config, config_path=config_path, ring=ring)
+    reload.setServiceParent(top)
     DrainService(reactor, site, config.drain_timeout).setServiceParent(top)
     endpoint = serverFromString(reactor, config.listen)
     listener = StreamServerEndpointService(endpoint, site)
@@ -207,12 +220,13 @@ def make_service_from_config(config: Config, reactor: Any = None) -> MultiServic
     listener.setServiceParent(top)
     top.site = site  # type: ignore[attr-defined]
     top.listener = listener  # type: ignore[attr-defined]
+    top.reload = reload  # type: ignore[attr-defined]
     return top
 
 
 def makeService(options: Options) -> MultiService:
     """twistd entry point."""
-    return make_service_from_config(options.config_obj)
+    return make_service_from_config(options.config_obj, config_path=options["config"])
 
 
 __all__ = ["Options", "makeService", "make_service_from_config", "build_site"]

@@ -455,6 +455,7 @@ class DefaultsTests(ConfigTestCase):
             "clock_skew": 30.0,
             "drain_timeout": 30.0,
             "log_access": True,
+            "secret_grace_period": 3600.0,
         }
         self.assertEqual(set(expected), {field.name for field in attrs.fields(Config)})
         for name, value in expected.items():
@@ -469,7 +470,7 @@ class DefaultsTests(ConfigTestCase):
     def test_known_keys(self) -> None:
         """KNOWN_KEYS lists every current key once, and none of the obsolete ones."""
         self.assertEqual(len(KNOWN_KEYS), len(set(KNOWN_KEYS)))
-        self.assertEqual(len(KNOWN_KEYS), 39)
+        self.assertEqual(len(KNOWN_KEYS), 40)
         self.assertEqual(set(KNOWN_KEYS) & set(OBSOLETE_KEYS), set())
         self.assertIn("TrustedProxies", KNOWN_KEYS)
 
@@ -530,6 +531,7 @@ BAD_VALUES: dict[str, tuple[object, str]] = {
     "ClockSkew": ("-1", "'-1'"),
     "DrainTimeout": ([30], "[30]"),
     "AccessLog": ("true", "'true'"),
+    "SecretGracePeriod": ("a while", "'a while'"),
 }
 SENSITIVE_KEYS = ("Secret", "RedisPassword")
 

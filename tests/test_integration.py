@@ -471,3 +471,38 @@ class DaemonLifecycleTests(SynchronousTestCase):
         first.wait_listening()
         self.assertIn("UnixSocket", config)
         self.assertTrue((second_dir / "hmacfs.sock").exists())
+
+
+class SignalTests(SynchronousTestCase):
+    """SIGHUP on the real process."""
+
+    def test_sighup_reopens_log_and_rotates_secret(self) -> None:
+        """After logrotate moves LogFile, SIGHUP makes the daemon write a new one and
+        picks up a changed secret while the old one stays valid for the grace period."""
+        require_curl()
+        daemon = Daemon()
+        self.addCleanup(daemon.stop)
+        log_path = daemon.dir / "hmacfs.log"
+        rotated = daemon.dir / "hmacfs.log.1"
+        os.rename(log_path, rotated)
+        config = daemon.config.read_text().replace(SECRET.decode(), "a-brand-new-secret-0123456789")
+        daemon.config.write_text(config)
+        daemon.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not log_path.exists():
+            time.sleep(0.05)
+        self.assertTrue(log_path.exists(), daemon.log_tail())
+
+        def put(secret: bytes) -> int:
+            slot = f"{uuid.uuid4()}/s.txt"
+            url = f"{daemon.base()}/{slot}?v={v1_mac(slot, 2, secret)}"
+            result = subprocess.run(
+                [require_curl(), "-sS", "-X", "PUT", "--data-binary", "hi", "-o", "/dev/null",
+                 "-w", "%{http_code}", url], capture_output=True, timeout=30,
+            )
+            return int(result.stdout)
+
+        self.assertEqual(put(b"a-brand-new-secret-0123456789"), 201)
+        self.assertEqual(put(SECRET), 201)  # grace period (default 1h)
+        self.assertEqual(put(b"never-the-secret-0123456789"), 403)
+        self.assertIn("configuration reloaded", log_path.read_text())

@@ -1,0 +1,116 @@
+# -*- test-case-name: tests.test_reload -*-
+"""
+SIGHUP and the periodic secret re-read.
+
+SIGHUP (``systemctl reload``, logrotate's postrotate) reopens the log file and
+re-reads the config file: LogLevel, LogFile and the secret take effect at once,
+and other reloadable settings are handed to the registered appliers.  Settings
+that need new sockets (ListenPort, …) are reported as needing a restart.
+With ReaskSecretEnabled the secret is also re-read every ReaskSecretInterval.
+A config that no longer loads is logged and the running settings stay.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from hmacfs.config import Config, ConfigError, load_config
+from hmacfs.logs import log_router
+from hmacfs.rotation import SecretRing
+
+log = Logger(observer=log_router)
+
+#: Settings that only take effect on a restart (they shape sockets or the store).
+RESTART_ONLY = ("listen", "unix_socket", "socket_mode", "store_dir", "upload_subdir", "num_cores")
+
+
+class ReloadService(Service):
+    """Re-reads configuration on SIGHUP and the secret on a timer."""
+
+    def __init__(
+        self,
+        *,
+        reactor: Any,
+        config: Config,
+        config_path: str | None,
+        ring: SecretRing,
+        appliers: list[Callable[[Config], None]] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.config_path = config_path
+        self.ring = ring
+        self.appliers = list(appliers or [])
+        self._timer: LoopingCall | None = None
+        self._previous_handler: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
+        if self.config.reask_secret_enabled:
+            self._timer = LoopingCall(self.reask_secret)
+            self._timer.clock = self.reactor
+            self._timer.start(self.config.reask_secret_interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._timer is not None and self._timer.running:
+            self._timer.stop()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGHUP, self._previous_handler)
+            self._previous_handler = None
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def _load(self) -> Config | None:
+        if self.config_path is None:
+            return self.config
+        try:
+            config, warnings = load_config(self.config_path)
+        except ConfigError as error:
+            log.error("reload of {path} failed, keeping the running settings: {error}",
+                      path=self.config_path, error=str(error))
+            return None
+        for warning in warnings:
+            log.warn("config {path}: {problem}", path=self.config_path, problem=warning)
+        return config
+
+    def reload(self) -> Config | None:
+        """What SIGHUP does; returns the new config, or None if it did not load."""
+        log_router.reopen()
+        config = self._load()
+        if config is None:
+            return None
+        changed = [name for name in RESTART_ONLY if getattr(config, name) != getattr(self.config, name)]
+        if changed:
+            log.warn("changed settings need a restart to take effect: {names}", names=", ".join(changed))
+        log_router.configure(config.log_level, config.log_file)
+        self._rotate(config)
+        for apply in self.appliers:
+            apply(config)
+        self.config = config
+        log.info("configuration reloaded")
+        return config
+
+    def reask_secret(self) -> None:
+        """Re-read just the secret (ReaskSecretInterval)."""
+        config = self._load()
+        if config is not None:
+            self._rotate(config)
+
+    def _rotate(self, config: Config) -> None:
+        try:
+            secret = config.read_secret()
+        except ConfigError as error:
+            log.error("could not re-read the secret, keeping the current one: {error}", error=str(error))
+            return
+        self.ring.rotate(secret)
