@@ -164,6 +164,11 @@ _MAX_UNIX_PATH = 107  # Linux sun_path holds 108 bytes including the terminating
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]/]*)):(?P<port>[0-9]+)")
 
 
+#: Listen queue length for the address forms we translate (Twisted's default is
+#: 50: a burst of mobile clients reconnecting overflows it; nginx uses 511).
+LISTEN_BACKLOG = 511
+
+
 def listen_to_endpoint(
     value: str,
     *,
@@ -204,7 +209,7 @@ def listen_to_endpoint(
     if port > 65535:
         raise ConfigError(key, value, LISTEN_FORMS, "has a port above 65535")
     if not host:
-        return f"tcp:port={port}"
+        return f"tcp:port={port}:backlog={LISTEN_BACKLOG}"
     if host.lower() == "localhost":
         host = "127.0.0.1"
     try:
@@ -214,8 +219,8 @@ def listen_to_endpoint(
             key, value, LISTEN_FORMS, "does not name an IP address (only localhost is looked up)"
         ) from None
     if address.version == 4:
-        return f"tcp:port={port}:interface={address}"
-    return f"tcp6:port={port}:interface={_quote(str(address))}"
+        return f"tcp:port={port}:interface={address}:backlog={LISTEN_BACKLOG}"
+    return f"tcp6:port={port}:interface={_quote(str(address))}:backlog={LISTEN_BACKLOG}"
 
 
 def _split_host_port(text: str) -> tuple[str, str] | None:
@@ -245,7 +250,7 @@ def _unix_endpoint(value: str, text: str, mode: int, key: str, base_dir: Path) -
     path = Path(text) if Path(text).is_absolute() else base_dir / text
     if len(os.fsencode(str(path))) > _MAX_UNIX_PATH:
         raise ConfigError(key, str(path), allowed, "is too long for a UNIX socket")
-    return f"unix:{_quote(str(path))}:mode={mode:o}:lockfile=1"
+    return f"unix:{_quote(str(path))}:mode={mode:o}:lockfile=1:backlog={LISTEN_BACKLOG}"
 
 
 def _check_endpoint(text: str, key: str) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from io import BytesIO
+from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
@@ -93,7 +94,13 @@ class StreamingRequest(server.Request):
         self.method, self.uri, self.clientproto = command, uri, version
         self.path, _, query = uri.partition(b"?")
         self.args = parse_qs(query, keep_blank_values=True) if query else {}
-        policy = getattr(self.channel.site, "body_policy", None)
+        site = self.channel.site
+        for check in getattr(site, "admission_checks", ()):
+            rejection = check(self)
+            if rejection is not None:
+                self.rejection = rejection
+                return
+        policy = getattr(site, "body_policy", None)
         if policy is not None:
             policy.headers_received(self, length)
         if (
@@ -255,6 +262,9 @@ class StreamingSite(server.Site):
     requestFactory = StreamingRequest
     body_policy: IBodyPolicy | None = None
     read_size: int = 65536
+    #: called with each request at header time, before the body policy; the
+    #: first Rejection returned wins (bans, tombstones: "before any other work")
+    admission_checks: list[Callable[[StreamingRequest], Rejection | None]]
 
     def __init__(
         self,
@@ -269,6 +279,7 @@ class StreamingSite(server.Site):
         super().__init__(resource, timeout=read_timeout, reactor=reactor)
         self.body_policy = body_policy
         self.read_size = read_size
+        self.admission_checks = []
         self._access_log = access_log
         self.displayTracebacks = False
 

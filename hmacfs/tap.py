@@ -22,6 +22,7 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from hmacfs.auth import Authenticator
+from hmacfs.bans import BanList, BanSettings, ban_check
 from hmacfs.clientaddr import ClientAddressResolver, request_client
 from hmacfs.config import Config, ConfigError, load_config
 from hmacfs.logs import log_router
@@ -158,6 +159,15 @@ def build_site(
     if ring is None:
         ring = SecretRing(config.secret, reactor, config.secret_grace_period)
     authenticator = Authenticator(ring.secrets, reactor, config.clock_skew)
+    resolver = ClientAddressResolver(config.trusted_proxies)
+
+    def client_of(request: Any) -> str:
+        return request_client(request, resolver)
+
+    bans = BanList(reactor, BanSettings.from_config(config))
+
+    def auth_failed(request: Any, reason: str) -> None:
+        bans.record_failure(client_of(request))
     policy = UploadPolicy(
         limits=UploadLimits(
             prefix=config.upload_subdir,
@@ -169,6 +179,7 @@ def build_site(
         authenticator=authenticator,
         run_blocking=run_blocking,
         clock=reactor,
+        on_auth_failure=auth_failed,
     )
     resource = UploadResource(
         prefix=config.upload_subdir,
@@ -182,7 +193,6 @@ def build_site(
             chunk_size=max(config.buffer_size, 65536),
         ),
     )
-    resolver = ClientAddressResolver(config.trusted_proxies)
     site = StreamingSite(
         resource,
         body_policy=policy,
@@ -191,6 +201,8 @@ def build_site(
         read_size=config.buffer_size,
         access_log=make_access_logger(resolver) if config.log_access else None,
     )
+    site.admission_checks.append(ban_check(bans, client_of))
+    site.bans = bans  # type: ignore[attr-defined]
     return site
 
 
@@ -212,6 +224,7 @@ def make_service_from_config(
     ring = SecretRing(config.secret, reactor, config.secret_grace_period)
     site = build_site(config, reactor, disk.run_blocking, ring)
     reload = ReloadService(reactor=reactor, config=config, config_path=config_path, ring=ring)
+    reload.appliers.append(lambda new: setattr(site.bans, "settings", BanSettings.from_config(new)))
     reload.setServiceParent(top)
     DrainService(reactor, site, config.drain_timeout).setServiceParent(top)
     endpoint = serverFromString(reactor, config.listen)

@@ -70,9 +70,9 @@ class SiteHarness:
         self.site = build_site(config, self.reactor, self.runner)
         self.site.startFactory()
 
-    def connect(self, port: int = 40000) -> tuple[Any, StringTransport]:
-        protocol = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
+    def connect(self, port: int = 40000, host: str = "127.0.0.1") -> tuple[Any, StringTransport]:
+        protocol = self.site.buildProtocol(IPv4Address("TCP", host, port))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
         protocol.makeConnection(transport)
         return protocol, transport
 

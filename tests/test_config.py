@@ -268,40 +268,40 @@ class ListenToEndpointTests(SynchronousTestCase):
     def test_tcp_forms(self) -> None:
         """Go-style addresses become descriptions Twisted parses into the intended port and interface."""
         cases = [
-            (":8080", "tcp:port=8080", TCP4ServerEndpoint, 8080, ""),
-            ("8080", "tcp:port=8080", TCP4ServerEndpoint, 8080, ""),
-            (":0", "tcp:port=0", TCP4ServerEndpoint, 0, ""),
+            (":8080", "tcp:port=8080:backlog=511", TCP4ServerEndpoint, 8080, ""),
+            ("8080", "tcp:port=8080:backlog=511", TCP4ServerEndpoint, 8080, ""),
+            (":0", "tcp:port=0:backlog=511", TCP4ServerEndpoint, 0, ""),
             (
                 "127.0.0.1:8080",
-                "tcp:port=8080:interface=127.0.0.1",
+                "tcp:port=8080:interface=127.0.0.1:backlog=511",
                 TCP4ServerEndpoint,
                 8080,
                 "127.0.0.1",
             ),
             (
                 "0.0.0.0:65535",
-                "tcp:port=65535:interface=0.0.0.0",
+                "tcp:port=65535:interface=0.0.0.0:backlog=511",
                 TCP4ServerEndpoint,
                 65535,
                 "0.0.0.0",
             ),
             (
                 "localhost:80",
-                "tcp:port=80:interface=127.0.0.1",
+                "tcp:port=80:interface=127.0.0.1:backlog=511",
                 TCP4ServerEndpoint,
                 80,
                 "127.0.0.1",
             ),
-            ("[::1]:8080", r"tcp6:port=8080:interface=\:\:1", TCP6ServerEndpoint, 8080, "::1"),
-            ("[::]:443", r"tcp6:port=443:interface=\:\:", TCP6ServerEndpoint, 443, "::"),
+            ("[::1]:8080", r"tcp6:port=8080:interface=\:\:1:backlog=511", TCP6ServerEndpoint, 8080, "::1"),
+            ("[::]:443", r"tcp6:port=443:interface=\:\::backlog=511", TCP6ServerEndpoint, 443, "::"),
             (
                 "[2001:db8::5]:1",
-                r"tcp6:port=1:interface=2001\:db8\:\:5",
+                r"tcp6:port=1:interface=2001\:db8\:\:5:backlog=511",
                 TCP6ServerEndpoint,
                 1,
                 "2001:db8::5",
             ),
-            (" :8080 ", "tcp:port=8080", TCP4ServerEndpoint, 8080, ""),
+            (" :8080 ", "tcp:port=8080:backlog=511", TCP4ServerEndpoint, 8080, ""),
         ]
         for value, description, kind, port, interface in cases:
             self.assertEqual(self.listen(value), description, value)
@@ -327,7 +327,7 @@ class ListenToEndpointTests(SynchronousTestCase):
         """With unix_socket, an absolute path becomes a unix: endpoint with the mode and a lock
         file (the lock is what lets Twisted replace a stale socket left by a crash)."""
         description = self.listen("/run/hmacfs/hmacfs.sock", unix_socket=True, socket_mode=0o640)
-        self.assertEqual(description, "unix:/run/hmacfs/hmacfs.sock:mode=640:lockfile=1")
+        self.assertEqual(description, "unix:/run/hmacfs/hmacfs.sock:mode=640:lockfile=1:backlog=511")
         endpoint = endpoint_for(description)
         self.assertIsInstance(endpoint, UNIXServerEndpoint)
         self.assertEqual(
@@ -364,9 +364,9 @@ class ListenToEndpointTests(SynchronousTestCase):
     def test_passthrough(self) -> None:
         """A value that already is a Twisted endpoint description is used unchanged."""
         for description in [
-            "tcp:port=8443:interface=127.0.0.1",
+            "tcp:port=8443:interface=127.0.0.1:backlog=511",
             "tcp:8443",
-            r"tcp6:port=80:interface=\:\:1",
+            r"tcp6:port=80:interface=\:\:1:backlog=511",
             "unix:/tmp/x.sock:mode=600",
             "systemd:domain=INET:index=0",
             "systemd:domain=UNIX:name=hmacfs",
@@ -377,10 +377,10 @@ class ListenToEndpointTests(SynchronousTestCase):
     def test_passthrough_invalid(self) -> None:
         """A description Twisted cannot parse, or with a port out of range, is an error naming it."""
         for description in [
-            "tcp:port=abc",
-            "tcp:port=70000",
-            "tcp6:port=80:interface=::1",
-            "tcp:port=80:bogus=1",
+            "tcp:port=abc:backlog=511",
+            "tcp:port=70000:backlog=511",
+            "tcp6:port=80:interface=::1:backlog=511",
+            "tcp:port=80:bogus=1:backlog=511",
             "ssl:443:privateKey=/nonexistent/key.pem",
             "systemd:domain=BOGUS:index=0",
         ]:
@@ -412,7 +412,7 @@ class DefaultsTests(ConfigTestCase):
         """With only a secret, every key takes its documented default."""
         config, warnings = self.parse()
         expected = {
-            "listen": "tcp:port=8080",
+            "listen": "tcp:port=8080:backlog=511",
             "listen_raw": ":8080",
             "unix_socket": False,
             "socket_mode": 0o660,
@@ -435,7 +435,7 @@ class DefaultsTests(ConfigTestCase):
             "reask_secret_enabled": False,
             "reask_secret_interval": 3600.0,
             "metrics_enabled": False,
-            "metrics_listen": "tcp:port=9090",
+            "metrics_listen": "tcp:port=9090:backlog=511",
             "checksum_verification": False,
             "retention_policy_enabled": False,
             "max_retention_size": 10 * 1024**3,
@@ -594,7 +594,7 @@ class KeyValueTests(ConfigTestCase):
     def test_listen_port_integer(self) -> None:
         """ListenPort may be a TOML integer, as in the Go configs; listen_raw keeps what was written."""
         config, _ = self.parse(ListenPort=8443)
-        self.assertEqual((config.listen, config.listen_raw), ("tcp:port=8443", "8443"))
+        self.assertEqual((config.listen, config.listen_raw), ("tcp:port=8443:backlog=511", "8443"))
 
     def test_unix_socket(self) -> None:
         """With UnixSocket = true, ListenPort is a socket path (relative to the config) with SocketMode."""
@@ -623,7 +623,7 @@ class KeyValueTests(ConfigTestCase):
     def test_unix_socket_path_ignored(self) -> None:
         """UnixSocketPath is ignored, with a warning, when UnixSocket is false or ListenPort is a path."""
         config, warnings = self.parse(UnixSocketPath="/run/h.sock")
-        self.assertEqual(config.listen, "tcp:port=8080")
+        self.assertEqual(config.listen, "tcp:port=8080:backlog=511")
         self.assertIn("'UnixSocketPath' is ignored", warnings[0])
         config, warnings = self.parse(
             UnixSocket=True, ListenPort="/run/a.sock", UnixSocketPath="/run/b.sock"
@@ -634,10 +634,10 @@ class KeyValueTests(ConfigTestCase):
     def test_metrics_port(self) -> None:
         """MetricsPort takes the ListenPort forms; a leading '/' or unix: means a UNIX socket."""
         cases = {
-            ":9100": "tcp:port=9100",
-            "9100": "tcp:port=9100",
-            "127.0.0.1:9100": "tcp:port=9100:interface=127.0.0.1",
-            "/run/hmacfs/metrics.sock": "unix:/run/hmacfs/metrics.sock:mode=660:lockfile=1",
+            ":9100": "tcp:port=9100:backlog=511",
+            "9100": "tcp:port=9100:backlog=511",
+            "127.0.0.1:9100": "tcp:port=9100:interface=127.0.0.1:backlog=511",
+            "/run/hmacfs/metrics.sock": "unix:/run/hmacfs/metrics.sock:mode=660:lockfile=1:backlog=511",
             "unix:/run/m.sock:mode=600": "unix:/run/m.sock:mode=600",
         }
         for value, description in cases.items():
@@ -994,7 +994,7 @@ class LoadConfigTests(SynchronousTestCase):
             "EnableVersoning = false\n"
         )
         config, warnings = load_config(str(path))
-        self.assertEqual(config.listen, "tcp:port=8080:interface=127.0.0.1")
+        self.assertEqual(config.listen, "tcp:port=8080:interface=127.0.0.1:backlog=511")
         self.assertEqual(config.store_dir, self.directory.resolve() / "uploads")
         self.assertEqual(config.max_retention_time, 7 * 86400.0)
         self.assertTrue(config.delete_files)
@@ -1025,3 +1025,15 @@ class LoadConfigTests(SynchronousTestCase):
         path.write_text(f'Secret = "{SECRET}"\nRedisDB = 99\n')
         error = self.assertRaises(ConfigError, load_config, path)
         self.assertEqual((error.key, error.source), ("RedisDB", str(path)))
+
+
+class BacklogTests(SynchronousTestCase):
+    def test_translated_listen_forms_use_a_long_backlog(self) -> None:
+        """ListenPort forms we translate listen with backlog 511, not Twisted's 50:
+        bursts of reconnecting clients must not be reset by the kernel."""
+        from hmacfs.config import listen_to_endpoint
+
+        for value, unix in ((":8080", False), ("[::1]:8080", False), ("/run/x.sock", True)):
+            description = listen_to_endpoint(value, unix_socket=unix, socket_mode=0o660, key="ListenPort")
+            endpoint = serverFromString(MemoryReactor(), description)
+            self.assertEqual(endpoint._backlog, 511, description)
