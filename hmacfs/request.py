@@ -86,6 +86,10 @@ class StreamingRequest(server.Request):
     def __init__(self, channel: Any, queued: object = None) -> None:
         super().__init__(channel)
         self.started = time.monotonic()
+        metrics = getattr(getattr(channel, "site", None), "metrics", None)
+        if metrics is not None:
+            metrics.request_started()
+            self.notifyFinish().addBoth(metrics.request_ended)
 
     def headers_received(
         self, command: bytes, uri: bytes, version: bytes, length: int | None
@@ -262,6 +266,8 @@ class StreamingSite(server.Site):
     requestFactory = StreamingRequest
     body_policy: IBodyPolicy | None = None
     read_size: int = 65536
+    #: an hmacfs.metrics.Metrics, or None
+    metrics: Any = None
     #: called with each request at header time, before the body policy; the
     #: first Rejection returned wins (bans, tombstones: "before any other work")
     admission_checks: list[Callable[[StreamingRequest], Rejection | None]]
@@ -284,5 +290,7 @@ class StreamingSite(server.Site):
         self.displayTracebacks = False
 
     def log(self, request: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.request_finished(request)
         if self._access_log is not None:
             self._access_log(request)

@@ -26,6 +26,7 @@ from hmacfs.bans import BanList, BanSettings, ban_check
 from hmacfs.clientaddr import ClientAddressResolver, request_client
 from hmacfs.config import Config, ConfigError, load_config
 from hmacfs.logs import log_router
+from hmacfs.metrics import GaugeService, Metrics, metrics_site
 from hmacfs.reload import ReloadService
 from hmacfs.request import StreamingSite
 from hmacfs.rotation import SecretRing
@@ -146,7 +147,11 @@ def make_access_logger(resolver: ClientAddressResolver) -> Any:
 
 
 def build_site(
-    config: Config, reactor: Any, run_blocking: Any, ring: SecretRing | None = None
+    config: Config,
+    reactor: Any,
+    run_blocking: Any,
+    ring: SecretRing | None = None,
+    metrics: Any = None,
 ) -> StreamingSite:
     """The upload Site for a configuration; also what embedding applications mount."""
     store = Store(
@@ -167,6 +172,8 @@ def build_site(
     bans = BanList(reactor, BanSettings.from_config(config))
 
     def auth_failed(request: Any, reason: str) -> None:
+        if metrics is not None:
+            metrics.auth_failure(reason)
         bans.record_failure(client_of(request))
     policy = UploadPolicy(
         limits=UploadLimits(
@@ -201,6 +208,7 @@ def build_site(
         read_size=config.buffer_size,
         access_log=make_access_logger(resolver) if config.log_access else None,
     )
+    site.metrics = metrics
     site.admission_checks.append(ban_check(bans, client_of))
     site.bans = bans  # type: ignore[attr-defined]
     return site
@@ -222,7 +230,16 @@ def make_service_from_config(
     disk = DiskThreadPoolService(reactor)
     disk.setServiceParent(top)
     ring = SecretRing(config.secret, reactor, config.secret_grace_period)
-    site = build_site(config, reactor, disk.run_blocking, ring)
+    metrics = Metrics() if config.metrics_enabled else None
+    site = build_site(config, reactor, disk.run_blocking, ring, metrics)
+    if metrics is not None:
+        GaugeService(reactor, metrics, site).setServiceParent(top)
+        metrics_listener = StreamServerEndpointService(
+            serverFromString(reactor, config.metrics_listen), metrics_site(metrics, reactor)
+        )
+        metrics_listener._raiseSynchronously = True
+        metrics_listener.setServiceParent(top)
+        top.metrics = metrics  # type: ignore[attr-defined]
     reload = ReloadService(reactor=reactor, config=config, config_path=config_path, ring=ring)
     reload.appliers.append(lambda new: setattr(site.bans, "settings", BanSettings.from_config(new)))
     reload.setServiceParent(top)

@@ -63,11 +63,13 @@ def make_config(store: Path, **overrides: Any) -> Config:
 class SiteHarness:
     """A StreamingSite for ``config`` driven through StringTransports."""
 
-    def __init__(self, config: Config, runner: ManualRunner | None = None) -> None:
+    def __init__(
+        self, config: Config, runner: ManualRunner | None = None, metrics: Any = None
+    ) -> None:
         self.config = config
         self.reactor = MemoryReactorClock()
         self.runner = runner or ManualRunner(auto=True)
-        self.site = build_site(config, self.reactor, self.runner)
+        self.site = build_site(config, self.reactor, self.runner, metrics=metrics)
         self.site.startFactory()
 
     def connect(self, port: int = 40000, host: str = "127.0.0.1") -> tuple[Any, StringTransport]:

@@ -1,0 +1,234 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""
+Prometheus metrics.
+
+The original server's names are kept so existing dashboards keep working
+(``hmac_file_server_*``); what it lacked is added under ``hmacfs_*`` with
+bounded labels only (never a path or an address).  Nearly everything is
+counted from one place, the end of each request (``request_finished``, called
+by the site's log hook), so the upload and download code carries no metrics
+calls on its hot path.
+
+With several worker processes (NumCores > 1) every process writes its values
+to files in a shared directory (prometheus-client's multiprocess mode) and the
+metrics listener sums them, so the numbers are the totals of all workers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+#: upload durations from 1 s to 1 h (plus the sub-second small files)
+UPLOAD_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"})
+#: Auth failure reasons as labels: a fixed vocabulary, "other" for anything else.
+AUTH_REASONS = {
+    "missing MAC": "missing_mac",
+    "malformed MAC": "malformed_mac",
+    "bad MAC": "bad_mac",
+    "expired": "expired",
+    "malformed expires": "malformed_expires",
+    "missing size": "missing_size",
+}
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def enable_multiprocess(directory: Path) -> None:
+    """
+    Switch prometheus-client to multiprocess mode for metrics created from
+    now on (in this process and, through the environment, its children).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ[MULTIPROC_ENV] = str(directory)
+    from prometheus_client import values
+
+    values.ValueClass = values.MultiProcessValue()
+
+
+def multiprocess_enabled() -> bool:
+    return MULTIPROC_ENV in os.environ
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges (its counters stay in the sums)."""
+    if multiprocess_enabled():
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
+class Metrics:
+    """The metric objects, on their own registry."""
+
+    def __init__(self, registry: Any = None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        live = {"multiprocess_mode": "livesum"}
+        latest = {"multiprocess_mode": "max"}
+        # The original's names.
+        self.uploads = Counter("hmac_file_server_uploads", "Uploads stored", registry=r)
+        self.upload_errors = Counter(
+            "hmac_file_server_upload_errors", "Upload requests answered with an error", registry=r
+        )
+        self.upload_duration = Histogram(
+            "hmac_file_server_upload_duration_seconds",
+            "Time from request start to stored file",
+            buckets=UPLOAD_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "hmac_file_server_goroutines",
+            "Requests in flight (the original counted goroutines; Python has none)",
+            registry=r,
+            **live,
+        )
+        # What the original lacked.
+        self.downloads = Counter("hmacfs_downloads", "Downloads served (GET 200/206)", registry=r)
+        self.download_bytes = Counter("hmacfs_download_bytes", "Bytes sent in GET responses", registry=r)
+        self.upload_bytes = Counter("hmacfs_upload_bytes", "Request body bytes received", registry=r)
+        self.requests = Counter(
+            "hmacfs_requests", "Requests by method and status class", ["method", "status"], registry=r
+        )
+        self.auth_failures = Counter(
+            "hmacfs_auth_failures", "Failed authentications by reason", ["reason"], registry=r
+        )
+        self.active_uploads = Gauge("hmacfs_active_uploads", "Uploads in progress", registry=r, **live)
+        self.resumed_uploads = Counter("hmacfs_resumed_uploads", "Uploads resumed", registry=r)
+        self.bans_active = Gauge("hmacfs_bans_active", "Addresses blocked now", registry=r, **latest)
+        self.bans = Counter("hmacfs_bans", "Blocks imposed", registry=r)
+        self.retention_deletions = Counter(
+            "hmacfs_retention_deletions", "Files deleted by retention", ["reason"], registry=r
+        )
+        self.retention_freed = Counter(
+            "hmacfs_retention_freed_bytes", "Bytes freed by retention", registry=r
+        )
+        self.store_bytes = Gauge("hmacfs_store_bytes", "Bytes of finished files in the store", registry=r, **latest)
+        self.store_files = Gauge("hmacfs_store_files", "Finished files in the store", registry=r, **latest)
+        self.redis_connected = Gauge(
+            "hmacfs_redis_connected", "1 while the Redis state backend is connected", registry=r, **latest
+        )
+        # Pre-create the label sets, so a dashboard sees zeros instead of gaps.
+        for reason in set(AUTH_REASONS.values()) | {"other"}:
+            self.auth_failures.labels(reason=reason)
+
+    # hooks
+
+    def request_started(self) -> None:
+        self.in_flight.inc()
+
+    def request_ended(self, _: object = None) -> None:
+        """A request finished or lost its connection (notifyFinish fired)."""
+        self.in_flight.dec()
+
+    def request_finished(self, request: Any) -> None:
+        """Count one answered request (the site's log hook calls this)."""
+        method = request.method.decode("latin-1") if request.method else "other"
+        if method not in METHODS:
+            method = "other"
+        code = int(request.code or 0)
+        self.requests.labels(method=method, status=f"{code // 100}xx").inc()
+        received = getattr(request, "body_received", 0)
+        if received:
+            self.upload_bytes.inc(received)
+        if method == "GET" and code in (200, 206):
+            self.downloads.inc()
+            self.download_bytes.inc(request.sentLength)
+        elif method in ("PUT", "POST", "PATCH"):
+            if code >= 400:
+                self.upload_errors.inc()
+            elif code == 201 or (method == "PATCH" and code == 204):
+                if getattr(request, "hmacfs_stored", code == 201):
+                    self.uploads.inc()
+                    started = getattr(request, "started", None)
+                    if started is not None:
+                        self.upload_duration.observe(time.monotonic() - started)
+            if getattr(request, "hmacfs_resumed", False):
+                self.resumed_uploads.inc()
+
+    def auth_failure(self, reason: str) -> None:
+        self.auth_failures.labels(reason=AUTH_REASONS.get(reason, "other")).inc()
+
+
+def render_metrics(registry: Any, accept: bytes | None) -> tuple[bytes, bytes]:
+    """(body, content type) in the format the scraper asked for (OpenMetrics or text)."""
+    from prometheus_client.exposition import choose_encoder
+
+    if multiprocess_enabled():
+        from prometheus_client import CollectorRegistry, multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    encoder, content_type = choose_encoder((accept or b"").decode("latin-1"))
+    return encoder(registry), content_type.encode("ascii")
+
+
+class MetricsResource(Resource):
+    """``/metrics``, rendered on the reactor thread (a scrape takes milliseconds)."""
+
+    isLeaf = True
+
+    def __init__(self, registry: Any) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Any) -> bytes:
+        if request.path != b"/metrics":
+            request.setResponseCode(404)
+            return b"not found: metrics are at /metrics\n"
+        body, content_type = render_metrics(self.registry, request.getHeader(b"accept"))
+        request.setHeader(b"Content-Type", content_type)
+        request.setHeader(b"Cache-Control", b"no-store")
+        return body
+
+
+class GaugeService(Service):
+    """Refreshes the gauges that mirror state held elsewhere (bans, uploads in flight)."""
+
+    def __init__(self, clock: Any, metrics: Metrics, site: Any, interval: float = 5.0) -> None:
+        self.clock = clock
+        self.metrics = metrics
+        self.site = site
+        self.interval = interval
+        self._loop: LoopingCall | None = None
+        self._bans_seen = 0
+
+    def refresh(self) -> None:
+        bans = getattr(self.site, "bans", None)
+        if bans is not None:
+            self.metrics.bans_active.set(bans.active())
+            if bans.bans_total > self._bans_seen:
+                self.metrics.bans.inc(bans.bans_total - self._bans_seen)
+                self._bans_seen = bans.bans_total
+        policy = getattr(self.site, "body_policy", None)
+        if policy is not None:
+            self.metrics.active_uploads.set(getattr(policy, "active", 0))
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.refresh)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=True)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self.refresh()
+
+
+def metrics_site(metrics: Metrics, reactor: Any) -> Site:
+    """The metrics listener's Site (MetricsPort): /metrics and nothing else."""
+    site = Site(MetricsResource(metrics.registry), reactor=reactor)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site
