@@ -635,6 +635,8 @@ _KEYS: tuple[_Key, ...] = (
     _Key("DrainTimeout", "drain_timeout", "30s", _duration()),
     _Key("AccessLog", "log_access", True, _boolean),
     _Key("SecretGracePeriod", "secret_grace_period", "1h", _duration()),
+    _Key("RetentionInterval", "retention_interval", "1h", _duration(1)),
+    _Key("DeletionReportFile", "deletion_report_file", "", _log_file),
 )
 KNOWN_KEYS: tuple[str, ...] = tuple(spec.name for spec in _KEYS)
 
@@ -710,6 +712,8 @@ class Config:
     drain_timeout: float
     log_access: bool
     secret_grace_period: float
+    retention_interval: float
+    deletion_report_file: Path | None
 
     def redacted(self) -> dict[str, object]:
         """

@@ -10,6 +10,7 @@ so tests can pass a ``MemoryReactorClock``.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -30,6 +31,13 @@ from hmacfs.metrics import GaugeService, Metrics, metrics_site
 from hmacfs.reload import ReloadService
 from hmacfs.request import StreamingSite
 from hmacfs.rotation import SecretRing
+from hmacfs.retention import (
+    RetentionService,
+    RetentionSettings,
+    Sweeper,
+    Tombstones,
+    tombstone_check,
+)
 from hmacfs.resource import DownloadSettings, UploadResource
 from hmacfs.storage import Store
 from hmacfs.upload import UploadLimits, UploadPolicy
@@ -209,9 +217,21 @@ def build_site(
         access_log=make_access_logger(resolver) if config.log_access else None,
     )
     site.metrics = metrics
+    site.store = store  # type: ignore[attr-defined]
     site.admission_checks.append(ban_check(bans, client_of))
+    site.tombstones = Tombstones(store.root)  # type: ignore[attr-defined]
+    site.admission_checks.append(tombstone_check(site.tombstones, config.upload_subdir))
     site.bans = bans  # type: ignore[attr-defined]
     return site
+
+
+def deletion_report_path(config: Config) -> Path:
+    """DeletionReportFile, by default beside the log file (or in the store's state dir)."""
+    if config.deletion_report_file is not None:
+        return config.deletion_report_file
+    if config.log_file is not None:
+        return config.log_file.parent / "deletions.log"
+    return config.store_dir / ".hmacfs" / "deletions.log"
 
 
 def make_service_from_config(
@@ -243,6 +263,18 @@ def make_service_from_config(
     reload = ReloadService(reactor=reactor, config=config, config_path=config_path, ring=ring)
     reload.appliers.append(lambda new: setattr(site.bans, "settings", BanSettings.from_config(new)))
     reload.setServiceParent(top)
+    retention = RetentionService(
+        clock=reactor,
+        sweeper=Sweeper(
+            site.store, site.tombstones, RetentionSettings.from_config(config), deletion_report_path(config)
+        ),
+        run_blocking=disk.run_blocking,
+        metrics=metrics,
+    )
+    if retention.settings.active or metrics is not None:
+        retention.setServiceParent(top)
+    reload.appliers.append(lambda new: retention.apply(RetentionSettings.from_config(new)))
+    top.retention = retention  # type: ignore[attr-defined]
     DrainService(reactor, site, config.drain_timeout).setServiceParent(top)
     endpoint = serverFromString(reactor, config.listen)
     listener = StreamServerEndpointService(endpoint, site)

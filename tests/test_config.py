@@ -456,6 +456,8 @@ class DefaultsTests(ConfigTestCase):
             "drain_timeout": 30.0,
             "log_access": True,
             "secret_grace_period": 3600.0,
+            "retention_interval": 3600.0,
+            "deletion_report_file": None,
         }
         self.assertEqual(set(expected), {field.name for field in attrs.fields(Config)})
         for name, value in expected.items():
@@ -470,7 +472,7 @@ class DefaultsTests(ConfigTestCase):
     def test_known_keys(self) -> None:
         """KNOWN_KEYS lists every current key once, and none of the obsolete ones."""
         self.assertEqual(len(KNOWN_KEYS), len(set(KNOWN_KEYS)))
-        self.assertEqual(len(KNOWN_KEYS), 40)
+        self.assertEqual(len(KNOWN_KEYS), 42)
         self.assertEqual(set(KNOWN_KEYS) & set(OBSOLETE_KEYS), set())
         self.assertIn("TrustedProxies", KNOWN_KEYS)
 
@@ -532,6 +534,8 @@ BAD_VALUES: dict[str, tuple[object, str]] = {
     "DrainTimeout": ([30], "[30]"),
     "AccessLog": ("true", "'true'"),
     "SecretGracePeriod": ("a while", "'a while'"),
+    "RetentionInterval": ("0s", "'0s'"),
+    "DeletionReportFile": ("/nonexistent-dir/x.log", "/nonexistent-dir/x.log"),
 }
 SENSITIVE_KEYS = ("Secret", "RedisPassword")
 

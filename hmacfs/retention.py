@@ -1,0 +1,339 @@
+# -*- test-case-name: tests.test_retention -*-
+"""
+Retention: deleting old files, keeping the store under its size cap.
+
+A reactor timer starts a sweep at startup and every RetentionInterval; the
+sweep itself (directory walk, deletions, report) runs on a worker thread and
+takes a lock file so that only one process or node sweeps at a time.
+
+- DeleteFiles: files older than DeleteFilesAfterPeriod are deleted ("age").
+- RetentionPolicyEnabled: files older than MaxRetentionTime are deleted
+  ("max-time"), then the oldest go while the store exceeds MaxRetentionSize
+  ("max-size").
+
+Every deletion is a line in the deletion report (time, path, size, reason)
+and leaves a tombstone until the retention horizon, so a leaked PUT URL that
+never expires (v, v2, token) cannot bring the file back.  Partial uploads and
+our own state under ``.hmacfs`` are never touched; empty directories are pruned.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from hmacfs.logs import log_router
+from hmacfs.paths import PathError, parse_slot_path
+from hmacfs.request import Rejection
+from hmacfs.storage import PRIVATE_DIR, Store, path_key
+
+log = Logger(observer=log_router)
+
+
+@attrs.define
+class RetentionSettings:
+    """The reloadable retention settings."""
+
+    delete_files: bool = False
+    delete_files_after: float = 365 * 86400.0
+    policy_enabled: bool = False
+    max_size: int = 10 * 1024**3
+    max_time: float = 30 * 86400.0
+    interval: float = 3600.0
+
+    @classmethod
+    def from_config(cls, config: Any) -> RetentionSettings:
+        return cls(
+            delete_files=config.delete_files,
+            delete_files_after=config.delete_files_after_period,
+            policy_enabled=config.retention_policy_enabled,
+            max_size=config.max_retention_size,
+            max_time=config.max_retention_time,
+            interval=config.retention_interval,
+        )
+
+    @property
+    def active(self) -> bool:
+        return self.delete_files or self.policy_enabled
+
+    @property
+    def horizon(self) -> float:
+        """How long a tombstone lives: the longest age limit in force."""
+        ages = []
+        if self.delete_files:
+            ages.append(self.delete_files_after)
+        if self.policy_enabled:
+            ages.append(self.max_time)
+        return max(ages) if ages else 0.0
+
+
+@attrs.frozen
+class FileEntry:
+    """One finished file, as the sweep sees it."""
+
+    segments: tuple[str, ...]
+    size: int
+    mtime: float
+
+
+@attrs.define
+class SweepResult:
+    deleted: dict[str, int] = attrs.Factory(dict)  # reason -> count
+    freed: int = 0
+    store_bytes: int = 0
+    store_files: int = 0
+    skipped: bool = False  # another process held the lock
+
+
+def plan_deletions(
+    files: Sequence[FileEntry], settings: RetentionSettings, now: float
+) -> list[tuple[FileEntry, str]]:
+    """Which files to delete and why; pure, so the policy is easy to test."""
+    doomed: list[tuple[FileEntry, str]] = []
+    keep: list[FileEntry] = []
+    for entry in files:
+        age = now - entry.mtime
+        if settings.delete_files and age > settings.delete_files_after:
+            doomed.append((entry, "age"))
+        elif settings.policy_enabled and age > settings.max_time:
+            doomed.append((entry, "max-time"))
+        else:
+            keep.append(entry)
+    if settings.policy_enabled:
+        total = sum(entry.size for entry in keep)
+        for entry in sorted(keep, key=lambda e: (e.mtime, e.segments)):
+            if total <= settings.max_size:
+                break
+            doomed.append((entry, "max-size"))
+            total -= entry.size
+    return doomed
+
+
+def scan_store(root: Path) -> Iterator[FileEntry]:
+    """Every finished file under ``root`` (our ``.hmacfs`` state excluded); no symlinks."""
+    root_str = str(root)
+    for dirpath, dirnames, filenames in os.walk(root_str):
+        if dirpath == root_str and PRIVATE_DIR in dirnames:
+            dirnames.remove(PRIVATE_DIR)
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                continue
+            if not (st.st_mode & 0o170000 == 0o100000):  # regular files only
+                continue
+            rel = os.path.relpath(full, root_str)
+            yield FileEntry(tuple(rel.split(os.sep)), st.st_size, st.st_mtime)
+
+
+class Tombstones:
+    """Marks of deleted paths, so a never-expiring PUT URL cannot re-create them."""
+
+    def __init__(self, root: Path, now: Callable[[], float] = time.time) -> None:
+        self.directory = root / PRIVATE_DIR / "tombstones"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.now = now
+
+    def add(self, segments: Sequence[str], until: float) -> None:
+        path = self.directory / path_key(segments)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"{until:.0f}\n")
+        os.replace(tmp, path)
+
+    def blocks(self, segments: Sequence[str]) -> bool:
+        try:
+            until = float((self.directory / path_key(segments)).read_text())
+        except (FileNotFoundError, ValueError):
+            return False
+        return until > self.now()
+
+    def purge_expired(self) -> int:
+        removed = 0
+        now = self.now()
+        for entry in os.scandir(self.directory):
+            try:
+                if float(Path(entry.path).read_text()) <= now:
+                    os.unlink(entry.path)
+                    removed += 1
+            except (FileNotFoundError, ValueError):
+                continue
+        return removed
+
+
+def tombstone_check(tombstones: Tombstones, prefix: str) -> Callable[[Any], Rejection | None]:
+    """Admission check: refuse uploads to a path that retention deleted."""
+
+    def check(request: Any) -> Rejection | None:
+        if request.method not in (b"PUT", b"POST", b"PATCH"):
+            return None
+        try:
+            slot = parse_slot_path(request.path, prefix)
+        except PathError:
+            return None  # the upload policy answers that
+        if tombstones.blocks(slot.segments):
+            return Rejection(403, "this file was deleted by the retention policy; request a new slot")
+        return None
+
+    return check
+
+
+class Sweeper:
+    """One sweep, blocking: run it on a thread."""
+
+    def __init__(
+        self,
+        store: Store,
+        tombstones: Tombstones,
+        settings: RetentionSettings,
+        report_file: Path,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.tombstones = tombstones
+        self.settings = settings
+        self.report_file = report_file
+        self.now = now
+        self.lock_path = store.root / PRIVATE_DIR / "sweep.lock"
+
+    def sweep(self) -> SweepResult:
+        with open(self.lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    return SweepResult(skipped=True)
+                raise
+            try:
+                return self._sweep()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _sweep(self) -> SweepResult:
+        now = self.now()
+        files = list(scan_store(self.store.root))
+        result = SweepResult()
+        doomed = plan_deletions(files, self.settings, now) if self.settings.active else []
+        gone: set[tuple[str, ...]] = set()
+        lines = []
+        for entry, reason in doomed:
+            if self.store.delete(entry.segments):
+                self.tombstones.add(entry.segments, now + self.settings.horizon)
+                gone.add(entry.segments)
+                result.deleted[reason] = result.deleted.get(reason, 0) + 1
+                result.freed += entry.size
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+                lines.append(f"{stamp}\t{'/'.join(entry.segments)}\t{entry.size}\t{reason}\n")
+        if lines:
+            with open(self.report_file, "a", encoding="utf-8") as report:
+                report.writelines(lines)
+            self._prune_empty_dirs({entry.segments[:-1] for entry, _ in doomed})
+        self.tombstones.purge_expired()
+        kept = [entry for entry in files if entry.segments not in gone]
+        result.store_files = len(kept)
+        result.store_bytes = sum(entry.size for entry in kept)
+        return result
+
+    def _prune_empty_dirs(self, parents: set[tuple[str, ...]]) -> None:
+        for parent in sorted(parents, key=len, reverse=True):
+            for depth in range(len(parent), 0, -1):
+                try:
+                    os.rmdir(self.store.root.joinpath(*parent[:depth]))
+                except OSError:
+                    break  # not empty (or gone): stop climbing
+
+
+class RetentionService(Service):
+    """Starts a sweep at startup and every RetentionInterval; counts what it did."""
+
+    def __init__(
+        self,
+        *,
+        clock: Any,
+        sweeper: Sweeper,
+        run_blocking: Callable[..., Any],
+        metrics: Any = None,
+    ) -> None:
+        self.clock = clock
+        self.sweeper = sweeper
+        self.run_blocking = run_blocking
+        self.metrics = metrics
+        self._loop: LoopingCall | None = None
+        self._running: Any = None
+
+    @property
+    def settings(self) -> RetentionSettings:
+        return self.sweeper.settings
+
+    def apply(self, settings: RetentionSettings) -> None:
+        """New settings (SIGHUP); a changed interval restarts the timer."""
+        interval_changed = settings.interval != self.sweeper.settings.interval
+        self.sweeper.settings = settings
+        if interval_changed and self.running:
+            self._stop_loop()
+            self._start_loop()
+
+    def startService(self) -> None:
+        super().startService()
+        self._start_loop()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self._stop_loop()
+        return self._running
+
+    def _start_loop(self) -> None:
+        self._loop = LoopingCall(self.sweep)
+        self._loop.clock = self.clock
+        self._loop.start(self.sweeper.settings.interval, now=True).addErrback(
+            lambda f: log.failure("retention timer stopped", f)
+        )
+
+    def _stop_loop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def sweep(self) -> Any:
+        """One sweep on the thread pool; overlapping sweeps are skipped."""
+        if self._running is not None:
+            return None
+        d = self.run_blocking(self.sweeper.sweep)
+        self._running = d
+        d.addCallback(self._swept)
+        d.addErrback(lambda f: log.failure("retention sweep failed", f))
+
+        def done(result: Any) -> Any:
+            self._running = None
+            return result
+
+        d.addBoth(done)
+        return d
+
+    def _swept(self, result: SweepResult) -> SweepResult:
+        if result.skipped:
+            log.info("retention sweep skipped: another process is sweeping")
+            return result
+        if result.deleted:
+            log.info(
+                "retention deleted {count} files ({freed} bytes): {reasons}",
+                count=sum(result.deleted.values()),
+                freed=result.freed,
+                reasons=result.deleted,
+            )
+        if self.metrics is not None:
+            for reason, count in result.deleted.items():
+                self.metrics.retention_deletions.labels(reason=reason).inc(count)
+            self.metrics.retention_freed.inc(result.freed)
+            self.metrics.store_bytes.set(result.store_bytes)
+            self.metrics.store_files.set(result.store_files)
+        return result
