@@ -42,20 +42,27 @@ class ReloadService(Service):
         config_path: str | None,
         ring: SecretRing,
         appliers: list[Callable[[Config], None]] | None = None,
+        manage_secret: bool = True,
     ) -> None:
+        """``manage_secret=False``: a worker process, whose secrets come from the
+        supervisor (so that a worker started after a rotation still knows the
+        previous secret)."""
+        self.manage_secret = manage_secret
         self.reactor = reactor
         self.config = config
         self.config_path = config_path
         self.ring = ring
         self.appliers = list(appliers or [])
         self._timer: LoopingCall | None = None
+        #: called after the secret changed (the supervisor tells its workers)
+        self.rotation_listeners: list[Callable[[], None]] = []
         self._previous_handler: Any = None
 
     def startService(self) -> None:
         super().startService()
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
-        if self.config.reask_secret_enabled:
+        if self.config.reask_secret_enabled and self.manage_secret:
             self._timer = LoopingCall(self.reask_secret)
             self._timer.clock = self.reactor
             self._timer.start(self.config.reask_secret_interval, now=False)
@@ -94,7 +101,8 @@ class ReloadService(Service):
         if changed:
             log.warn("changed settings need a restart to take effect: {names}", names=", ".join(changed))
         log_router.configure(config.log_level, config.log_file)
-        self._rotate(config)
+        if self.manage_secret:
+            self._rotate(config)
         for apply in self.appliers:
             apply(config)
         self.config = config
@@ -113,4 +121,6 @@ class ReloadService(Service):
         except ConfigError as error:
             log.error("could not re-read the secret, keeping the current one: {error}", error=str(error))
             return
-        self.ring.rotate(secret)
+        if self.ring.rotate(secret):
+            for listener in self.rotation_listeners:
+                listener()

@@ -55,3 +55,20 @@ class SecretRing:
             grace=self.grace_period,
         )
         return True
+
+    def state(self) -> dict[str, object]:
+        """What a worker process needs to check MACs exactly like this ring."""
+        previous = None
+        if self.previous is not None and self.clock.seconds() < self.previous_until:
+            previous = [self.previous.hex(), self.previous_until]
+        return {"current": self.current.hex(), "previous": previous}
+
+    def load_state(self, state: dict[str, object]) -> None:
+        """Adopt a state produced by ``state()`` (in the supervisor)."""
+        self.current = bytes.fromhex(str(state["current"]))
+        previous = state.get("previous")
+        if previous:
+            secret, until = previous  # type: ignore[misc]
+            self.previous, self.previous_until = bytes.fromhex(secret), float(until)
+        else:
+            self.previous, self.previous_until = None, 0.0

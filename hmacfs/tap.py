@@ -10,6 +10,7 @@ so tests can pass a ``MemoryReactorClock``.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from hmacfs.bans import BanList, BanSettings, ban_check
 from hmacfs.clientaddr import ClientAddressResolver, request_client
 from hmacfs.config import Config, ConfigError, load_config
 from hmacfs.logs import log_router
-from hmacfs.metrics import GaugeService, Metrics, metrics_site
+from hmacfs.metrics import GaugeService, Metrics, enable_multiprocess, metrics_site
 from hmacfs.reload import ReloadService
 from hmacfs.request import StreamingSite
 from hmacfs.rotation import SecretRing
@@ -41,6 +42,7 @@ from hmacfs.retention import (
 from hmacfs.resource import DownloadSettings, UploadResource
 from hmacfs.storage import Store
 from hmacfs.upload import UploadLimits, UploadPolicy
+from hmacfs.workers import WorkerSupervisor
 
 log = Logger(observer=log_router)
 access_log = Logger(namespace="hmacfs.access", observer=log_router)
@@ -234,17 +236,18 @@ def deletion_report_path(config: Config) -> Path:
     return config.store_dir / ".hmacfs" / "deletions.log"
 
 
-def make_service_from_config(
-    config: Config, reactor: Any = None, config_path: str | None = None
-) -> MultiService:
-    """Assemble the hmacfs services for ``config`` (nothing starts here).
-
-    ``config_path`` is the file SIGHUP re-reads (None when embedded).
+def assemble_server(
+    config: Config,
+    reactor: Any,
+    *,
+    config_path: str | None = None,
+    worker_index: int | None = None,
+) -> tuple[MultiService, StreamingSite]:
     """
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
+    The services of one serving process (the single process, or one worker):
+    logging, the disk pool, the site, SIGHUP reload and graceful drain.
+    Listening, retention and the metrics listener are added by the caller.
+    """
     top = MultiService()
     LoggingService(config).setServiceParent(top)
     disk = DiskThreadPoolService(reactor)
@@ -254,35 +257,117 @@ def make_service_from_config(
     site = build_site(config, reactor, disk.run_blocking, ring, metrics)
     if metrics is not None:
         GaugeService(reactor, metrics, site).setServiceParent(top)
-        metrics_listener = StreamServerEndpointService(
-            serverFromString(reactor, config.metrics_listen), metrics_site(metrics, reactor)
-        )
-        metrics_listener._raiseSynchronously = True
-        metrics_listener.setServiceParent(top)
-        top.metrics = metrics  # type: ignore[attr-defined]
-    reload = ReloadService(reactor=reactor, config=config, config_path=config_path, ring=ring)
+    reload = ReloadService(
+        reactor=reactor,
+        config=config,
+        config_path=config_path,
+        ring=ring,
+        manage_secret=worker_index is None,
+    )
     reload.appliers.append(lambda new: setattr(site.bans, "settings", BanSettings.from_config(new)))
     reload.setServiceParent(top)
+    DrainService(reactor, site, config.drain_timeout).setServiceParent(top)
+    top.site = site  # type: ignore[attr-defined]
+    top.ring = ring  # type: ignore[attr-defined]
+    top.reload = reload  # type: ignore[attr-defined]
+    top.disk = disk  # type: ignore[attr-defined]
+    top.metrics = metrics  # type: ignore[attr-defined]
+    return top, site
+
+
+def _add_metrics_listener(top: MultiService, config: Config, reactor: Any, metrics: Any) -> None:
+    listener = StreamServerEndpointService(
+        serverFromString(reactor, config.metrics_listen), metrics_site(metrics, reactor)
+    )
+    listener._raiseSynchronously = True
+    listener.setServiceParent(top)
+
+
+def _add_retention(
+    top: MultiService, config: Config, reactor: Any, *, store: Store, tombstones: Tombstones,
+    run_blocking: Any, metrics: Any, reload: ReloadService,
+) -> RetentionService:
     retention = RetentionService(
         clock=reactor,
-        sweeper=Sweeper(
-            site.store, site.tombstones, RetentionSettings.from_config(config), deletion_report_path(config)
-        ),
-        run_blocking=disk.run_blocking,
+        sweeper=Sweeper(store, tombstones, RetentionSettings.from_config(config), deletion_report_path(config)),
+        run_blocking=run_blocking,
         metrics=metrics,
     )
     if retention.settings.active or metrics is not None:
         retention.setServiceParent(top)
     reload.appliers.append(lambda new: retention.apply(RetentionSettings.from_config(new)))
     top.retention = retention  # type: ignore[attr-defined]
-    DrainService(reactor, site, config.drain_timeout).setServiceParent(top)
-    endpoint = serverFromString(reactor, config.listen)
-    listener = StreamServerEndpointService(endpoint, site)
+    return retention
+
+
+def make_service_from_config(
+    config: Config, reactor: Any = None, config_path: str | None = None
+) -> MultiService:
+    """Assemble the hmacfs services for ``config`` (nothing starts here).
+
+    ``config_path`` is the file SIGHUP re-reads (None when embedded).  With
+    NumCores > 1 (and a config file the workers can read) this process
+    supervises worker processes instead of serving requests itself.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    if config.num_cores > 1 and config_path is not None:
+        return make_supervisor(config, reactor, config_path)
+    top, site = assemble_server(config, reactor, config_path=config_path)
+    if top.metrics is not None:  # type: ignore[attr-defined]
+        _add_metrics_listener(top, config, reactor, top.metrics)  # type: ignore[attr-defined]
+    _add_retention(
+        top, config, reactor, store=site.store, tombstones=site.tombstones,  # type: ignore[attr-defined]
+        run_blocking=top.disk.run_blocking, metrics=top.metrics,  # type: ignore[attr-defined]
+        reload=top.reload,  # type: ignore[attr-defined]
+    )
+    listener = StreamServerEndpointService(serverFromString(reactor, config.listen), site)
     listener._raiseSynchronously = True
     listener.setServiceParent(top)
-    top.site = site  # type: ignore[attr-defined]
     top.listener = listener  # type: ignore[attr-defined]
+    return top
+
+
+def make_supervisor(config: Config, reactor: Any, config_path: str) -> MultiService:
+    """NumCores > 1: workers serve; this process supervises, sweeps and serves /metrics."""
+    import shutil
+    import tempfile
+
+    top = MultiService()
+    LoggingService(config).setServiceParent(top)
+    metrics = None
+    if config.metrics_enabled:
+        directory = Path(tempfile.mkdtemp(prefix="hmacfs-metrics-"))
+        enable_multiprocess(directory)
+        reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, directory, True)
+        metrics = Metrics()
+        _add_metrics_listener(top, config, reactor, metrics)
+    disk = DiskThreadPoolService(reactor, size=2)
+    disk.setServiceParent(top)
+    ring = SecretRing(config.secret, reactor, config.secret_grace_period)
+    supervisor = WorkerSupervisor(
+        reactor=reactor,
+        listen=config.listen,
+        count=config.num_cores,
+        config_path=config_path,
+        drain_timeout=config.drain_timeout,
+        secret_state=ring.state,
+    )
+    reload = ReloadService(reactor=reactor, config=config, config_path=config_path, ring=ring)
+    reload.appliers.append(lambda new: supervisor.signal_workers(signal.SIGHUP))
+    reload.rotation_listeners.append(supervisor.broadcast_secrets)
+    reload.setServiceParent(top)
+    store = Store(config.store_dir, min_free_bytes=config.min_free_bytes)
+    _add_retention(
+        top, config, reactor, store=store, tombstones=Tombstones(store.root),
+        run_blocking=disk.run_blocking, metrics=metrics, reload=reload,
+    )
+    supervisor.setServiceParent(top)
+    top.supervisor = supervisor  # type: ignore[attr-defined]
     top.reload = reload  # type: ignore[attr-defined]
+    top.metrics = metrics  # type: ignore[attr-defined]
     return top
 
 

@@ -30,6 +30,14 @@ ROOT = Path(__file__).resolve().parent.parent
 CURL = shutil.which("curl")
 
 
+def die_with_parent() -> None:
+    """preexec_fn: the daemon gets SIGTERM when the test process ends, however it ends
+    (trial's parallel workers may exit without running atexit handlers)."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def require_curl() -> str:
     if CURL is None:
         if in_ci():
@@ -41,46 +49,68 @@ def require_curl() -> str:
 class Daemon:
     """One ``twistd -n hmacfs`` process with its own store and config."""
 
-    def __init__(self, *, unix: bool = False, extra: str = "") -> None:
+    def __init__(
+        self, *, unix: bool = False, extra: str = "", max_upload_size: str = "250MiB"
+    ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="hmacfs-it-"))
         self.store = self.dir / "store"
         self.store.mkdir()
         self.unix = unix
         if unix:
             self.socket = self.dir / "hmacfs.sock"
-            listen = f'UnixSocket = true\nListenPort = "{self.socket}"\n'
         else:
             self.port = free_port()
-            listen = f'ListenPort = "127.0.0.1:{self.port}"\n'
         self.config = self.dir / "config.toml"
         self.config.write_text(
-            listen
+            self.listen_config()
             + f'Secret = "{SECRET.decode()}"\nStoreDir = "{self.store}"\n'
             + 'UploadSubDir = "upload"\nLogLevel = "info"\n'
             + f'LogFile = "{self.dir / "hmacfs.log"}"\n'
-            + "MaxUploadSize = \"250MiB\"\nMinFreeBytes = 0\nEnableGetRetries = false\n"
+            + f"MaxUploadSize = \"{max_upload_size}\"\nMinFreeBytes = 0\nEnableGetRetries = false\n"
             + extra
         )
         self.output = open(self.dir / "twistd.out", "wb")
         self.process = subprocess.Popen(
-            [TWISTD, "--nodaemon", "--pidfile=", "hmacfs", "--config", str(self.config)],
-            cwd=ROOT,
+            self.command(),
+            cwd=self.cwd,
             stdout=self.output,
             stderr=subprocess.STDOUT,
         )
         self.wait_listening()
 
-    def wait_listening(self, timeout: float = 20.0) -> None:
+    #: Where twistd runs; a subclass testing an installed copy moves it out of the source tree.
+    cwd = ROOT
+
+    def listen_config(self) -> str:
+        """The ListenPort lines of the config (a subclass may listen another way)."""
+        if self.unix:
+            return f'UnixSocket = true\nListenPort = "{self.socket}"\n'
+        return f'ListenPort = "127.0.0.1:{self.port}"\n'
+
+    def command(self) -> list[str]:
+        """The argv that starts the daemon (a subclass may wrap or replace it)."""
+        return [TWISTD, "--nodaemon", "--pidfile=", "hmacfs", "--config", str(self.config)]
+
+    def wait_listening(self, timeout: float = 30.0) -> None:
+        """Wait until the daemon answers HTTP (with worker processes, the socket
+        accepts connections before any worker serves them)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"twistd exited {self.process.returncode}: {self.log_tail()}")
             try:
-                self.raw_connect().close()
-                return
+                sock = self.raw_connect()
+                try:
+                    sock.settimeout(1)
+                    sock.sendall(b"OPTIONS /upload/ready/check HTTP/1.0\r\n\r\n")
+                    if b" 204 " in sock.recv(64):
+                        return
+                finally:
+                    sock.close()
             except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"twistd did not listen within {timeout}s: {self.log_tail()}")
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"twistd did not serve within {timeout}s: {self.log_tail()}")
 
     def raw_connect(self) -> socket.socket:
         if self.unix:
@@ -502,7 +532,17 @@ class SignalTests(SynchronousTestCase):
             )
             return int(result.stdout)
 
-        self.assertEqual(put(b"a-brand-new-secret-0123456789"), 201)
+        # Every process (the supervisor and each worker when NumCores > 1)
+        # re-reads the config when the signal reaches it.
+        workers = os.cpu_count() or 1
+        expected = 1 + (workers if workers > 1 else 0)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if log_path.read_text().count("configuration reloaded") >= expected:
+                break
+            time.sleep(0.05)
+        self.assertEqual(log_path.read_text().count("configuration reloaded"), expected, daemon.log_tail())
+        for _ in range(4):
+            self.assertEqual(put(b"a-brand-new-secret-0123456789"), 201)
         self.assertEqual(put(SECRET), 201)  # grace period (default 1h)
         self.assertEqual(put(b"never-the-secret-0123456789"), 403)
-        self.assertIn("configuration reloaded", log_path.read_text())
