@@ -75,6 +75,7 @@ class Daemon:
             cwd=self.cwd,
             stdout=self.output,
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
         self.wait_listening()
 

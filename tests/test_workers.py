@@ -1,0 +1,111 @@
+"""
+SLOW SUITE: NumCores worker processes behind one socket, with the real daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+import uuid
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from hmacfs.testing import free_port, v1_mac
+from tests.test_integration import Daemon, require_curl
+
+
+def children(pid: int) -> list[int]:
+    """The worker processes of a supervisor (its direct children running hmacfs.worker)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"hmacfs.worker" in cmdline:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def wait_for(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class WorkerTests(SynchronousTestCase):
+    def start(self, extra: str = "", unix: bool = False) -> Daemon:
+        require_curl()
+        daemon = Daemon(extra='NumCores = 2\n' + extra, unix=unix)
+        self.addCleanup(daemon.stop)
+        self.assertTrue(wait_for(lambda: len(children(daemon.process.pid)) == 2), daemon.log_tail())
+        return daemon
+
+    def put(self, daemon: Daemon, body: bytes = b"hello") -> int:
+        slot = f"{uuid.uuid4()}/w.txt"
+        url = f"{daemon.base()}/{slot}?v={v1_mac(slot, len(body))}"
+        result = daemon.curl("-X", "PUT", "--data-binary", body.decode(), "-o", "/dev/null",
+                             "-w", "%{http_code}", url)
+        return int(result.stdout)
+
+    def test_two_workers_serve(self) -> None:
+        """NumCores = 2 starts two worker processes that both serve uploads."""
+        daemon = self.start()
+        statuses = [self.put(daemon) for _ in range(20)]
+        self.assertEqual(statuses, [201] * 20)
+        self.assertEqual(len(list(daemon.store.glob("*/w.txt"))), 20)
+
+    def test_dead_worker_is_restarted(self) -> None:
+        """A worker killed with SIGKILL is replaced and service continues."""
+        daemon = self.start()
+        before = children(daemon.process.pid)
+        os.kill(before[0], signal.SIGKILL)
+        self.assertTrue(
+            wait_for(lambda: len(children(daemon.process.pid)) == 2 and children(daemon.process.pid) != before),
+            daemon.log_tail(),
+        )
+        daemon.wait_listening()
+        self.assertEqual([self.put(daemon) for _ in range(6)], [201] * 6)
+        self.assertIn("restarting", daemon.log_tail())
+
+    def test_metrics_summed_over_workers(self) -> None:
+        """The metrics listener reports the sum over all workers."""
+        port = free_port()
+        daemon = self.start(f'MetricsEnabled = true\nMetricsPort = "127.0.0.1:{port}"\n')
+        count = 16
+        self.assertEqual([self.put(daemon) for _ in range(count)], [201] * count)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        match = re.search(r"^hmac_file_server_uploads_total ([0-9.e+]+)$", text, re.MULTILINE)
+        self.assertIsNotNone(match, text[:2000])
+        self.assertEqual(float(match.group(1)), count)
+
+    def test_sigterm_stops_all_and_removes_socket(self) -> None:
+        """SIGTERM stops the supervisor and every worker; the UNIX socket file is removed."""
+        daemon = self.start(unix=True)
+        workers = children(daemon.process.pid)
+        daemon.process.send_signal(signal.SIGTERM)
+        daemon.process.wait(30)
+        for pid in workers:
+            self.assertTrue(wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10), pid)
+        self.assertFalse(daemon.socket.exists())
+
+    def test_workers_die_with_a_killed_supervisor(self) -> None:
+        """If the supervisor is killed outright, its workers do not linger as orphans."""
+        daemon = self.start()
+        workers = children(daemon.process.pid)
+        daemon.process.kill()
+        daemon.process.wait(10)
+        for pid in workers:
+            self.assertTrue(wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 15), pid)
