@@ -120,6 +120,11 @@ class Metrics:
         # Pre-create the label sets, so a dashboard sees zeros instead of gaps.
         for reason in set(AUTH_REASONS.values()) | {"other"}:
             self.auth_failures.labels(reason=reason)
+        for reason in ("age", "max-time", "max-size"):
+            self.retention_deletions.labels(reason=reason)
+        for method in ("GET", "HEAD", "PUT"):
+            for status in ("2xx", "4xx", "5xx"):
+                self.requests.labels(method=method, status=status)
 
     # hooks
 

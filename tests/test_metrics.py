@@ -93,3 +93,23 @@ class ExpositionTests(SynchronousTestCase):
         body, content_type = self.render(b"application/openmetrics-text; version=1.0.0")
         self.assertTrue(content_type.startswith(b"application/openmetrics-text"))
         self.assertTrue(body.rstrip().endswith(b"# EOF"))
+
+
+class DashboardTests(SynchronousTestCase):
+    def test_dashboard_queries_existing_metrics(self) -> None:
+        """Every metric the shipped Grafana dashboard queries is one hmacfs exports."""
+        import json
+        import re
+
+        root = Path(__file__).resolve().parent.parent
+        dashboard = json.loads((root / "packaging" / "grafana-dashboard.json").read_text())
+        exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+        used = {name for expr in exprs for name in re.findall(r"\b(?:hmac_file_server|hmacfs)_[a-z_]+", expr)}
+        self.assertGreater(len(used), 10)
+        exported = {
+            sample.name
+            for family in Metrics().registry.collect()
+            for sample in family.samples
+        } | {family.name for family in Metrics().registry.collect()}
+        # Histograms expose _bucket/_count/_sum; counters _total: all are samples above.
+        self.assertEqual(sorted(used - exported), [])
