@@ -1329,8 +1329,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--hmacfs-cores",
         type=lambda v: v if v == "auto" else int(v),
-        default=1,
-        help='NumCores in the hmacfs config: a number or "auto" (default 1)',
+        default="auto",
+        help='NumCores in the hmacfs config: a number or "auto" (default auto, like nginx\'s 2 workers)',
     )
     parser.add_argument(
         "--nginx-workers", default="2", help="worker_processes for nginx (default 2)"
@@ -1341,6 +1341,10 @@ def main(argv: list[str] | None = None) -> int:
         help="client_body_buffer_size for nginx (default 256k; nginx's own default is 16k)",
     )
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
+    parser.add_argument(
+        "--no-scaling", action="store_true",
+        help="skip the second hmacfs (the other NumCores) used to show worker scaling",
+    )
     parser.add_argument(
         "--small-puts", type=int, help="number of 4 KiB PUTs (default 2000, quick 500)"
     )
@@ -1403,6 +1407,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, interrupted)
 
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    scaling_results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    scaling_cores: dict[str, Any] = {}
     load_before: dict[str, Any] = {}
     try:
         bench = Bench(options, tmp)
@@ -1486,6 +1492,20 @@ def main(argv: list[str] | None = None) -> int:
                         "put_small",
                         lambda d, s=s, run=run: bench.put_small(s, run, d),
                     )
+        if "put_small" in only and "hmacfs" in servers_wanted and not options.no_scaling:
+            # The scaling of worker processes: the same small-PUT workload on an hmacfs
+            # with the other NumCores setting (1 vs all cores), in this same run.
+            alt_cores = 1 if options.hmacfs_cores != 1 else "auto"
+            alt = HmacfsServer(tmp / "hmacfs-alt", secret, argparse.Namespace(
+                **{**vars(options), "hmacfs_cores": alt_cores}))
+            start_server(alt)
+            try:
+                for run in range(bench.runs):
+                    run_workload(bench, scaling_results, alt, "put_small",
+                                 lambda d, run=run: bench.put_small(alt, run, d))
+            finally:
+                alt.stop()
+            scaling_cores = {"main": options.hmacfs_cores, "alt": alt_cores}
         for run in range(bench.runs):
             if "get_small" in only:
                 for s in order(run):
@@ -1521,6 +1541,21 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "ratio = hmacfs / nginx; a FAIL cell means the workload errored or lost data (no figure)."
     )
+    scaling: dict[str, Any] = {}
+    if scaling_cores:
+        main_rps, _ = aggregate(results.get("hmacfs", {}).get("put_small", []), "rps")
+        alt_rps, alt_error = aggregate(scaling_results.get("hmacfs", {}).get("put_small", []), "rps")
+        by_cores = {str(scaling_cores["main"]): main_rps, str(scaling_cores["alt"]): alt_rps}
+        one, many = by_cores.get("1"), by_cores.get("auto") or next(
+            (v for k, v in by_cores.items() if k != "1"), None)
+        scaling = {"rps_by_numcores": by_cores, "alt_error": alt_error,
+                   "speedup": many / one if one and many else None}
+        print(
+            f"worker scaling, 4 KiB PUTs req/s: NumCores=1 {fmt(one)}, "
+            f"NumCores=auto ({os.cpu_count()} CPUs) {fmt(many)}, "
+            f"speedup {scaling['speedup']:.2f}x" if scaling["speedup"] else
+            f"worker scaling: incomplete ({alt_error or 'no figure'})"
+        )
     if load_before.get("busy_fraction", 0) > 0.1:
         print(
             f"note: CPUs were {load_before['busy_fraction']:.0%} busy with other work "
@@ -1571,6 +1606,8 @@ def main(argv: list[str] | None = None) -> int:
         "start_errors": {s.name: s.start_error for s in servers if s.start_error},
         "rows": rows,
         "runs": results,
+        "scaling": scaling,
+        "scaling_runs": scaling_results,
         "table": table,
     }
     out.write_text(json.dumps(report, indent=2) + "\n")
