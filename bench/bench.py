@@ -1498,6 +1498,7 @@ def main(argv: list[str] | None = None) -> int:
             alt_cores = 1 if options.hmacfs_cores != 1 else "auto"
             alt = HmacfsServer(tmp / "hmacfs-alt", secret, argparse.Namespace(
                 **{**vars(options), "hmacfs_cores": alt_cores}))
+            alt.name = "hmacfs-alt"
             start_server(alt)
             try:
                 for run in range(bench.runs):
@@ -1544,7 +1545,7 @@ def main(argv: list[str] | None = None) -> int:
     scaling: dict[str, Any] = {}
     if scaling_cores:
         main_rps, _ = aggregate(results.get("hmacfs", {}).get("put_small", []), "rps")
-        alt_rps, alt_error = aggregate(scaling_results.get("hmacfs", {}).get("put_small", []), "rps")
+        alt_rps, alt_error = aggregate(scaling_results.get("hmacfs-alt", {}).get("put_small", []), "rps")
         by_cores = {str(scaling_cores["main"]): main_rps, str(scaling_cores["alt"]): alt_rps}
         one, many = by_cores.get("1"), by_cores.get("auto") or next(
             (v for k, v in by_cores.items() if k != "1"), None)

@@ -14,17 +14,9 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.testing import SECRET, v1_mac
+from hmacfs.testing import SECRET, v1_mac, wait_for
 from tests.test_integration import Daemon, make_file, require_curl
 
-
-def wait_for(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 class RetentionDaemonTests(SynchronousTestCase):

@@ -14,7 +14,7 @@ import uuid
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.testing import free_port, v1_mac
+from hmacfs.testing import free_port, v1_mac, wait_for
 from tests.test_integration import Daemon, require_curl
 
 
@@ -35,14 +35,6 @@ def children(pid: int) -> list[int]:
             found.append(int(entry))
     return sorted(found)
 
-
-def wait_for(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 class WorkerTests(SynchronousTestCase):
