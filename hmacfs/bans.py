@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -99,12 +101,18 @@ class BanList:
             self.on_ban(address, seconds)
         return True
 
-    def block(self, address: str, seconds: float) -> None:
-        """Block ``address`` for ``seconds`` (FOREVER: until unblocked by hand)."""
+    def block(self, address: str, seconds: float, *, mirrored: bool = False) -> None:
+        """Block ``address`` for ``seconds`` (FOREVER: until unblocked by hand).
+
+        ``mirrored``: a block another process decided (counted and logged there).
+        """
         until = FOREVER if seconds == FOREVER else self.clock.seconds() + seconds
-        if address not in self._blocked:
-            self.bans_total += 1
+        new = address not in self._blocked
         self._blocked[address] = until
+        if mirrored:
+            return
+        if new:
+            self.bans_total += 1
         log.warn(
             "blocked {address} for {duration} after repeated authentication failures",
             address=address,
@@ -141,3 +149,110 @@ def ban_check(bans: BanList, client_of: Callable[[object], str]) -> Callable[[ob
         )
 
     return check
+
+
+BAN_PREFIX = "hmacfs:ban:"
+FAIL_PREFIX = "hmacfs:fail:"
+FOREVER_MARK = "forever"
+
+
+class SharedBans:
+    """
+    Failure counters and blocks shared through Redis by every node and worker.
+
+    Failures are counted in Redis (``INCR`` with AutoBanTime expiry) besides
+    the local count, a block is a key with BlockDuration expiry (none with
+    AutoUnban = false), and every process mirrors the keys into its local
+    ``BanList`` about once a second, so the header-time check stays a local,
+    synchronous lookup.  An operator's ``hmacfs unban`` deletes the key; the
+    mirror then lifts the block everywhere.  While Redis is unreachable the
+    local BanList goes on alone.
+    """
+
+    def __init__(self, *, bans: BanList, client: Callable[[], object | None]) -> None:
+        self.bans = bans
+        self.client = client
+        self._mirrored: set[str] = set()
+        bans.on_ban = self.publish
+
+    def failure(self, address: str) -> Deferred | None:
+        """Count a failure in Redis; block everywhere when the shared count is reached."""
+        redis = self.client()
+        if redis is None:
+            return None
+        settings = self.bans.settings
+        key = FAIL_PREFIX + address
+
+        async def count() -> None:
+            failures = await redis.incr(key)  # type: ignore[attr-defined]
+            if failures == 1:
+                await redis.expire(key, max(1, math.ceil(settings.auto_ban_time)))  # type: ignore[attr-defined]
+            if failures >= settings.block_after_fails and self.bans.retry_after(address) is None:
+                seconds = settings.block_duration if settings.auto_unban else FOREVER
+                self.bans.block(address, seconds)
+                self.publish(address, seconds)
+
+        return _background(count(), "counting a failure in Redis")
+
+    def publish(self, address: str, seconds: float) -> Deferred | None:
+        """Write a block decided here to Redis, for every other process."""
+        redis = self.client()
+        if redis is None:
+            return None
+        self._mirrored.add(address)
+
+        async def write() -> None:
+            if seconds == FOREVER:
+                await redis.set(BAN_PREFIX + address, FOREVER_MARK)  # type: ignore[attr-defined]
+            else:
+                await redis.set(  # type: ignore[attr-defined]
+                    BAN_PREFIX + address, str(int(seconds)), pexpire=max(1, int(seconds * 1000))
+                )
+            await redis.delete(FAIL_PREFIX + address)  # type: ignore[attr-defined]
+
+        return _background(write(), "publishing a block to Redis")
+
+    async def _read_blocks(self, redis: object) -> dict[str, float]:
+        blocks: dict[str, float] = {}
+        cursor = 0
+        for _ in range(1000):  # bounded: at most 1000 pages of 1000 keys
+            cursor, keys = await redis.scan(cursor, pattern=BAN_PREFIX + "*", count=1000)  # type: ignore[attr-defined]
+            for key in keys:
+                key = key.decode() if isinstance(key, bytes) else key
+                ttl = await redis.execute_command("PTTL", key)  # type: ignore[attr-defined]
+                if ttl == -1:
+                    blocks[key[len(BAN_PREFIX):]] = FOREVER
+                elif ttl > 0:
+                    blocks[key[len(BAN_PREFIX):]] = ttl / 1000.0
+            if int(cursor) == 0:
+                break
+        return blocks
+
+    def sync(self) -> Deferred | None:
+        """Mirror Redis's blocks into the local list (and lift the ones deleted there)."""
+        redis = self.client()
+        if redis is None:
+            return None
+
+        async def mirror() -> None:
+            blocks = await self._read_blocks(redis)
+            for address, seconds in blocks.items():
+                if self.bans.retry_after(address) is None:
+                    self.bans.block(address, seconds, mirrored=True)
+            for address in self._mirrored - set(blocks):
+                self.bans.unblock(address)
+            self._mirrored = set(blocks)
+
+        return _background(mirror(), "mirroring blocks from Redis")
+
+
+def _background(coroutine: Any, what: str) -> Deferred:
+    d = Deferred.fromCoroutine(coroutine)
+    d.addErrback(lambda failure: log.info("{what} failed: {error}", what=what, error=failure.getErrorMessage()))
+    return d
+
+
+async def unban_in_redis(redis: object, address: str) -> bool:
+    """What ``hmacfs unban`` does with a Redis backend: delete the block and the count."""
+    removed = await redis.delete(BAN_PREFIX + address, FAIL_PREFIX + address)  # type: ignore[attr-defined]
+    return bool(removed)

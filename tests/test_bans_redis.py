@@ -1,0 +1,96 @@
+"""Bans shared through a real redis-server (started by the test)."""
+
+from __future__ import annotations
+
+import attrs
+import txredisapi
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from hmacfs.bans import BanList, BanSettings, SharedBans, unban_in_redis
+from tests.redis_server import RedisServer
+
+
+class SharedBansTests(TestCase):
+    async def connect(self):
+        redis = await txredisapi.Connection("127.0.0.1", self.server.port, reconnect=False)
+        self.addCleanup(redis.disconnect)
+        return redis
+
+    def setUp(self):
+        self.server = RedisServer().start()
+        self.addCleanup(self.server.stop)
+        return self._setUp()
+
+    async def _async_setup(self):
+        self.redis_a = await self.connect()
+        self.redis_b = await self.connect()
+        self.clock = Clock()
+        settings = BanSettings(block_after_fails=3, block_duration=300, auto_ban_time=600)
+        self.node_a = BanList(self.clock, settings)
+        self.node_b = BanList(self.clock, attrs.evolve(settings))
+        self.shared_a = SharedBans(bans=self.node_a, client=lambda: self.redis_a)
+        self.shared_b = SharedBans(bans=self.node_b, client=lambda: self.redis_b)
+
+    def _setUp(self):
+        from twisted.internet.defer import Deferred
+
+        return Deferred.fromCoroutine(self._async_setup())
+
+    async def fail(self, node: BanList, shared: SharedBans, address: str) -> None:
+        node.record_failure(address)
+        d = shared.failure(address)
+        if d is not None:
+            await d
+
+    async def test_failures_on_two_nodes_add_up(self) -> None:
+        """Two failures on one node and one on another block the address on both."""
+        await self.fail(self.node_a, self.shared_a, "198.51.100.20")
+        await self.fail(self.node_a, self.shared_a, "198.51.100.20")
+        self.assertIsNone(self.node_a.retry_after("198.51.100.20"))
+        await self.fail(self.node_b, self.shared_b, "198.51.100.20")
+        self.assertEqual(self.node_b.retry_after("198.51.100.20"), 300)
+        self.assertIsNone(self.node_a.retry_after("198.51.100.20"))
+        await self.shared_a.sync()
+        remaining = self.node_a.retry_after("198.51.100.20")
+        self.assertIsNotNone(remaining)
+        self.assertGreater(remaining, 290)
+        ttl = await self.redis_a.execute_command("PTTL", "hmacfs:ban:198.51.100.20")
+        self.assertGreater(ttl, 290_000)
+
+    async def test_local_ban_published(self) -> None:
+        """A block decided by one process's local count reaches the others."""
+        for _ in range(3):
+            self.node_a.record_failure("203.0.113.50")
+        await self.redis_a.ping()  # the publish sent on this connection has been applied
+        await self.shared_b.sync()
+        self.assertIsNotNone(self.node_b.retry_after("203.0.113.50"))
+
+    async def test_unban_lifts_everywhere(self) -> None:
+        """Deleting the block in Redis (hmacfs unban) lifts it on every node at the next sync."""
+        for _ in range(3):
+            await self.fail(self.node_a, self.shared_a, "192.0.2.9")
+        await self.shared_b.sync()
+        self.assertIsNotNone(self.node_b.retry_after("192.0.2.9"))
+        self.assertTrue(await unban_in_redis(self.redis_a, "192.0.2.9"))
+        await self.shared_a.sync()
+        await self.shared_b.sync()
+        self.assertIsNone(self.node_b.retry_after("192.0.2.9"))
+
+    async def test_no_auto_unban_has_no_expiry(self) -> None:
+        """With AutoUnban = false the shared block has no TTL."""
+        self.node_a.settings.auto_unban = False
+        for _ in range(3):
+            await self.fail(self.node_a, self.shared_a, "192.0.2.10")
+        ttl = await self.redis_a.execute_command("PTTL", "hmacfs:ban:192.0.2.10")
+        self.assertEqual(ttl, -1)
+
+    async def test_redis_gone_falls_back_to_local(self) -> None:
+        """Without a Redis client the local list still blocks."""
+        shared = SharedBans(bans=BanList(self.clock, BanSettings(block_after_fails=2)), client=lambda: None)
+        self.assertIsNone(shared.failure("x"))
+        self.assertIsNone(shared.sync())
+        shared.bans.record_failure("x")
+        shared.bans.record_failure("x")
+        self.assertIsNotNone(shared.bans.retry_after("x"))
