@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -69,6 +69,28 @@ class Options(usage.Options):
             log.warn("config {path}: {problem}", path=path, problem=warning)
         self["config"] = path
         self.config_obj = config
+
+
+class SequentialMultiService(MultiService):
+    """
+    Stops its children one at a time, last added first.
+
+    MultiService stops them all at once, which on SIGTERM would join the disk
+    threads and close the log while uploads are still draining.  Added in
+    order (logging, disk, state, …, drain, listener), they stop as a graceful
+    shutdown needs: stop accepting, let uploads finish, then release the rest.
+    """
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        for service in reversed(list(self)):
+            try:
+                await maybeDeferred(service.stopService)
+            except Exception:  # noqa: BLE001 - one failing child must not block the rest
+                log.failure("stopping {service} failed", service=service)
 
 
 class DiskThreadPoolService(Service):
@@ -124,9 +146,11 @@ class DrainService(Service):
         def check() -> None:
             active = self.site.body_policy.active if self.site.body_policy else 0
             if active == 0 or self.reactor.seconds() >= deadline:
-                if active:
-                    log.warn("stopping with {active} uploads still in flight", active=active)
-                done.callback(None)
+                try:
+                    if active:
+                        log.warn("stopping with {active} uploads still in flight", active=active)
+                finally:
+                    done.callback(None)
             else:
                 self.reactor.callLater(0.1, check)
 
@@ -248,7 +272,7 @@ def assemble_server(
     logging, the disk pool, the site, SIGHUP reload and graceful drain.
     Listening, retention and the metrics listener are added by the caller.
     """
-    top = MultiService()
+    top = SequentialMultiService()
     LoggingService(config).setServiceParent(top)
     disk = DiskThreadPoolService(reactor)
     disk.setServiceParent(top)
@@ -335,7 +359,7 @@ def make_supervisor(config: Config, reactor: Any, config_path: str) -> MultiServ
     import shutil
     import tempfile
 
-    top = MultiService()
+    top = SequentialMultiService()
     LoggingService(config).setServiceParent(top)
     metrics = None
     if config.metrics_enabled:
