@@ -8,6 +8,7 @@ One argparse entry point with subcommands; later features add theirs here.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import secrets
 import sys
@@ -34,40 +35,76 @@ def _load(path: str) -> Config:
     return config
 
 
+def listens_on_tcp(config: Config) -> bool:
+    """False for a UNIX socket or a systemd socket: no URL can be guessed from ListenPort."""
+    raw = config.listen_raw
+    return not config.unix_socket and not raw.startswith(("unix:", "systemd:", "/"))
+
+
 def default_base_url(config: Config) -> str:
-    """http://HOST:PORT/<UploadSubDir> guessed from ListenPort (for local testing)."""
+    """
+    http://HOST:PORT/<UploadSubDir> guessed from ListenPort (for local testing).
+
+    For a UNIX or systemd socket it is http://localhost/<UploadSubDir>, which
+    is what ``curl --unix-socket PATH`` wants.
+    """
     raw = config.listen_raw
     host, port = "127.0.0.1", "8080"
-    if not config.unix_socket and not raw.startswith(("unix:", "systemd:", "/")):
-        if raw.startswith(("tcp:", "tcp6:")):
-            for part in raw.split(":")[1:]:
-                if part.startswith("port="):
-                    port = part[5:]
-                elif part.isdigit():
-                    port = part
-        else:
-            head, _, port = raw.rpartition(":")
-            if head and head not in ("0.0.0.0", "::", "[::]"):
-                host = head
+    if not listens_on_tcp(config):
+        host, port = "localhost", ""
+    elif raw.startswith(("tcp:", "tcp6:")):
+        for part in raw.split(":")[1:]:
+            if part.startswith("port="):
+                port = part[5:]
+            elif part.isdigit():
+                port = part
+    else:
+        head, _, port = raw.rpartition(":")
+        if head and head not in ("0.0.0.0", "::", "[::]"):
+            host = head
     prefix = f"/{config.upload_subdir}" if config.upload_subdir else ""
-    return f"http://{host}:{port}{prefix}"
+    authority = f"{host}:{port}" if port else host
+    return f"http://{authority}{prefix}"
+
+
+#: Prosody's name for the v scheme (http_upload_external_protocol = "v1").
+PROTOCOL_ALIASES = {"v1": "v"}
+
+
+def _size(text: str) -> int:
+    """A decimal byte count >= 0, as the XMPP server puts it in the MAC."""
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (digits only)")
+    return int(text)
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
+    """Print the PUT and GET URLs an XMPP server would hand out for PATH and SIZE."""
     config = _load(args.config)
+    scheme = PROTOCOL_ALIASES.get(args.protocol, args.protocol)
     expires = None
-    if args.protocol == "v3":
+    if scheme == "v3":
         expires = int(time.time()) + args.expires
-    slot = sign_slot(
-        base_url=args.base_url or default_base_url(config),
-        path=args.path,
-        size=args.size,
-        secret=config.secret,
-        scheme=args.protocol,
-        content_type=args.type,
-        style=args.style,
-        expires=expires,
-    )
+    try:
+        slot = sign_slot(
+            base_url=args.base_url or default_base_url(config),
+            path=args.path,
+            size=args.size,
+            secret=config.secret,
+            scheme=scheme,
+            content_type=args.type,
+            style=args.style,
+            expires=expires,
+        )
+    except ValueError as error:
+        sys.stderr.write(f"hmacfs: {error}\n")
+        return 1
+    if args.base_url is None and not listens_on_tcp(config):
+        sys.stderr.write(
+            "hmacfs: ListenPort is not a TCP port, so these URLs are for "
+            "`curl --unix-socket PATH`; pass --base-url https://HOST/"
+            f"{config.upload_subdir} for the URLs your clients use\n"
+        )
     print(f"PUT {slot.put_url}")
     print(f"GET {slot.get_url}")
     return 0
@@ -118,19 +155,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("hmacfs")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hmacfs", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"hmacfs {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sign = sub.add_parser("sign", help="print PUT and GET URLs as an XMPP server would sign them")
     sign.add_argument("--config", required=True)
-    sign.add_argument("--protocol", choices=["v", "v2", "token", "v3"], default="v")
-    sign.add_argument("--type", default=None, help="Content-Type bound by v2/token")
+    sign.add_argument(
+        "--protocol", choices=["v", "v1", "v2", "token", "v3"], default="v",
+        help="v (= Prosody's v1, and ejabberd), v2, token (Metronome) or v3 (default: v)",
+    )
+    sign.add_argument(
+        "--type", default=None,
+        help="Content-Type bound by v2/token (default: application/octet-stream)",
+    )
     sign.add_argument("--expires", type=int, default=300, help="v3: seconds from now")
     sign.add_argument("--style", choices=["prosody", "ejabberd"], default="prosody")
     sign.add_argument("--base-url", default=None, help="default: from ListenPort and UploadSubDir")
     sign.add_argument("path", help="slot path, e.g. <uuid>/<filename>")
-    sign.add_argument("size", type=int)
+    sign.add_argument("size", type=_size, help="the exact Content-Length of the PUT")
     sign.set_defaults(func=cmd_sign)
 
     check = sub.add_parser("check-config", help="validate a config file and print it (secret redacted)")

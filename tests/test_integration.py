@@ -73,14 +73,24 @@ class Daemon:
         self.process = subprocess.Popen(
             self.command(),
             cwd=self.cwd,
+            env=self.env,
             stdout=self.output,
             stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent,
         )
-        self.wait_listening()
+        try:
+            self.wait_listening()
+        except BaseException:
+            # Nobody gets this object to stop(): do not leave the process running.
+            self.process.kill()
+            self.process.wait(10)
+            self.output.close()
+            raise
 
     #: Where twistd runs; a subclass testing an installed copy moves it out of the source tree.
     cwd = ROOT
+    #: The daemon's environment (None: this process's); such a subclass drops PYTHONPATH.
+    env: dict[str, str] | None = None
 
     def listen_config(self) -> str:
         """The ListenPort lines of the config (a subclass may listen another way)."""
