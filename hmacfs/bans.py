@@ -13,12 +13,19 @@ local list (see ``hmacfs.state``).
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import math
+import os
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -256,3 +263,81 @@ async def unban_in_redis(redis: object, address: str) -> bool:
     """What ``hmacfs unban`` does with a Redis backend: delete the block and the count."""
     removed = await redis.delete(BAN_PREFIX + address, FAIL_PREFIX + address)  # type: ignore[attr-defined]
     return bool(removed)
+
+
+UNBAN_DIR = "unban"
+#: how long an unban request file stays for every process to see it
+UNBAN_REQUEST_LIFETIME = 120.0
+
+
+def request_unban(store_dir: Path, address: str) -> Path:
+    """
+    Ask every process that uses this store to lift its block of ``address``
+    (what ``hmacfs unban`` does with the embedded backend): a file under
+    ``StoreDir/.hmacfs/unban/`` that each process's ban timer picks up.
+    """
+    canonical = str(ipaddress.ip_address(address))  # also keeps the name a plain file name
+    directory = store_dir / ".hmacfs" / UNBAN_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / canonical
+    path.write_text(f"{time.time():.3f}\n")
+    return path
+
+
+class BanSyncService(Service):
+    """Every second: mirror shared blocks from Redis and apply unban requests."""
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        bans: BanList,
+        store_dir: Path,
+        shared: SharedBans | None = None,
+        interval: float = 1.0,
+    ) -> None:
+        self.clock = clock
+        self.bans = bans
+        self.shared = shared
+        self.interval = interval
+        self.unban_dir = store_dir / ".hmacfs" / UNBAN_DIR
+        self._applied: dict[str, float] = {}
+        self._loop: LoopingCall | None = None
+
+    def tick(self) -> None:
+        if self.shared is not None:
+            self.shared.sync()
+        self.apply_unban_requests()
+
+    def apply_unban_requests(self) -> None:
+        try:
+            entries = list(os.scandir(self.unban_dir))
+        except FileNotFoundError:
+            return
+        now = time.time()
+        for entry in entries:
+            try:
+                mtime = entry.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if self._applied.get(entry.name) != mtime:
+                self._applied[entry.name] = mtime
+                if self.bans.unblock(entry.name):
+                    log.info("block of {address} lifted by an operator", address=entry.name)
+            if now - mtime > UNBAN_REQUEST_LIFETIME:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                self._applied.pop(entry.name, None)
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False).addErrback(
+            lambda f: log.failure("ban sync stopped", f)
+        )
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()

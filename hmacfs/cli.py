@@ -162,6 +162,69 @@ def _version() -> str:
         return "(not installed)"
 
 
+def cmd_unban(args: argparse.Namespace) -> int:
+    """Lift a block: in Redis (every node) and through the store (every local process)."""
+    import ipaddress
+
+    from hmacfs.bans import request_unban
+
+    config = _load(args.config)
+    try:
+        address = str(ipaddress.ip_address(args.address))
+    except ValueError:
+        print(f"hmacfs unban: {args.address!r} is not an IP address", file=sys.stderr)
+        return 1
+    request_unban(config.store_dir, address)
+    print(f"unban of {address} requested for every process using {config.store_dir}")
+    if config.redis_addr:
+        removed = _unban_in_redis(config, address, args.timeout)
+        if removed is None:
+            print("hmacfs unban: Redis was not reachable; the block stays on other nodes", file=sys.stderr)
+            return 1
+        print(f"{'removed' if removed else 'no'} shared block of {address} in Redis")
+    return 0
+
+
+def _unban_in_redis(config: Config, address: str, timeout: float) -> bool | None:
+    from twisted.internet import task
+    from twisted.internet.defer import Deferred
+
+    from hmacfs.bans import unban_in_redis
+    from hmacfs.state import StateService
+
+    outcome: list[bool | None] = [None]
+
+    async def run(reactor: object) -> None:
+        service = StateService(
+            reactor,
+            redis_addr=config.redis_addr,
+            redis_password=config.redis_password,
+            redis_db=config.redis_db,
+        )
+        service.startService()
+        try:
+            deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+            while service.client() is None and reactor.seconds() < deadline:  # type: ignore[attr-defined]
+                await task.deferLater(reactor, 0.05)  # type: ignore[arg-type]
+            client = service.client()
+            if client is not None:
+                outcome[0] = await unban_in_redis(client, address)
+        finally:
+            await service.stopService()
+
+    from twisted.internet import reactor
+
+    failures: list[object] = []
+    done = Deferred.fromCoroutine(run(reactor))
+    done.addErrback(failures.append)
+    done.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
+    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
+    if failures:
+        print(f"hmacfs unban: {failures[0].getErrorMessage()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return None
+    return outcome[0]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hmacfs", description=__doc__)
     parser.add_argument("--version", action="version", version=f"hmacfs {_version()}")
@@ -191,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="write a local config and print a signed example upload")
     demo.add_argument("--config", default="config.local.toml")
     demo.set_defaults(func=cmd_demo)
+
+    unban = sub.add_parser("unban", help="lift the block of a client address (all processes, all nodes)")
+    unban.add_argument("--config", required=True)
+    unban.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for Redis")
+    unban.add_argument("address")
+    unban.set_defaults(func=cmd_unban)
     return parser
 
 

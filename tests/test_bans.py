@@ -106,3 +106,37 @@ class SiteBanTests(SynchronousTestCase):
             self.fail_auth("203.0.113.8", extra=(f"X-Forwarded-For: 10.0.0.{index}",))
         answer = self.fail_auth("203.0.113.8", extra=("X-Forwarded-For: 10.9.9.9",))
         self.assertTrue(answer.startswith(b"HTTP/1.1 429 "), answer)
+
+
+class UnbanRequestTests(SynchronousTestCase):
+    def test_unban_request_lifts_block_in_every_process(self) -> None:
+        """`hmacfs unban` drops a request file that each process's ban timer applies once."""
+        from hmacfs.bans import BanSyncService, request_unban
+
+        store = Path(self.mktemp()).resolve()
+        store.mkdir()
+        clock = Clock()
+        processes = [BanList(clock, BanSettings(block_after_fails=1, auto_unban=False)) for _ in range(2)]
+        services = [BanSyncService(clock=clock, bans=bans, store_dir=store) for bans in processes]
+        for bans in processes:
+            bans.record_failure("2001:db8::7")
+            self.assertEqual(bans.retry_after("2001:db8::7"), FOREVER)
+        request_unban(store, "2001:0db8::7")
+        for service in services:
+            service.startService()
+            self.addCleanup(service.stopService)
+        clock.advance(1)
+        for bans in processes:
+            self.assertIsNone(bans.retry_after("2001:db8::7"))
+        # Applied once: a new block after the unban stays.
+        processes[0].record_failure("2001:db8::7")
+        clock.advance(1)
+        self.assertEqual(processes[0].retry_after("2001:db8::7"), FOREVER)
+
+    def test_unban_rejects_non_addresses(self) -> None:
+        """Only IP addresses become request files (no path tricks)."""
+        from hmacfs.bans import request_unban
+
+        store = Path(self.mktemp()).resolve()
+        store.mkdir()
+        self.assertRaises(ValueError, request_unban, store, "../../etc/passwd")

@@ -69,3 +69,28 @@ class CLITests(SynchronousTestCase):
         code, _, err = self.run_cli("check-config", str(self.config))
         self.assertEqual(code, 1)
         self.assertIn("MaxUploadSize", err)
+
+
+class UnbanCLITests(SynchronousTestCase):
+    def test_unban_embedded_writes_request(self) -> None:
+        """`hmacfs unban` without Redis leaves a request every local process applies."""
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir()
+        config = directory / "c.toml"
+        config.write_text(f'Secret = "cli-secret-0123456789"\nStoreDir = "{directory}"\n')
+        out = io.StringIO()
+        with redirect_stdout(out):
+            code = main(["unban", "--config", str(config), "203.0.113.77"])
+        self.assertEqual(code, 0)
+        self.assertTrue((directory / ".hmacfs" / "unban" / "203.0.113.77").exists())
+
+    def test_unban_bad_address(self) -> None:
+        """A non-address is refused with exit status 1."""
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir()
+        config = directory / "c.toml"
+        config.write_text(f'Secret = "cli-secret-0123456789"\nStoreDir = "{directory}"\n')
+        err = io.StringIO()
+        with redirect_stderr(err):
+            code = main(["unban", "--config", str(config), "not-an-ip"])
+        self.assertEqual(code, 1)
