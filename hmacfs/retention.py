@@ -29,6 +29,7 @@ from typing import Any
 
 import attrs
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -38,6 +39,9 @@ from hmacfs.request import Rejection
 from hmacfs.storage import PRIVATE_DIR, Store, path_key
 
 log = Logger(observer=log_router)
+
+#: Redis key held by the node that sweeps (expires after one RetentionInterval)
+SWEEP_LOCK = "hmacfs:retention-sweep"
 
 
 @attrs.define
@@ -263,11 +267,16 @@ class RetentionService(Service):
         sweeper: Sweeper,
         run_blocking: Callable[..., Any],
         metrics: Any = None,
+        redis: Callable[[], Any] | None = None,
     ) -> None:
         self.clock = clock
         self.sweeper = sweeper
         self.run_blocking = run_blocking
         self.metrics = metrics
+        #: the Redis client (or None while unreachable) when nodes share Redis:
+        #: then only the node holding SWEEP_LOCK sweeps (the lock file covers
+        #: processes on one host and stores whose filesystem supports flock)
+        self.redis = redis
         self._loop: LoopingCall | None = None
         self._running: Any = None
 
@@ -307,7 +316,7 @@ class RetentionService(Service):
         """One sweep on the thread pool; overlapping sweeps are skipped."""
         if self._running is not None:
             return None
-        d = self.run_blocking(self.sweeper.sweep)
+        d = Deferred.fromCoroutine(self._locked_sweep())
         self._running = d
         d.addCallback(self._swept)
         d.addErrback(lambda f: log.failure("retention sweep failed", f))
@@ -318,6 +327,20 @@ class RetentionService(Service):
 
         d.addBoth(done)
         return d
+
+    async def _locked_sweep(self) -> SweepResult:
+        client = self.redis() if self.redis is not None else None
+        if client is not None:
+            owner = f"{os.getpid()}-{id(self)}"
+            ttl_ms = max(1000, int(self.sweeper.settings.interval * 1000))
+            try:
+                taken = await client.set(SWEEP_LOCK, owner, pexpire=ttl_ms, only_if_not_exists=True)
+            except Exception as error:  # noqa: BLE001 - Redis trouble: fall back to the lock file
+                log.info("sweep lock in Redis unavailable ({error}); using the lock file", error=error)
+                taken = True
+            if not taken:
+                return SweepResult(skipped=True)
+        return await self.run_blocking(self.sweeper.sweep)
 
     def _swept(self, result: SweepResult) -> SweepResult:
         if result.skipped:

@@ -1,0 +1,39 @@
+"""Only one node sweeps per interval when nodes share Redis (real redis-server)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import txredisapi
+from twisted.internet.defer import maybeDeferred
+from twisted.trial.unittest import TestCase
+
+from hmacfs.retention import RetentionService, RetentionSettings, Sweeper, Tombstones
+from hmacfs.storage import Store
+from tests.redis_server import RedisServer
+
+
+class SweepLockTests(TestCase):
+    async def test_one_sweep_per_interval(self) -> None:
+        """Two nodes sharing Redis: the second node's sweep in the same interval is skipped."""
+        server = RedisServer().start()
+        self.addCleanup(server.stop)
+        redis = await txredisapi.Connection("127.0.0.1", server.port, reconnect=False)
+        self.addCleanup(redis.disconnect)
+        root = Path(self.mktemp()).resolve()
+        root.mkdir()
+        store = Store(root)
+        from twisted.internet import reactor
+
+        def service() -> RetentionService:
+            sweeper = Sweeper(store, Tombstones(root), RetentionSettings(interval=60), root.parent / "r.log")
+            return RetentionService(
+                clock=reactor, sweeper=sweeper, run_blocking=maybeDeferred, redis=lambda: redis
+            )
+
+        first = await service().sweep()
+        second = await service().sweep()
+        self.assertFalse(first.skipped)
+        self.assertTrue(second.skipped)
+        ttl = await redis.execute_command("PTTL", "hmacfs:retention-sweep")
+        self.assertGreater(ttl, 50_000)
