@@ -9,8 +9,8 @@ Every value is checked and converted exactly once, here, into a frozen
 L{Config} of seconds, bytes, paths and Twisted endpoint descriptions, so the
 rest of the server never parses a string.  The first bad value stops the load
 with a L{ConfigError} naming the key, the value and what would be accepted.
-The secrets (C{Secret}, the file behind C{SecretFile}, C{RedisPassword}) never
-appear in an error, a warning, C{repr(config)} or L{Config.redacted}.
+The secrets (C{Secret}, the file behind C{SecretFile}, C{RedisPassword},
+C{ComponentSecret}) never appear in an error, a warning, C{repr(config)} or L{Config.redacted}.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.testing import MemoryReactor
 
 
@@ -579,6 +579,129 @@ def _networks(
     return tuple(networks)
 
 
+# --- the XEP-0114 component (hmacfs.component) ------------------------------------------------
+
+_JID_DOMAIN_FORMS = 'a domain such as "upload.example.org" (no user part, no resource)'
+
+
+def _component_jid(value: object, key: str, ctx: _Context) -> str:
+    text = _text(value, key, _JID_DOMAIN_FORMS + ', or "" to run no component').strip().lower()
+    if text and (not _HOSTNAME.fullmatch(text) or text.endswith(".")):
+        raise ConfigError(key, value, _JID_DOMAIN_FORMS, "is not a domain")
+    return text
+
+
+COMPONENT_SERVER_FORMS = (
+    '"host:port" of the XMPP server\'s component port, such as "127.0.0.1:5347" or '
+    '"[::1]:5347", or a Twisted client endpoint such as "tcp:host=xmpp.example.org:port=5347"'
+)
+
+
+def _component_server(value: object, key: str, ctx: _Context) -> str:
+    """C{"host:port"} (or a client endpoint description) to a client endpoint description."""
+    text = _text(value, key, COMPONENT_SERVER_FORMS).strip()
+    if text.startswith(("tcp:", "unix:", "ssl:", "tls:")):
+        try:
+            clientFromString(MemoryReactor(), text)
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+            raise ConfigError(
+                key, text, COMPONENT_SERVER_FORMS, f"cannot be parsed by Twisted ({reason})"
+            ) from exc
+        return text
+    host_port = _split_host_port(text)
+    if host_port is None or not host_port[0]:
+        raise ConfigError(key, value, COMPONENT_SERVER_FORMS, "is not host:port")
+    host, port = host_port[0], int(host_port[1])
+    if not 1 <= port <= 65535:
+        raise ConfigError(key, value, COMPONENT_SERVER_FORMS, "has a port outside 1..65535")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(host):
+            raise ConfigError(key, value, COMPONENT_SERVER_FORMS, "has a host that is not valid") from None
+    return f"tcp:host={_quote(host)}:port={port}"
+
+
+PUBLIC_URL_FORMS = (
+    'the https URL of hmacfs\'s root as clients reach it, without a path, '
+    'such as "https://upload.example.org" or "https://upload.example.org:5443"'
+)
+
+
+def _public_url(value: object, key: str, ctx: _Context) -> str:
+    """
+    The scheme, host and port clients use; slots go under C{/<UploadSubDir>/}
+    there.  A path is refused because C{v3} signs the path hmacfs itself sees.
+    """
+    text = _text(value, key, PUBLIC_URL_FORMS + ', or ""').strip()
+    if not text:
+        return ""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ConfigError(key, value, PUBLIC_URL_FORMS, "is not a URL") from None
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(key, value, PUBLIC_URL_FORMS, "is not an http(s) URL")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ConfigError(key, value, PUBLIC_URL_FORMS, "has a path, query or user part")
+    if parts.scheme == "http":
+        try:
+            loopback = ipaddress.ip_address(parts.hostname).is_loopback
+        except ValueError:
+            loopback = parts.hostname == "localhost"
+        if not loopback:
+            ctx.warnings.append(
+                f"PublicURL {text!r} is not https: XEP-0363 requires https and clients "
+                "such as Gajim refuse plain http slots"
+            )
+    return text.rstrip("/")
+
+
+UPLOAD_ACCESS_FORMS = (
+    'an array of domains ("example.org": all its users) and bare JIDs '
+    '("alice@example.org"), or ["*"] for anyone'
+)
+_LOCALPART = re.compile(r"[^\s@/\"&'<>:]{1,1023}")
+
+
+def _upload_access(value: object, key: str, ctx: _Context) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise _wrong_type(key, value, UPLOAD_ACCESS_FORMS)
+    entries = []
+    for item in value:
+        if not isinstance(item, str):
+            raise _wrong_type(key, item, UPLOAD_ACCESS_FORMS)
+        entry = item.strip().lower()
+        if entry != "*":
+            local, at, domain = entry.rpartition("@")
+            if (
+                not _HOSTNAME.fullmatch(domain)
+                or domain.endswith(".")
+                or (at and not _LOCALPART.fullmatch(local))
+            ):
+                raise ConfigError(key, item, UPLOAD_ACCESS_FORMS, "is not a domain or bare JID")
+        entries.append(entry)
+    return tuple(entries)
+
+
+def _check_component(values: dict[str, object]) -> None:
+    """With C{ComponentJID} set, the secret and the public URL are required."""
+    if not values["component_jid"]:
+        return
+    if not values["component_secret"]:
+        raise ConfigError(
+            "ComponentSecret", "", "the component password set on the XMPP server", "is empty"
+        )
+    if not values["public_url"]:
+        raise ConfigError(
+            "PublicURL", "", PUBLIC_URL_FORMS, "is empty, but ComponentJID is set"
+        )
+
+
 # --- the key table ----------------------------------------------------------------------------
 
 
@@ -625,6 +748,7 @@ _KEYS: tuple[_Key, ...] = (
     _Key("RedisAddr", "redis_addr", "", _redis_addr),
     _Key("RedisPassword", "redis_password", "", _string, sensitive=True),
     _Key("RedisDB", "redis_db", 0, _integer(0, 15)),
+    _Key("ResumeTTL", "resume_ttl", "600s", _duration(1)),
     _Key("ReadTimeout", "read_timeout", "2m", _duration(0, exclusive=True)),
     _Key("WriteTimeout", "write_timeout", "2m", _duration(0, exclusive=True)),
     _Key("BufferSize", "buffer_size", 65536, _size(4 * 1024, 16 * 1024**2)),
@@ -637,6 +761,13 @@ _KEYS: tuple[_Key, ...] = (
     _Key("SecretGracePeriod", "secret_grace_period", "1h", _duration()),
     _Key("RetentionInterval", "retention_interval", "1h", _duration(1)),
     _Key("DeletionReportFile", "deletion_report_file", "", _log_file),
+    _Key("ComponentJID", "component_jid", "", _component_jid),
+    _Key("ComponentSecret", "component_secret", "", _string, sensitive=True),
+    _Key("ComponentServer", "component_server", "127.0.0.1:5347", _component_server),
+    _Key("PublicURL", "public_url", "", _public_url),
+    _Key("UploadAccess", "upload_access", [], _upload_access),
+    _Key("UserQuota", "user_quota", 0, _size()),
+    _Key("SlotExpiry", "slot_expiry", "5m", _duration(1)),
 )
 KNOWN_KEYS: tuple[str, ...] = tuple(spec.name for spec in _KEYS)
 
@@ -702,6 +833,7 @@ class Config:
     redis_addr: str = attrs.field(repr=lambda addr: repr(_mask_password(addr)))
     redis_password: str = attrs.field(repr=False)
     redis_db: int
+    resume_ttl: float
     read_timeout: float
     write_timeout: float
     buffer_size: int
@@ -714,6 +846,13 @@ class Config:
     secret_grace_period: float
     retention_interval: float
     deletion_report_file: Path | None
+    component_jid: str
+    component_secret: str = attrs.field(repr=False)
+    component_server: str
+    public_url: str
+    upload_access: tuple[str, ...]
+    user_quota: int
+    slot_expiry: float
 
     def redacted(self) -> dict[str, object]:
         """
@@ -727,6 +866,7 @@ class Config:
             "Secret": repr(REDACTED),
             "RedisAddr": _mask_password(self.redis_addr),
             "RedisPassword": repr(REDACTED) if self.redis_password else "",
+            "ComponentSecret": repr(REDACTED) if self.component_secret else "",
         }
         shown: dict[str, object] = {}
         for spec in _KEYS:
@@ -883,6 +1023,7 @@ def _parse(
             raise
 
     _min_free_alias(data, values, ctx)
+    _check_component(values)
     if secret is None:
         secret_file = values["secret_file"]
         assert secret_file is None or isinstance(secret_file, Path)

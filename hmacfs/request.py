@@ -13,7 +13,10 @@ pinned to the Twisted versions in ``SUPPORTED_TWISTED`` and tested against them.
 
 The decision itself is not made here: the site's ``body_policy`` (an
 ``IBodyPolicy``) looks at the request and either attaches a body consumer
-(``request.body_consumer``) or a ``Rejection`` (``request.rejection``).
+(``request.body_consumer``) or a ``Rejection`` (``request.rejection``).  A
+decision that needs I/O (a Redis lock, another writer letting go) is a
+Deferred in ``request.admission``: until it fires the channel reads nothing
+more, holds back the body bytes already read and sends no ``100 Continue``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from urllib.parse import parse_qs
 import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from hmacfs.logs import log_router
@@ -82,6 +86,12 @@ class StreamingRequest(server.Request):
     #: bytes of body handed to the consumer (or discarded)
     body_received: int = 0
     started: float = 0.0
+    #: set by the policy when its decision waits for I/O (a Redis lock, another
+    #: writer letting go): the channel pauses the socket and holds back body
+    #: bytes until it fires; by then ``body_consumer`` or ``rejection`` is set
+    admission: Any = None
+    _held: list[bytes] | None = None
+    _complete_while_held: bool = False
 
     def __init__(self, channel: Any, queued: object = None) -> None:
         super().__init__(channel)
@@ -110,6 +120,7 @@ class StreamingRequest(server.Request):
         if (
             self.body_consumer is None
             and self.rejection is None
+            and self.admission is None
             and length != 0
         ):
             # Nobody wants this body: never spool it.  Whoever routes requests
@@ -123,6 +134,9 @@ class StreamingRequest(server.Request):
 
     def handleContentChunk(self, data: bytes) -> None:
         self.body_received += len(data)
+        if self._held is not None:
+            self._held.append(data)
+            return
         consumer = self.body_consumer
         if consumer is not None:
             consumer.write(data)
@@ -130,9 +144,32 @@ class StreamingRequest(server.Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         # The base method rewinds the spool and parses POST forms; we already
         # set method/uri/args in headers_received.
+        if self._held is not None:
+            self._complete_while_held = True
+            return
         if self.body_consumer is not None:
             self.body_consumer.body_complete()
         self.process()
+
+    def hold_body(self) -> None:
+        """Keep body bytes (at most what one read delivered) until ``admit_held``."""
+        self._held = []
+
+    def admit_held(self) -> bool:
+        """
+        The admission decision is in: hand the held bytes to the consumer (or drop
+        them for a refusal).  Returns whether the whole body had already arrived,
+        in which case the request has been processed.
+        """
+        held, self._held = self._held or [], None
+        consumer = self.body_consumer if self.rejection is None else None
+        if consumer is not None:
+            for chunk in held:
+                consumer.write(chunk)
+        if self._complete_while_held:
+            self.requestReceived(self.method, self.uri, self.clientproto)
+            return True
+        return False
 
     def connectionLost(self, reason: Any) -> None:
         consumer = self.body_consumer
@@ -174,12 +211,47 @@ class StreamingChannel(http.HTTPChannel):
         self.persistent = self.checkPersistence(req, self._version)
         req.gotLength(self.length)
         req.headers_received(self._command, self._path, self._version, self.length)
+        admission = req.admission
+        if admission is not None and not admission.called:
+            # The decision needs I/O: read nothing more until it is made.
+            req.hold_body()
+            self.transport.pauseProducing()
+            admission.addBoth(self._admitted, req, self._version)
+            return
         if req.rejection is not None and self.length != 0:
             self._reject_before_body(req)
             return
+        self._maybe_continue(req, self._version)
+
+    def _maybe_continue(self, req: StreamingRequest, version: bytes) -> None:
         expect = req.requestHeaders.getRawHeaders(b"Expect")
-        if expect and expect[0].lower() == b"100-continue" and self._version == b"HTTP/1.1":
+        if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
             self._send100Continue()
+
+    def _admitted(self, result: object, req: StreamingRequest, version: bytes) -> None:
+        """A deferred admission decision arrived (see ``StreamingRequest.admission``)."""
+        if isinstance(result, Failure):
+            log.failure("admission failed", result)
+            if req.rejection is None and req.body_consumer is None:
+                req.rejection = Rejection(500, "internal error")
+        if self.transport is None or req._disconnected:
+            # The client left while we were deciding: whoever was admitted lets go.
+            req._held = None
+            if req.body_consumer is not None and req.rejection is None:
+                req.body_consumer.connection_lost()
+            return
+        received = req.body_received
+        if req.rejection is not None and not req._complete_while_held:
+            req._held = None
+            self.transport.resumeProducing()
+            self._reject_before_body(req)
+            return
+        if req.admit_held():
+            self.transport.resumeProducing()
+            return
+        if not received:
+            self._maybe_continue(req, version)
+        self.transport.resumeProducing()
 
     def _reject_before_body(self, req: StreamingRequest) -> None:
         """

@@ -4,7 +4,7 @@ The HTTP face of hmacfs: one thin leaf resource for the upload tree.
 
 Every decision is made elsewhere (``UploadPolicy`` at header time, ``Store``
 for files, ``render_download`` for GET/HEAD); this module turns the outcomes
-into status codes, CORS headers and short plain-text reasons.
+into status codes, CORS and tus headers and short plain-text reasons.
 """
 
 from __future__ import annotations
@@ -21,11 +21,16 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from hmacfs import tus
 from hmacfs.logs import log_router
 
 from hmacfs.download import render_download
 from hmacfs.paths import PathError, parse_slot_path
-from hmacfs.upload import UploadFailed
+from hmacfs.resume import Refusal
+from hmacfs.upload import ALLOW, Progress
+
+if TYPE_CHECKING:
+    from hmacfs.resume import Uploads
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -34,7 +39,9 @@ if TYPE_CHECKING:
 
 log = Logger(observer=log_router)
 
-ALLOWED_METHODS = b"GET, HEAD, PUT, OPTIONS"
+#: Every method the upload tree serves: POST, PATCH and DELETE only to tus
+#: clients (``Tus-Resumable``).  Without it they get 405 with ``Allow: ALLOW``.
+ALLOWED_METHODS = b"GET, HEAD, PUT, POST, PATCH, DELETE, OPTIONS"
 
 #: Request headers a browser client may send (Authorization must be named:
 #: a ``*`` does not cover it).  Later features append to these lists.
@@ -45,6 +52,17 @@ CORS_ALLOW_HEADERS = [
     b"X-Checksum",
     b"Content-Digest",
     b"Range",
+    # resumable uploads: the session-token PUT and tus 1.0
+    b"Content-Range",
+    b"Tus-Resumable",
+    b"Upload-Length",
+    b"Upload-Offset",
+    b"Upload-Metadata",
+    b"Upload-Checksum",
+    b"Upload-Defer-Length",
+    b"Upload-Concat",
+    b"X-HTTP-Method-Override",
+    b"X-Requested-With",
 ]
 CORS_EXPOSE_HEADERS = [
     b"X-Session-Token",
@@ -53,7 +71,20 @@ CORS_EXPOSE_HEADERS = [
     b"Accept-Ranges",
     b"ETag",
     b"Location",
+    b"Range",
+    b"Retry-After",
+    b"Upload-Offset",
+    b"Upload-Length",
+    b"Upload-Expires",
+    b"Upload-Metadata",
+    b"Tus-Resumable",
+    b"Tus-Version",
+    b"Tus-Extension",
+    b"Tus-Max-Size",
+    b"Tus-Checksum-Algorithm",
 ]
+#: Reason phrases Twisted does not know.
+_PHRASES = {tus.CHECKSUM_MISMATCH: b"Checksum Mismatch"}
 CORS_MAX_AGE = b"7200"
 SESSION_TOKEN = b"X-Session-Token"
 _TOKEN = re.compile(rb"[A-Za-z0-9._~-]{8,128}")
@@ -90,12 +121,12 @@ def session_token(request: Any) -> bytes:
 
 def error_page(request: Any, status: int, reason: str, headers: tuple = ()) -> bytes:
     """A short plain-text error: the status line's phrase and why."""
-    request.setResponseCode(status)
+    request.setResponseCode(status, _PHRASES.get(status))
     for name, value in headers:
         request.responseHeaders.setRawHeaders(name, [value])
     request.responseHeaders.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
     request.responseHeaders.setRawHeaders(b"Cache-Control", [b"no-store"])
-    phrase = http.RESPONSES.get(status, b"Error").decode("ascii")
+    phrase = (_PHRASES.get(status) or http.RESPONSES.get(status, b"Error")).decode("ascii")
     body = f"{status} {phrase}: {reason}\n".encode()
     request.responseHeaders.setRawHeaders(b"Content-Length", [str(len(body)).encode()])
     request.hmacfs_reason = reason
@@ -105,7 +136,7 @@ def error_page(request: Any, status: int, reason: str, headers: tuple = ()) -> b
 
 
 class UploadResource(Resource):
-    """GET/HEAD/PUT/OPTIONS on ``/<UploadSubDir>/<slot path>``."""
+    """GET/HEAD/PUT/OPTIONS, and tus POST/PATCH/DELETE, on ``/<UploadSubDir>/<slot path>``."""
 
     isLeaf = True
 
@@ -116,63 +147,106 @@ class UploadResource(Resource):
         store: Store,
         clock: IReactorTime,
         downloads: DownloadSettings,
+        uploads: Uploads | None = None,
+        max_upload_size: int = 0,
     ) -> None:
         super().__init__()
         self.prefix = prefix
         self.store = store
         self.clock = clock
         self.downloads = downloads
+        self.uploads = uploads
+        self.max_upload_size = max_upload_size
 
     def render(self, request: Any) -> bytes | int:
         request.responseHeaders.setRawHeaders(b"Server", [b"hmacfs"])
         add_cors_headers(request)
         request.responseHeaders.setRawHeaders(SESSION_TOKEN, [session_token(request)])
+        if tus.is_tus(request):
+            request.responseHeaders.setRawHeaders(b"Tus-Resumable", [tus.TUS_VERSION])
         rejection = getattr(request, "rejection", None)
         if rejection is not None:
             return error_page(request, rejection.status, rejection.reason, rejection.headers)
+        answer = getattr(request, "answer", None)
+        if answer is not None:
+            request.setResponseCode(answer.status)
+            for name, value in answer.headers:
+                request.responseHeaders.setRawHeaders(name, [value])
+            # An answer has no body; say so (Twisted would add text/html and no length).
+            request.defaultContentType = None
+            if answer.status != 204:
+                request.responseHeaders.setRawHeaders(b"Content-Length", [b"0"])
+            return b""
         method = request.method
         if method == b"OPTIONS":
             request.setResponseCode(204)
             request.responseHeaders.setRawHeaders(b"Allow", [ALLOWED_METHODS])
+            for name, value in tus.options_headers(self.max_upload_size):
+                request.responseHeaders.setRawHeaders(name, [value])
             return b""
-        if method == b"PUT":
-            return self._render_put(request)
+        if method in (b"PUT", b"POST", b"PATCH"):
+            return self._render_upload(request)
         if method in (b"GET", b"HEAD"):
             return self._render_get(request)
-        return error_page(request, 405, "method not allowed", ((b"Allow", ALLOWED_METHODS),))
+        return error_page(request, 405, "method not allowed", ((b"Allow", ALLOW),))
 
-    # PUT
+    # PUT, tus POST and PATCH
 
-    def _render_put(self, request: Any) -> bytes | int:
+    def _render_upload(self, request: Any) -> bytes | int:
         receiver = getattr(request, "body_consumer", None)
-        if receiver is None:  # only reachable when no policy is installed
+        if receiver is None:
+            if request.method != b"PUT":
+                return error_page(request, 405, "method not allowed", ((b"Allow", ALLOW),))
             return error_page(request, 500, "uploads are not configured")
         receiver.done.addCallbacks(
             self._created, self._not_created, callbackArgs=(request,), errbackArgs=(request,)
         )
         return NOT_DONE_YET
 
-    def _created(self, stored: StoredFile, request: Any) -> None:
+    def _created(self, result: StoredFile | Progress, request: Any) -> None:
         if request._disconnected:
             return
-        request.setResponseCode(201)
-        request.responseHeaders.setRawHeaders(b"Location", [request.path])
-        request.responseHeaders.setRawHeaders(b"ETag", [stored.etag.encode("ascii")])
-        request.responseHeaders.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
+        kind = getattr(request, "upload_kind", "put")
+        stored = not isinstance(result, Progress)
+        request.hmacfs_stored = stored
+        headers = request.responseHeaders
+        if kind == "put":
+            request.setResponseCode(201)
+            headers.setRawHeaders(b"Location", [request.path])
+        else:
+            offset = result.size if stored else result.offset  # type: ignore[union-attr]
+            headers.setRawHeaders(b"Upload-Offset", [str(offset).encode("ascii")])
+            if not stored and self.uploads is not None and request.slot is not None:
+                name, value = tus.expires_header(self.uploads.expires_at(request.slot.segments))
+                headers.setRawHeaders(name, [value])
+            if kind == "tus-create":
+                request.setResponseCode(201)
+                # The upload URL is the signed URL itself: later requests carry the MAC too.
+                headers.setRawHeaders(b"Location", [request.uri])
+            else:
+                request.setResponseCode(204)
+                request.write(b"")
+                request.finish()
+                return
+        if stored:
+            headers.setRawHeaders(b"ETag", [result.etag.encode("ascii")])  # type: ignore[union-attr]
+        headers.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
         body = b"201 Created\n"
-        request.responseHeaders.setRawHeaders(b"Content-Length", [str(len(body)).encode()])
+        headers.setRawHeaders(b"Content-Length", [str(len(body)).encode()])
         request.write(body)
         request.finish()
 
     def _not_created(self, failure: Failure, request: Any) -> None:
-        if failure.check(UploadFailed):
+        headers: tuple = ()
+        if failure.check(Refusal):
             status, reason = failure.value.status, failure.value.reason
+            headers = failure.value.headers
         else:
             log.failure("upload failed", failure)
             status, reason = 500, "internal error"
         if request._disconnected:
             return
-        body = error_page(request, status, reason)
+        body = error_page(request, status, reason, headers)
         request.write(body)
         request.finish()
 

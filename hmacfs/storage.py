@@ -5,7 +5,8 @@ The on-disk store for uploads: path safety, partial files, atomic commit, metada
 Layout under the store root::
 
     <root>/<segments...>                  finished files, served as they are
-    <root>/.hmacfs/partial/<key>.part     uploads in progress
+    <root>/.hmacfs/partial/<key>.part     uploads in progress or interrupted (resumable)
+    <root>/.hmacfs/partial/<key>.json     the sidecar record of that upload (who may resume it)
     <root>/.hmacfs/meta/<key>.json        metadata of finished files
 
 where ``key`` is the SHA-256 hex digest of ``"/".join(segments)`` in UTF-8, so our private
@@ -13,13 +14,18 @@ names never depend on what a client chose.
 
 Invariants: a file is never overwritten (commit publishes with ``os.link``, which refuses an
 existing name atomically); a failed upload leaves nothing at the target path; no method
-buffers a whole file.  Everything here is synchronous and blocking: the caller runs
-``PartialUpload.write``/``commit`` on a thread pool.
+buffers a whole file; one writer per partial file at a time.  The writer holds an exclusive
+``flock`` on its partial file from open to commit, abort or release, so a second writer in
+this process, in another worker process or (where the filesystem supports it) on another
+node sharing the store is refused, and a writer that dies (even ``kill -9``) lets go at once.
+Everything here is synchronous and blocking: the caller runs ``PartialUpload.write``/
+``commit`` on a thread pool.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -127,6 +133,54 @@ def _unlink_quietly(path: Path) -> None:
         pass
 
 
+def _try_lock(fd: int) -> bool:
+    """Take the one-writer lock of a partial file without waiting; False if someone holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (not unlinked or replaced)."""
+    try:
+        named = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (named.st_ino, named.st_dev) == (opened.st_ino, opened.st_dev)
+
+
+def _read_json(path: Path) -> dict[str, object] | None:
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        log.failure("unreadable upload record {path}", path=str(path))
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_json(path: Path, data: dict[str, object], *, sync: bool) -> None:
+    """Write ``data`` to a temporary name and rename it over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    encoded = json.dumps(data, sort_keys=True).encode("utf-8")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(tmp, flags, _FILE_MODE)
+    try:
+        view = memoryview(encoded)
+        while view:
+            view = view[os.write(fd, view) :]
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
 class Store:
     """
     Finished files and uploads in progress under one root directory.
@@ -143,8 +197,9 @@ class Store:
         now: Callable[[], float] = time.time,
         stale_after: float = 3600.0,
     ) -> None:
-        #: a partial file untouched for this long belongs to a dead upload (a
-        #: crash, or a node that went away): it no longer blocks its path.
+        #: how long an interrupted upload nobody writes to is worth keeping (the
+        #: default for ``sweep_partials``).  A partial file never blocks its path
+        #: because of its age: only a live writer's lock does.
         self.stale_after = stale_after
         # Resolve once: the operator may point StoreDir at a symlink; below it we follow none.
         self.root = Path(os.path.realpath(root))
@@ -169,6 +224,10 @@ class Store:
 
     def partial_path(self, segments: Sequence[str]) -> Path:
         return self.partial_dir / f"{path_key(segments)}.part"
+
+    def record_path(self, segments: Sequence[str]) -> Path:
+        """The sidecar record of an upload in progress (next to its partial file)."""
+        return self.partial_dir / f"{path_key(segments)}.json"
 
     def meta_path(self, segments: Sequence[str]) -> Path:
         return self.meta_dir / f"{path_key(segments)}.json"
@@ -290,13 +349,20 @@ class Store:
     # -- changes -------------------------------------------------------------------------
 
     def open_partial(
-        self, segments: Sequence[str], content_type: str, size: int | None
+        self,
+        segments: Sequence[str],
+        content_type: str,
+        size: int | None,
+        *,
+        record: dict[str, object] | None = None,
     ) -> PartialUpload:
         """
-        Start an upload: 409 if the file exists or another upload of it is in progress.
+        Start an upload from byte 0: 409 if the file exists or another writer holds the upload.
 
-        The partial file is created with O_EXCL, so two concurrent PUTs of one path cannot
-        both proceed; the second gets 409 "upload already in progress".
+        A partial file left by an interrupted upload that nobody is writing to is truncated
+        and reused: a client that starts over (a plain PUT retry) must not be refused because
+        an earlier attempt could have been resumed.  ``record`` is the sidecar (what binds the
+        upload to its signed URL and session); it is written before this returns.
         """
         segs = _check_segments(segments)
         target = self.target_path(segs)
@@ -307,16 +373,22 @@ class Store:
         if os.path.lexists(target):
             raise StorageError(409, "file already exists")
         partial = self.partial_path(segs)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
+            fd = self._open_locked(partial, create=True)
+            assert fd is not None
             try:
-                fd = os.open(partial, flags, _FILE_MODE)
-            except FileExistsError:
-                if not self._remove_if_stale(partial):
-                    raise StorageError(409, "upload already in progress") from None
-                fd = os.open(partial, flags, _FILE_MODE)
-        except FileExistsError:
-            raise StorageError(409, "upload already in progress") from None
+                os.ftruncate(fd, 0)
+                sidecar = dict(record or {})
+                sidecar.setdefault("path", "/".join(segs))
+                sidecar.setdefault("content_type", content_type)
+                sidecar.setdefault("size", size)
+                sidecar.setdefault("created", self._now())
+                _write_json(self.record_path(segs), sidecar, sync=False)
+            except BaseException:
+                _unlink_quietly(partial)
+                _unlink_quietly(self.record_path(segs))
+                os.close(fd)
+                raise
         except OSError as e:
             raise _translate(e) from e
         return PartialUpload(
@@ -327,19 +399,204 @@ class Store:
             content_type=content_type,
             size=size,
             fd=fd,
+            record=sidecar,
         )
 
-    def _remove_if_stale(self, partial: Path) -> bool:
-        """Remove a partial file nobody has written to for ``stale_after`` seconds."""
+    def resume_partial(self, segments: Sequence[str]) -> PartialUpload | None:
+        """
+        Reopen an interrupted upload to append to it, or None if there is none to resume.
+
+        409 if the file exists by now or another writer holds the upload.  The offset to
+        resume from is the partial file's length (``PartialUpload.written``): the bytes that
+        reached the file, whatever any progress record says.
+        """
+        segs = _check_segments(segments)
+        target = self.target_path(segs)
+        if os.path.lexists(target):
+            raise StorageError(409, "file already exists")
+        partial = self.partial_path(segs)
         try:
-            age = self._now() - os.lstat(partial).st_mtime
+            fd = self._open_locked(partial, create=False)
+        except OSError as e:
+            raise _translate(e) from e
+        if fd is None:
+            return None
+        try:
+            record = _read_json(self.record_path(segs))
+            if record is None:
+                # A partial without its record (a crash before hmacfs kept records, or
+                # during open) is bound to nobody: it cannot be resumed, only replaced.
+                os.close(fd)
+                return None
+            offset = os.lseek(fd, 0, os.SEEK_END)
+        except BaseException:
+            os.close(fd)
+            raise
+        size = record.get("size")
+        content_type = record.get("content_type")
+        return PartialUpload(
+            store=self,
+            path=partial,
+            target=target,
+            segments=segs,
+            content_type=content_type if isinstance(content_type, str) else DEFAULT_CONTENT_TYPE,
+            size=size if isinstance(size, int) else None,
+            fd=fd,
+            written=offset,
+            offset=offset,
+            record=record,
+        )
+
+    def partial_status(self, segments: Sequence[str]) -> tuple[int, dict[str, object]] | None:
+        """
+        ``(bytes on disk, record)`` of an upload in progress or interrupted, or None.
+
+        Reads without locking: while a writer is active the length only grows.
+        """
+        segs = _check_segments(segments)
+        record = _read_json(self.record_path(segs))
+        if record is None:
+            return None
+        try:
+            length = os.lstat(self.partial_path(segs)).st_size
+        except FileNotFoundError:
+            return None
+        return length, record
+
+    def partial_mtime(self, segments: Sequence[str]) -> float | None:
+        """When the upload last received bytes (or was created); None if there is none."""
+        try:
+            return os.lstat(self.partial_path(_check_segments(segments))).st_mtime
+        except FileNotFoundError:
+            return None
+
+    def remove_partial(self, segments: Sequence[str]) -> bool:
+        """
+        Drop an interrupted upload (tus termination): False if there is none, 409 if a
+        writer holds it.
+        """
+        segs = _check_segments(segments)
+        partial = self.partial_path(segs)
+        fd = self._open_locked(partial, create=False)
+        if fd is None:
+            _unlink_quietly(self.record_path(segs))
+            return False
+        try:
+            _unlink_quietly(partial)
+            _unlink_quietly(self.record_path(segs))
+        finally:
+            os.close(fd)
+        log.info("removed upload in progress {path}", path="/".join(segs))
+        return True
+
+    def sweep_partials(self, max_idle: float) -> int:
+        """
+        Remove uploads nobody has written to for ``max_idle`` seconds and nobody holds.
+
+        Returns how many were removed.  Also clears records and temporary files left
+        without their partial file.  Blocking: run it on a worker thread.
+        """
+        now = self._now()
+        removed = 0
+        try:
+            names = os.listdir(self.partial_dir)
+        except FileNotFoundError:
+            return 0
+        for name in names:
+            path = self.partial_dir / name
+            try:
+                idle = now - os.lstat(path).st_mtime
+            except FileNotFoundError:
+                continue
+            if idle < max_idle:
+                continue
+            if name.endswith(".part"):
+                if self._sweep_one(path):
+                    removed += 1
+            elif name.endswith((".json", ".tmp", ".takeover")):
+                stem = name.split(".", 1)[0]
+                if not (self.partial_dir / f"{stem}.part").exists():
+                    _unlink_quietly(path)
+        return removed
+
+    def _sweep_one(self, partial: Path) -> bool:
+        try:
+            fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return False
+        try:
+            if not _try_lock(fd) or not _same_file(fd, partial):
+                return False
+            record = partial.with_suffix(".json")
+            log.info(
+                "removing abandoned upload {name} ({size} bytes)",
+                name=partial.name,
+                size=os.fstat(fd).st_size,
+            )
+            _unlink_quietly(partial)
+            _unlink_quietly(record)
+            return True
+        finally:
+            os.close(fd)
+
+    def writer_lock_free(self, key: str) -> bool:
+        """Whether no process here holds the writer lock of the upload with this path key."""
+        if len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
+            return False
+        try:
+            fd = os.open(self.partial_dir / f"{key}.part", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             return True
-        if age < self.stale_after:
+        try:
+            return _try_lock(fd)
+        finally:
+            os.close(fd)  # closing drops the probe's lock
+
+    def request_takeover(self, segments: Sequence[str]) -> None:
+        """
+        Ask whichever process writes this upload to let go (its client is back on a new
+        connection, so the old one is dead): it checks for this marker every second.
+        """
+        marker = self.partial_dir / f"{path_key(_check_segments(segments))}.takeover"
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, _FILE_MODE)
+        os.close(fd)
+        os.utime(marker)
+
+    def takeover_requested(self, segments: Sequence[str], since: float) -> bool:
+        """Whether a takeover marker newer than ``since`` (epoch seconds) exists."""
+        marker = self.partial_dir / f"{path_key(_check_segments(segments))}.takeover"
+        try:
+            return os.lstat(marker).st_mtime >= since
+        except FileNotFoundError:
             return False
-        log.info("removing stale partial upload {path} ({age:.0f}s idle)", path=partial, age=age)
-        _unlink_quietly(partial)
-        return True
+
+    def clear_takeover(self, segments: Sequence[str]) -> None:
+        _unlink_quietly(self.partial_dir / f"{path_key(_check_segments(segments))}.takeover")
+
+    def _open_locked(self, partial: Path, *, create: bool) -> int | None:
+        """
+        Open a partial file for writing and take its one-writer lock.
+
+        Returns None if it does not exist (and ``create`` is false); 409 if another writer
+        holds it.  A name unlinked or replaced between our open and our lock (a commit or a
+        sweep that won the race) is opened again, so the lock is always on the file that
+        the name designates.
+        """
+        flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
+        for _attempt in range(5):
+            try:
+                fd = os.open(partial, flags, _FILE_MODE)
+            except FileNotFoundError:
+                if create:
+                    raise
+                return None
+            if not _try_lock(fd):
+                os.close(fd)
+                raise StorageError(409, "upload already in progress")
+            if _same_file(fd, partial):
+                return fd
+            os.close(fd)
+        raise StorageError(409, "upload already in progress")
 
     def delete(self, segments: Sequence[str]) -> bool:
         """Remove a finished file and its metadata; False if there was no regular file."""
@@ -374,12 +631,14 @@ def _translate(e: OSError) -> OSError | StorageError:
 @attrs.define(eq=False)
 class PartialUpload:
     """
-    One upload in progress, owning its O_EXCL partial file.
+    One upload being written, owning (and locking) its partial file.
 
     ``write`` and ``commit`` block; run them on a worker thread.  Do not call ``abort``
     concurrently with them from another thread: a lock makes it wait for the running call
     (so the fd is never closed under a write), which blocks the calling thread meanwhile.
-    After a failed ``write`` the caller must ``abort``; ``commit`` cleans up after itself.
+    After a failed ``write`` the caller must ``abort`` or ``release``; ``commit`` cleans up
+    after itself.  ``written`` is the length of the partial file (``offset`` of it were
+    there when it was opened, for a resumed upload).
     """
 
     store: Store
@@ -390,6 +649,8 @@ class PartialUpload:
     size: int | None
     fd: int
     written: int = 0
+    offset: int = 0
+    record: dict[str, object] | None = None
     _finished: bool = attrs.field(default=False, init=False)
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
 
@@ -418,15 +679,67 @@ class PartialUpload:
                         n = 0
             return total
 
+    def datasync(self) -> int:
+        """Make the bytes written so far durable; returns how many there are."""
+        with self._lock:
+            if not self._finished:
+                os.fdatasync(self.fd)
+            return self.written
+
+    def truncate(self, length: int) -> None:
+        """Cut the partial file back to ``length`` bytes (a chunk that failed its checksum)."""
+        with self._lock:
+            if self._finished:
+                raise ValueError("upload already committed or aborted")
+            os.ftruncate(self.fd, length)
+            os.lseek(self.fd, length, os.SEEK_SET)
+            self.written = length
+
+    def hash_prefix(self, hasher: object, length: int, block: int = 1024 * 1024) -> None:
+        """
+        Feed the first ``length`` bytes of the partial file to ``hasher`` (a resumed upload
+        whose whole-file checksum must cover the bytes an earlier request wrote).
+        """
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            remaining = length
+            position = 0
+            while remaining:
+                data = os.pread(fd, min(block, remaining), position)
+                if not data:
+                    raise OSError(errno.EIO, "partial file shorter than its offset", str(self.path))
+                hasher.update(data)  # type: ignore[attr-defined]
+                position += len(data)
+                remaining -= len(data)
+        finally:
+            os.close(fd)
+
+    def release(self) -> int:
+        """
+        Stop writing but keep the upload for a later resume: make the bytes durable, let go
+        of the lock.  Returns the length of the partial file.  Idempotent.
+        """
+        with self._lock:
+            if self._finished:
+                return self.written
+            self._finished = True
+            try:
+                if self.fd >= 0:
+                    os.fdatasync(self.fd)
+            finally:
+                self._close()
+            return self.written
+
     def commit(self, sha256_hex: str | None) -> StoredFile:
         """
         Publish the upload at its target; 409 if something appeared there meanwhile.
 
         Order: fsync data, write metadata to a temporary name, link the partial to the
-        target (atomic, never overwrites), move the metadata into place, unlink the partial,
-        fsync directories.  Metadata reaches its final name only after the link succeeded,
-        so a losing upload never touches the existing file's metadata.  On any failure
-        nothing of this upload remains (not even at the target).
+        target (atomic, never overwrites), move the metadata into place, unlink the partial
+        and its record, fsync directories, and only then close (and so unlock) the partial
+        file, so nobody can reopen it in between.  Metadata reaches its final name only after
+        the link succeeded, so a losing upload never touches the existing file's metadata.
+        On any failure nothing of this upload remains (not even at the target).
         """
         with self._lock:
             if self._finished:
@@ -435,11 +748,10 @@ class PartialUpload:
             store = self.store
             meta_final = store.meta_path(self.segments)
             meta_tmp = meta_final.with_name(meta_final.name + ".tmp")
+            record = store.record_path(self.segments)
             linked = placed = False
             try:
                 os.fsync(self.fd)
-                os.close(self.fd)
-                self.fd = -1
                 self._write_meta(meta_tmp, sha256_hex)
                 # A retention sweep may have removed now-empty parents during the upload.
                 store._ensure_parents(self.segments, create=True)
@@ -452,17 +764,20 @@ class PartialUpload:
                 os.rename(meta_tmp, meta_final)
                 placed = True
                 os.unlink(self.path)
+                _unlink_quietly(record)
+                self._close()
                 self._fsync_parents()
                 _fsync_dir(store.meta_dir)
                 st = os.lstat(self.target)
             except BaseException as e:
-                self._close()
                 if placed:
                     _unlink_quietly(meta_final)
                 if linked:
                     _unlink_quietly(self.target)
                 _unlink_quietly(meta_tmp)
                 _unlink_quietly(self.path)
+                _unlink_quietly(record)
+                self._close()
                 if isinstance(e, OSError):
                     translated = _translate(e)
                     if translated is not e:
@@ -472,13 +787,14 @@ class PartialUpload:
             return store._stored_file(self.segments, st)
 
     def abort(self) -> None:
-        """Drop the upload: close and remove the partial file. Idempotent."""
+        """Drop the upload: remove the partial file and its record, then close. Idempotent."""
         with self._lock:
             if self._finished:
                 return
             self._finished = True
-            self._close()
             _unlink_quietly(self.path)
+            _unlink_quietly(self.store.record_path(self.segments))
+            self._close()
 
     @property
     def _name(self) -> str:

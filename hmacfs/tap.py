@@ -40,6 +40,7 @@ from hmacfs.retention import (
     tombstone_check,
 )
 from hmacfs.resource import DownloadSettings, UploadResource
+from hmacfs.resume import make_resumable
 from hmacfs.storage import Store
 from hmacfs.upload import UploadLimits, UploadPolicy
 from hmacfs.workers import WorkerSupervisor
@@ -209,6 +210,8 @@ def build_site(
         if metrics is not None:
             metrics.auth_failure(reason)
         bans.record_failure(client_of(request))
+    # Resumable uploads: state backend (embedded or Redis), registry, timers.
+    resumable = make_resumable(config, reactor, run_blocking, store)
     policy = UploadPolicy(
         limits=UploadLimits(
             prefix=config.upload_subdir,
@@ -221,6 +224,7 @@ def build_site(
         run_blocking=run_blocking,
         clock=reactor,
         on_auth_failure=auth_failed,
+        uploads=resumable.uploads,
     )
     resource = UploadResource(
         prefix=config.upload_subdir,
@@ -233,6 +237,8 @@ def build_site(
             write_timeout=config.write_timeout,
             chunk_size=max(config.buffer_size, 65536),
         ),
+        uploads=resumable.uploads,
+        max_upload_size=config.max_upload_size,
     )
     site = StreamingSite(
         resource,
@@ -248,6 +254,7 @@ def build_site(
     site.tombstones = Tombstones(store.root)  # type: ignore[attr-defined]
     site.admission_checks.append(tombstone_check(site.tombstones, config.upload_subdir))
     site.bans = bans  # type: ignore[attr-defined]
+    site.resumable = resumable  # type: ignore[attr-defined]
     return site
 
 
@@ -279,6 +286,8 @@ def assemble_server(
     ring = SecretRing(config.secret, reactor, config.secret_grace_period)
     metrics = Metrics() if config.metrics_enabled else None
     site = build_site(config, reactor, disk.run_blocking, ring, metrics)
+    for service in site.resumable.services:  # type: ignore[attr-defined]
+        service.setServiceParent(top)
     if metrics is not None:
         GaugeService(reactor, metrics, site).setServiceParent(top)
     reload = ReloadService(
@@ -338,7 +347,7 @@ def make_service_from_config(
 
         reactor = default_reactor
     if config.num_cores > 1 and config_path is not None:
-        return make_supervisor(config, reactor, config_path)
+        return add_component(make_supervisor(config, reactor, config_path), config, reactor)
     top, site = assemble_server(config, reactor, config_path=config_path)
     if top.metrics is not None:  # type: ignore[attr-defined]
         _add_metrics_listener(top, config, reactor, top.metrics)  # type: ignore[attr-defined]
@@ -351,6 +360,22 @@ def make_service_from_config(
     listener._raiseSynchronously = True
     listener.setServiceParent(top)
     top.listener = listener  # type: ignore[attr-defined]
+    return add_component(top, config, reactor)
+
+
+def add_component(top: MultiService, config: Config, reactor: Any) -> MultiService:
+    """
+    With ComponentJID set, log in to the XMPP server as the XEP-0114 upload
+    component (once per machine: in the supervisor when there are workers),
+    signing slots with the current secret of ``top.reload``'s ring.
+    """
+    if config.component_jid:
+        from hmacfs.component import component_from_config
+
+        ring = top.reload.ring  # type: ignore[attr-defined]
+        component = component_from_config(config, reactor, secret=lambda: ring.current)
+        component.setServiceParent(top)
+        top.component = component  # type: ignore[attr-defined]
     return top
 
 

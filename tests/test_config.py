@@ -443,6 +443,7 @@ class DefaultsTests(ConfigTestCase):
             "redis_addr": "",
             "redis_password": "",
             "redis_db": 0,
+            "resume_ttl": 600.0,
             "read_timeout": 120.0,
             "write_timeout": 120.0,
             "buffer_size": 65536,
@@ -458,6 +459,13 @@ class DefaultsTests(ConfigTestCase):
             "secret_grace_period": 3600.0,
             "retention_interval": 3600.0,
             "deletion_report_file": None,
+            "component_jid": "",
+            "component_secret": "",
+            "component_server": "tcp:host=127.0.0.1:port=5347",
+            "public_url": "",
+            "upload_access": (),
+            "user_quota": 0,
+            "slot_expiry": 300.0,
         }
         self.assertEqual(set(expected), {field.name for field in attrs.fields(Config)})
         for name, value in expected.items():
@@ -472,7 +480,7 @@ class DefaultsTests(ConfigTestCase):
     def test_known_keys(self) -> None:
         """KNOWN_KEYS lists every current key once, and none of the obsolete ones."""
         self.assertEqual(len(KNOWN_KEYS), len(set(KNOWN_KEYS)))
-        self.assertEqual(len(KNOWN_KEYS), 42)
+        self.assertEqual(len(KNOWN_KEYS), 50)
         self.assertEqual(set(KNOWN_KEYS) & set(OBSOLETE_KEYS), set())
         self.assertIn("TrustedProxies", KNOWN_KEYS)
 
@@ -524,6 +532,7 @@ BAD_VALUES: dict[str, tuple[object, str]] = {
     "MaxRetentionTime": ("forever", "'forever'"),
     "RedisAddr": ("localhost", "'localhost'"),
     "RedisDB": (16, "16"),
+    "ResumeTTL": ("0s", "'0s'"),
     "ReadTimeout": (0, "0"),
     "WriteTimeout": ("0s", "'0s'"),
     "BufferSize": ("1KiB", "'1KiB'"),
@@ -536,8 +545,14 @@ BAD_VALUES: dict[str, tuple[object, str]] = {
     "SecretGracePeriod": ("a while", "'a while'"),
     "RetentionInterval": ("0s", "'0s'"),
     "DeletionReportFile": ("/nonexistent-dir/x.log", "/nonexistent-dir/x.log"),
+    "ComponentJID": ("upload@example.org", "'upload@example.org'"),
+    "ComponentServer": ("localhost", "'localhost'"),
+    "PublicURL": ("https://upload.example.org/upload/", "'https://upload.example.org/upload/'"),
+    "UploadAccess": (["not a jid"], "'not a jid'"),
+    "UserQuota": ("lots", "'lots'"),
+    "SlotExpiry": ("0s", "'0s'"),
 }
-SENSITIVE_KEYS = ("Secret", "RedisPassword")
+SENSITIVE_KEYS = ("Secret", "RedisPassword", "ComponentSecret")
 
 
 class BadValueTests(ConfigTestCase):

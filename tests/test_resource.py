@@ -38,7 +38,7 @@ class CORSTests(HarnessMixin, SynchronousTestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 204 "), answer)
         for header in (
             b"Access-Control-Allow-Origin: *",
-            b"Access-Control-Allow-Methods: GET, HEAD, PUT, OPTIONS",
+            b"Access-Control-Allow-Methods: GET, HEAD, PUT, POST, PATCH, DELETE, OPTIONS",
             b"Access-Control-Max-Age: 7200",
         ):
             self.assertIn(header, answer)
@@ -135,3 +135,32 @@ class IdleTimeoutTests(HarnessMixin, SynchronousTestCase):
             protocol.dataReceived(body[start : start + 10])
         self.assertIn(b"HTTP/1.1 201 ", transport.value())
         self.assertEqual((self.store / UUID / "slow.bin").read_bytes(), body)
+
+
+class UploadStatusAnswerTests(HarnessMixin, SynchronousTestCase):
+    def test_status_head_has_no_body_headers(self) -> None:
+        """A HEAD answered with an upload offset says Content-Length: 0 and no Content-Type."""
+        from hmacfs.testing import v1_mac
+
+        path = f"{UUID}/status.bin"
+        protocol, _transport = self.harness.connect()
+        protocol.dataReceived(put_head(path, 100, extra=("X-Session-Token: status-token-1",)))
+        protocol.dataReceived(b"x" * 40)
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        protocol.connectionLost(Failure(ConnectionLost()))
+        answer = self.request(
+            f"HEAD /upload/{path}?v={v1_mac(path, 100)} HTTP/1.1\r\n"
+            "X-Session-Token: status-token-1\r\n\r\n".encode()
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+        self.assertIn(b"Upload-Offset: 40\r\n", answer)
+        self.assertIn(b"Content-Length: 0\r\n", answer)
+        self.assertNotIn(b"\r\nContent-Type:", answer)
+        self.assertIn(b"X-Session-Token: status-token-1\r\n", answer)
+
+    def test_options_allow_lists_tus_methods(self) -> None:
+        """OPTIONS' Allow names every method of the tree, tus ones included."""
+        answer = self.request(f"OPTIONS /upload/{UUID}/x HTTP/1.1\r\n\r\n".encode())
+        self.assertIn(b"Allow: GET, HEAD, PUT, POST, PATCH, DELETE, OPTIONS\r\n", answer)

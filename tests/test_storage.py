@@ -454,7 +454,10 @@ class WriteTests(StoreTestsMixin, SynchronousTestCase):
 
 
 class StalePartialTests(SynchronousTestCase):
-    """Leftover partial files from a crash do not block their path forever."""
+    """
+    Leftover partial files from a crash do not block their path: only a live writer's
+    lock does (issue 3: this used to be decided by the partial's age, ``stale_after``).
+    """
 
     def setUp(self) -> None:
         self.root = Path(self.mktemp()).resolve()
@@ -463,7 +466,7 @@ class StalePartialTests(SynchronousTestCase):
         self.store = Store(self.root, now=lambda: self.clock[0], stale_after=100.0)
 
     def test_fresh_partial_blocks(self) -> None:
-        """A partial written to recently means an upload in progress: 409."""
+        """A partial whose writer still holds it means an upload in progress: 409."""
         first = self.store.open_partial(("u", "f"), "text/plain", 3)
         os.utime(first.path, (self.clock[0] - 10, self.clock[0] - 10))
         error = self.assertRaises(StorageError, self.store.open_partial, ("u", "f"), "text/plain", 3)
@@ -471,7 +474,7 @@ class StalePartialTests(SynchronousTestCase):
         first.abort()
 
     def test_stale_partial_replaced(self) -> None:
-        """A partial idle longer than stale_after is removed and the new upload proceeds."""
+        """A partial nobody holds (its writer is gone) is replaced and the new upload proceeds."""
         first = self.store.open_partial(("u", "g"), "text/plain", 3)
         os.close(first.fd)
         os.utime(first.path, (self.clock[0] - 500, self.clock[0] - 500))
@@ -479,3 +482,145 @@ class StalePartialTests(SynchronousTestCase):
         second.write([b"abc"])
         second.commit(None)
         self.assertEqual((self.root / "u" / "g").read_bytes(), b"abc")
+
+
+class ResumableStoreTests(StoreTestsMixin, SynchronousTestCase):
+    """Partial files kept for a resume: release, reopen, truncate, records, locks, sweeps."""
+
+    def test_release_keeps_bytes_and_record(self) -> None:
+        """release() keeps the partial and its record and lets go of the lock; resume reopens at its end."""
+        store = self.make_store()
+        partial = store.open_partial(SEGS, "image/jpeg", 10, record={"token": "t"})
+        partial.write([b"abcd"])
+        self.assertEqual(partial.release(), 4)
+        self.assertEqual(partial.release(), 4)  # idempotent
+        self.assertEqual(partial.fd, -1)
+        self.assertRaises(ValueError, partial.write, [b"x"])
+        status = store.partial_status(SEGS)
+        self.assertEqual(status[0], 4)
+        self.assertEqual((status[1]["token"], status[1]["size"], status[1]["path"]), ("t", 10, "0123abcd/photo.jpg"))
+        again = store.resume_partial(SEGS)
+        self.assertEqual((again.written, again.offset, again.size, again.content_type), (4, 4, 10, "image/jpeg"))
+        again.write([b"efghij"])
+        again.commit(None)
+        self.assertEqual(store.target_path(SEGS).read_bytes(), b"abcdefghij")
+        self.assertIsNone(store.partial_status(SEGS))
+        self.assertEqual(self.private_files(store), [f"{path_key(SEGS)}.json"])  # the meta only
+
+    def test_one_writer_per_partial(self) -> None:
+        """While a writer holds the partial, neither a fresh open nor a resume gets it (409)."""
+        store = self.make_store()
+        first = store.open_partial(SEGS, "text/plain", 10)
+        first.write([b"12"])
+        for opener in (lambda: store.open_partial(SEGS, "text/plain", 10), lambda: store.resume_partial(SEGS)):
+            error = self.assertRaises(StorageError, opener)
+            self.assertEqual((error.status, error.reason), (409, "upload already in progress"))
+        self.assertFalse(store.writer_lock_free(path_key(SEGS)))
+        first.release()
+        self.assertTrue(store.writer_lock_free(path_key(SEGS)))
+        store.resume_partial(SEGS).abort()
+        self.assertEqual(self.private_files(store), [])
+
+    def test_fresh_open_truncates_leftover(self) -> None:
+        """A fresh open of an interrupted upload starts from zero with a new record."""
+        store = self.make_store()
+        old = store.open_partial(SEGS, "text/plain", 10, record={"token": "old"})
+        old.write([b"stale data"])
+        old.release()
+        new = store.open_partial(SEGS, "text/plain", 3, record={"token": "new"})
+        self.assertEqual((new.written, os.path.getsize(new.path)), (0, 0))
+        self.assertEqual(store.partial_status(SEGS)[1]["token"], "new")
+        new.write([b"abc"])
+        new.commit(None)
+        self.assertEqual(store.target_path(SEGS).read_bytes(), b"abc")
+
+    def test_resume_needs_a_record(self) -> None:
+        """Nothing to resume without a partial, or with a partial that has no record."""
+        store = self.make_store()
+        self.assertIsNone(store.resume_partial(SEGS))
+        partial = store.open_partial(SEGS, "text/plain", 10)
+        partial.write([b"x"])
+        partial.release()
+        store.record_path(SEGS).unlink()
+        self.assertIsNone(store.resume_partial(SEGS))
+        self.assertTrue(store.writer_lock_free(path_key(SEGS)))  # the probe let go again
+
+    def test_resume_when_file_exists_409(self) -> None:
+        """A resume after the file appeared is 409 file already exists."""
+        store = self.make_store()
+        self.upload(store, SEGS, b"done")
+        error = self.assertRaises(StorageError, store.resume_partial, SEGS)
+        self.assertEqual((error.status, error.reason), (409, "file already exists"))
+
+    def test_truncate_and_hash_prefix(self) -> None:
+        """truncate() cuts a bad chunk off; hash_prefix() reads back exactly the first bytes."""
+        store = self.make_store()
+        partial = store.open_partial(SEGS, "text/plain", 100)
+        partial.write([b"good-", b"BAD"])
+        partial.truncate(5)
+        partial.write([b"fine"])
+        self.assertEqual(partial.path.read_bytes(), b"good-fine")
+        digest = hashlib.sha256()
+        partial.hash_prefix(digest, 7, block=2)
+        self.assertEqual(digest.hexdigest(), hashlib.sha256(b"good-fi").hexdigest())
+        self.assertRaises(OSError, partial.hash_prefix, hashlib.sha256(), 50)
+        partial.abort()
+
+    def test_remove_partial(self) -> None:
+        """remove_partial drops an interrupted upload; 409 while written; False when there is none."""
+        store = self.make_store()
+        partial = store.open_partial(SEGS, "text/plain", 10)
+        self.assertRaises(StorageError, store.remove_partial, SEGS)
+        partial.release()
+        self.assertTrue(store.remove_partial(SEGS))
+        self.assertEqual(self.private_files(store), [])
+        self.assertFalse(store.remove_partial(SEGS))
+
+    def test_commit_holds_lock_until_unlinked(self) -> None:
+        """Nobody can lock the partial between commit's link and unlink (a reopen sees a new file)."""
+        store = self.make_store()
+        partial = store.open_partial(SEGS, "text/plain", 2)
+        partial.write([b"hi"])
+        seen = []
+        real_link = os.link
+
+        def link(src, dst, **kw):
+            real_link(src, dst, **kw)
+            seen.append(store.writer_lock_free(path_key(SEGS)))
+
+        self.patch(storage.os, "link", link)
+        partial.commit(None)
+        self.assertEqual(seen, [False])
+
+    def test_takeover_markers(self) -> None:
+        """A takeover request is seen by writers older than it, and cleared."""
+        store = self.make_store()
+        self.assertFalse(store.takeover_requested(SEGS, 0))
+        store.request_takeover(SEGS)
+        marker = store.partial_dir / f"{path_key(SEGS)}.takeover"
+        os.utime(marker, (1000.0, 1000.0))
+        self.assertTrue(store.takeover_requested(SEGS, 999.0))
+        self.assertFalse(store.takeover_requested(SEGS, 1001.0))
+        store.clear_takeover(SEGS)
+        self.assertFalse(marker.exists())
+
+    def test_sweep(self) -> None:
+        """sweep_partials removes idle unlocked uploads and orphan records, nothing else."""
+        clock = [1_000_000.0]
+        store = self.make_store(now=lambda: clock[0])
+        idle = store.open_partial(("a", "idle"), "text/plain", 5)
+        idle.release()
+        busy = store.open_partial(("a", "busy"), "text/plain", 5)
+        recent = store.open_partial(("a", "recent"), "text/plain", 5)
+        recent.release()
+        orphan = store.partial_dir / ("f" * 64 + ".json")
+        orphan.write_text("{}")
+        for path in (idle.path, store.record_path(idle.segments), busy.path, orphan):
+            os.utime(path, (clock[0] - 100, clock[0] - 100))
+        self.assertEqual(store.sweep_partials(50), 1)
+        self.assertFalse(idle.path.exists())
+        self.assertFalse(store.record_path(idle.segments).exists())
+        self.assertFalse(orphan.exists())
+        self.assertTrue(busy.path.exists())
+        self.assertTrue(recent.path.exists())
+        busy.abort()

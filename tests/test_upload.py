@@ -178,19 +178,35 @@ class StreamingTests(UploadTestsMixin, SynchronousTestCase):
         self.assertEqual(self.status(transport), 201)
         self.assertEqual((self.store / UUID / "file.bin").read_bytes(), b"")
 
-    def test_short_body_leaves_nothing(self) -> None:
-        """A client that goes away mid-body leaves no file at the target and no partial."""
+    def test_short_body_keeps_partial_for_resume(self) -> None:
+        """
+        A client that goes away mid-body leaves no file at the target; its bytes stay in
+        the partial file (with its sidecar record) for a resume.  A plain PUT of the same
+        URL starts over and succeeds, and leaves no partial behind.
+
+        (Issue 3 changed this: before resumable uploads the partial was deleted.)
+        """
         protocol, transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/cut.bin", 1000))
         protocol.dataReceived(b"x" * 400)
         protocol.connectionLost(Failure(ConnectionLost()))
         self.assertFalse((self.store / UUID / "cut.bin").exists())
-        self.assertEqual(partials(self.store), [])
-        # ... and the same URL works again afterwards.
+        kept = partials(self.store)
+        self.assertEqual([name.rsplit(".", 1)[1] for name in kept], ["json", "part"])
+        self.assertEqual((self.store / ".hmacfs" / "partial" / kept[1]).read_bytes(), b"x" * 400)
+        # ... and the same URL works again afterwards, from byte 0.
         body = b"y" * 1000
         _p, transport2 = self.upload(body, 100, name="cut.bin")
         self.assertEqual(self.status(transport2), 201)
         self.assertEqual((self.store / UUID / "cut.bin").read_bytes(), body)
+        self.assertEqual(partials(self.store), [])
+
+    def test_interrupted_before_any_byte_leaves_nothing(self) -> None:
+        """A PUT cut off before a single body byte keeps nothing: there is nothing to resume."""
+        protocol, _transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/none.bin", 1000))
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(partials(self.store), [])
 
     def test_concurrent_same_path_409(self) -> None:
         """While one upload of a path is in flight, a second one gets 409."""
@@ -274,14 +290,20 @@ class FlowControlTests(UploadTestsMixin, SynchronousTestCase):
         self.assertEqual((self.store / UUID / "bounded.bin").read_bytes(), body)
 
     def test_disconnect_while_write_in_flight(self) -> None:
-        """A disconnect during a pending write removes the partial once the write returns."""
+        """
+        A disconnect during a pending write keeps the partial file, with the bytes of that
+        write, once it returns; nothing appears at the target.  (Issue 3: the partial used
+        to be removed; it is now kept for a resume.)
+        """
         protocol, _transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/gone.bin", 10000))
         protocol.dataReceived(b"q" * 5000)
-        self.assertEqual(len(partials(self.store)), 1)
+        self.assertEqual(len(partials(self.store)), 2)  # the .part and its .json record
         protocol.connectionLost(Failure(ConnectionLost()))
         self.runner.run_all()
-        self.assertEqual(partials(self.store), [])
+        part = [name for name in partials(self.store) if name.endswith(".part")]
+        self.assertEqual(len(part), 1)
+        self.assertEqual((self.store / ".hmacfs" / "partial" / part[0]).read_bytes(), b"q" * 5000)
         self.assertFalse((self.store / UUID / "gone.bin").exists())
 
 
@@ -319,3 +341,60 @@ class ChecksumTests(UploadTestsMixin, SynchronousTestCase):
         protocol, transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/m.bin", 10, extra=("X-Checksum: nothex",)))
         self.assertEqual(self.status(transport), 400)
+
+
+class WriteFailureTests(UploadTestsMixin, SynchronousTestCase):
+    def test_write_failure_keeps_what_was_written(self) -> None:
+        """
+        A disk error mid-body drops the client (no response can be written) but keeps the
+        bytes already in the partial file, so the upload can be resumed once space is back.
+        """
+        import errno
+
+        from hmacfs import storage
+
+        calls = []
+        real_writev = os.writev
+
+        def failing_writev(fd, buffers):
+            calls.append(1)
+            if len(calls) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_writev(fd, buffers)
+
+        self.patch(storage.os, "writev", failing_writev)
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/full.bin", 10_000))
+        protocol.dataReceived(b"a" * 3000)
+        protocol.dataReceived(b"b" * 3000)
+        self.assertTrue(transport.disconnecting)
+        part = [name for name in partials(self.store) if name.endswith(".part")]
+        self.assertEqual((self.store / ".hmacfs" / "partial" / part[0]).read_bytes(), b"a" * 3000)
+        self.assertFalse((self.store / UUID / "full.bin").exists())
+        self.assertEqual(len(self.flushLoggedErrors(storage.StorageError)), 1)
+
+    def test_disk_full_after_last_byte_is_507(self) -> None:
+        """A disk-full error on the body's last write is answered: 507, not a dropped connection."""
+        import errno
+
+        from hmacfs import storage
+
+        self.runner.auto = False
+        calls = []
+        real_writev = os.writev
+
+        def failing_writev(fd, buffers):
+            calls.append(1)
+            if len(calls) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_writev(fd, buffers)
+
+        self.patch(storage.os, "writev", failing_writev)
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/last.bin", 6000))
+        protocol.dataReceived(b"a" * 3000)
+        protocol.dataReceived(b"b" * 3000)
+        self.runner.run_all()
+        self.assertEqual(self.status(transport), 507)
+        self.assertIn(b"insufficient storage", transport.value())
+        self.assertEqual(len(self.flushLoggedErrors(storage.StorageError)), 1)
