@@ -217,6 +217,9 @@ class GaugeService(Service):
         policy = getattr(self.site, "body_policy", None)
         if policy is not None:
             self.metrics.active_uploads.set(getattr(policy, "active", 0))
+        resumable = getattr(self.site, "resumable", None)
+        if resumable is not None and resumable.state_service.address is not None:
+            self.metrics.redis_connected.set(1 if resumable.state_service.connected else 0)
 
     def startService(self) -> None:
         super().startService()

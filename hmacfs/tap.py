@@ -24,7 +24,7 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from hmacfs.auth import Authenticator
-from hmacfs.bans import BanList, BanSettings, ban_check
+from hmacfs.bans import BanList, BanSettings, BanSyncService, SharedBans, ban_check
 from hmacfs.clientaddr import ClientAddressResolver, request_client
 from hmacfs.config import Config, ConfigError, load_config
 from hmacfs.logs import log_router
@@ -192,8 +192,8 @@ def build_site(
     store = Store(
         config.store_dir,
         min_free_bytes=config.min_free_bytes,
-        # An upload idle longer than ReadTimeout has been disconnected, so its
-        # partial file is a leftover (crash, dead node) and must not block the path.
+        # How long an unlocked partial file counts as in use (the writer's file
+        # lock is what decides; see Store.writer_lock_free).
         stale_after=config.read_timeout + 60.0,
     )
     if ring is None:
@@ -205,13 +205,21 @@ def build_site(
         return request_client(request, resolver)
 
     bans = BanList(reactor, BanSettings.from_config(config))
+    # Resumable uploads: state backend (embedded or Redis), registry, timers.
+    resumable = make_resumable(config, reactor, run_blocking, store)
+    # With Redis, failures and blocks are shared by every node and worker.
+    shared_bans = (
+        SharedBans(bans=bans, client=resumable.state_service.client) if config.redis_addr else None
+    )
 
     def auth_failed(request: Any, reason: str) -> None:
         if metrics is not None:
             metrics.auth_failure(reason)
-        bans.record_failure(client_of(request))
-    # Resumable uploads: state backend (embedded or Redis), registry, timers.
-    resumable = make_resumable(config, reactor, run_blocking, store)
+        address = client_of(request)
+        bans.record_failure(address)
+        if shared_bans is not None:
+            shared_bans.failure(address)
+
     policy = UploadPolicy(
         limits=UploadLimits(
             prefix=config.upload_subdir,
@@ -254,6 +262,9 @@ def build_site(
     site.tombstones = Tombstones(store.root)  # type: ignore[attr-defined]
     site.admission_checks.append(tombstone_check(site.tombstones, config.upload_subdir))
     site.bans = bans  # type: ignore[attr-defined]
+    site.ban_sync = BanSyncService(  # type: ignore[attr-defined]
+        clock=reactor, bans=bans, store_dir=store.root, shared=shared_bans
+    )
     site.resumable = resumable  # type: ignore[attr-defined]
     return site
 
@@ -288,6 +299,7 @@ def assemble_server(
     site = build_site(config, reactor, disk.run_blocking, ring, metrics)
     for service in site.resumable.services:  # type: ignore[attr-defined]
         service.setServiceParent(top)
+    site.ban_sync.setServiceParent(top)  # type: ignore[attr-defined]
     if metrics is not None:
         GaugeService(reactor, metrics, site).setServiceParent(top)
     reload = ReloadService(
@@ -318,13 +330,14 @@ def _add_metrics_listener(top: MultiService, config: Config, reactor: Any, metri
 
 def _add_retention(
     top: MultiService, config: Config, reactor: Any, *, store: Store, tombstones: Tombstones,
-    run_blocking: Any, metrics: Any, reload: ReloadService,
+    run_blocking: Any, metrics: Any, reload: ReloadService, redis: Any = None,
 ) -> RetentionService:
     retention = RetentionService(
         clock=reactor,
         sweeper=Sweeper(store, tombstones, RetentionSettings.from_config(config), deletion_report_path(config)),
         run_blocking=run_blocking,
         metrics=metrics,
+        redis=redis,
     )
     if retention.settings.active or metrics is not None:
         retention.setServiceParent(top)
@@ -355,6 +368,7 @@ def make_service_from_config(
         top, config, reactor, store=site.store, tombstones=site.tombstones,  # type: ignore[attr-defined]
         run_blocking=top.disk.run_blocking, metrics=top.metrics,  # type: ignore[attr-defined]
         reload=top.reload,  # type: ignore[attr-defined]
+        redis=site.resumable.state_service.client if config.redis_addr else None,  # type: ignore[attr-defined]
     )
     listener = StreamServerEndpointService(serverFromString(reactor, config.listen), site)
     listener._raiseSynchronously = True
@@ -409,9 +423,20 @@ def make_supervisor(config: Config, reactor: Any, config_path: str) -> MultiServ
     reload.rotation_listeners.append(supervisor.broadcast_secrets)
     reload.setServiceParent(top)
     store = Store(config.store_dir, min_free_bytes=config.min_free_bytes)
+    redis = None
+    if config.redis_addr:
+        # The sweep lock shared with other nodes (the workers hold their own connections).
+        from hmacfs.state import StateService
+
+        state = StateService(
+            reactor, redis_addr=config.redis_addr, redis_password=config.redis_password,
+            redis_db=config.redis_db, max_retries=config.max_retries, retry_delay=config.retry_delay,
+        )
+        state.setServiceParent(top)
+        redis = state.client
     _add_retention(
         top, config, reactor, store=store, tombstones=Tombstones(store.root),
-        run_blocking=disk.run_blocking, metrics=metrics, reload=reload,
+        run_blocking=disk.run_blocking, metrics=metrics, reload=reload, redis=redis,
     )
     supervisor.setServiceParent(top)
     top.supervisor = supervisor  # type: ignore[attr-defined]

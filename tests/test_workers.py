@@ -101,3 +101,37 @@ class WorkerTests(SynchronousTestCase):
         daemon.process.wait(10)
         for pid in workers:
             self.assertTrue(wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 15), pid)
+
+
+class SharedBanTests(SynchronousTestCase):
+    def test_ban_visible_from_every_worker_with_redis(self) -> None:
+        """With RedisAddr, failures counted by any worker block the client on all of them."""
+        from tests.redis_server import RedisServer
+
+        redis = RedisServer().start()
+        self.addCleanup(redis.stop)
+        require_curl()
+        daemon = Daemon(extra=f'NumCores = 2\nRedisAddr = "{redis.addr}"\nBlockAfterFails = 3\n')
+        self.addCleanup(daemon.stop)
+        self.assertTrue(wait_for(lambda: len(children(daemon.process.pid)) == 2), daemon.log_tail())
+
+        def put(mac: str | None) -> bytes:
+            slot = f"{uuid.uuid4()}/b.txt"
+            mac = mac or v1_mac(slot, 1)
+            return daemon.curl("-X", "PUT", "--data-binary", "x", "-o", "/dev/null", "-w", "%{http_code}",
+                               f"{daemon.base()}/{slot}?v={mac}").stdout
+
+        for _ in range(3):
+            self.assertIn(put("0" * 64), (b"403", b"429"))
+        # Correctly signed uploads from now on: a worker that did not learn of the
+        # block would store them (201), since they add no failures of their own.
+        self.assertTrue(wait_for(lambda: [put(None) for _ in range(8)] == [b"429"] * 8, 10),
+                        daemon.log_tail())
+        # The block lives in Redis, with BlockDuration as its expiry.
+        import socket as socketlib
+
+        with socketlib.create_connection(("127.0.0.1", redis.port), timeout=5) as sock:
+            sock.sendall(b"PTTL hmacfs:ban:127.0.0.1\r\n")
+            reply = sock.recv(100)
+        self.assertTrue(reply.startswith(b":"), reply)
+        self.assertGreater(int(reply[1:].strip()), 200_000)
