@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import attrs
 
+from hmacfs.errors import Refusal
+
 __all__ = [
     "MAX_PATH_BYTES",
     "MAX_SEGMENTS",
@@ -57,7 +59,7 @@ _ESCAPES: dict[bytes, bytes] = {
 }
 
 
-class PathError(Exception):
+class PathError(Refusal):
     """
     The request path cannot name a slot.
 
@@ -65,14 +67,6 @@ class PathError(Exception):
     reserved, 404 outside the upload prefix, 414 too long); ``reason`` is a
     short human text for the response body and logs.
     """
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(status, reason)
-        self.status = status
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.status} {self.reason}"
 
 
 @attrs.frozen

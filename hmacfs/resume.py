@@ -41,6 +41,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hmacfs.errors import Refusal
 from hmacfs.auth import SCHEMES
 from hmacfs.logs import log_router
 from hmacfs.state import StateService, node_identity
@@ -57,18 +58,6 @@ TAKEOVER_POLL = 1.0
 TAKEOVER_RETRY_AFTER = 2
 
 _CONTENT_RANGE = re.compile(rb"^\s*bytes\s+([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19})\s*$", re.I)
-
-
-class Refusal(Exception):
-    """A request that is answered with ``status``, ``reason`` and extra ``headers``."""
-
-    def __init__(
-        self, status: int, reason: str, headers: tuple[tuple[bytes, bytes], ...] = ()
-    ) -> None:
-        super().__init__(f"{status} {reason}")
-        self.status = status
-        self.reason = reason
-        self.headers = headers
 
 
 def _retry_after() -> tuple[tuple[bytes, bytes], ...]:

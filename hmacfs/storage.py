@@ -39,6 +39,7 @@ from typing import BinaryIO
 import attrs
 from twisted.logger import Logger
 
+from hmacfs.errors import Refusal
 from hmacfs.logs import log_router
 
 log = Logger(observer=log_router)
@@ -56,16 +57,8 @@ except (AttributeError, ValueError, OSError):
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-class StorageError(Exception):
+class StorageError(Refusal):
     """A refusal the HTTP layer turns into ``status`` with ``reason``."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(status, reason)
-        self.status = status
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.status} {self.reason}"
 
 
 @attrs.frozen
