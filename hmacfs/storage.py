@@ -45,6 +45,8 @@ from hmacfs.logs import log_router
 log = Logger(observer=log_router)
 
 PRIVATE_DIR = ".hmacfs"
+#: finished files whose metadata (Content-Type, SHA-256) each process keeps in memory
+META_CACHE_SIZE = 4096
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 _FILE_MODE = 0o640
@@ -198,6 +200,7 @@ class Store:
         self.root = Path(os.path.realpath(root))
         self.min_free_bytes = min_free_bytes
         self._now = now
+        self._meta_cache: dict[tuple[object, ...], dict[str, object]] = {}
         self.partial_dir = self.root / PRIVATE_DIR / "partial"
         self.meta_dir = self.root / PRIVATE_DIR / "meta"
         os.makedirs(self.partial_dir, mode=_DIR_MODE, exist_ok=True)
@@ -281,7 +284,22 @@ class Store:
         return meta if isinstance(meta, dict) else {}
 
     def _stored_file(self, segs: tuple[str, ...], st: os.stat_result) -> StoredFile:
-        meta = self._read_meta(segs)
+        # Metadata is cached by the identity of the file and of its metadata
+        # file: one lstat instead of open, read and JSON per GET.  Missing
+        # metadata (the instant between link and rename) is never cached.
+        try:
+            meta_st = os.lstat(self.meta_path(segs))
+        except OSError:
+            meta = {}
+        else:
+            key = (segs, st.st_ino, st.st_mtime_ns, st.st_size, meta_st.st_ino, meta_st.st_mtime_ns)
+            meta = self._meta_cache.get(key)
+            if meta is None:
+                meta = self._read_meta(segs)
+                if meta:
+                    if len(self._meta_cache) >= META_CACHE_SIZE:
+                        self._meta_cache.pop(next(iter(self._meta_cache)))
+                    self._meta_cache[key] = meta
         content_type = meta.get("content_type")
         sha256 = meta.get("sha256")
         return StoredFile(

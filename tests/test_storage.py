@@ -624,3 +624,34 @@ class ResumableStoreTests(StoreTestsMixin, SynchronousTestCase):
         self.assertTrue(busy.path.exists())
         self.assertTrue(recent.path.exists())
         busy.abort()
+
+
+class MetaCacheTests(SynchronousTestCase):
+    def test_cache_follows_file_identity(self) -> None:
+        """Metadata is read once per finished file and re-read when the file is replaced;
+        a file without metadata yet is not cached with the default type."""
+        root = Path(self.mktemp()).resolve()
+        root.mkdir()
+        store = Store(root)
+        partial = store.open_partial(("c", "f"), "image/png", 3)
+        partial.write([b"abc"])
+        partial.commit(None)
+        self.assertEqual(store.stat(("c", "f")).content_type, "image/png")
+        reads = []
+        original = store._read_meta
+        store._read_meta = lambda segs: reads.append(segs) or original(segs)
+        self.assertEqual(store.stat(("c", "f")).content_type, "image/png")
+        self.assertEqual(reads, [])
+        # Replaced by another file (new inode): read again.
+        store.delete(("c", "f"))
+        partial = store.open_partial(("c", "f"), "text/plain", 2)
+        partial.write([b"xy"])
+        partial.commit(None)
+        self.assertEqual(store.stat(("c", "f")).content_type, "text/plain")
+        self.assertEqual(len(reads), 1)
+        # A file whose metadata is missing is served with the default type, uncached.
+        (root / "c" / "bare").write_bytes(b"1")
+        self.assertEqual(store.stat(("c", "bare")).content_type, "application/octet-stream")
+        meta = store.meta_path(("c", "bare"))
+        meta.write_text('{"content_type": "audio/ogg"}')
+        self.assertEqual(store.stat(("c", "bare")).content_type, "audio/ogg")
