@@ -398,3 +398,33 @@ class WriteFailureTests(UploadTestsMixin, SynchronousTestCase):
         self.assertEqual(self.status(transport), 507)
         self.assertIn(b"insufficient storage", transport.value())
         self.assertEqual(len(self.flushLoggedErrors(storage.StorageError)), 1)
+
+
+class OneDiskJobTests(UploadTestsMixin, SynchronousTestCase):
+    """A body that arrives whole is written and committed in a single disk job."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.runner.auto = False
+
+    def test_small_upload_is_one_thread_hop(self) -> None:
+        """Headers and a 4 KiB body in one read: one job, then 201 and the exact bytes."""
+        body = os.urandom(4096)
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/one.bin", len(body)) + body)
+        self.assertEqual(len(self.runner.jobs), 1)
+        self.assertEqual(self.runner.run_all(), 1)
+        self.assertEqual(self.status(transport), 201)
+        self.assertEqual((self.store / UUID / "one.bin").read_bytes(), body)
+
+    def test_body_in_pieces_still_streams(self) -> None:
+        """Earlier pieces are written as they come; only the last one rides with the commit."""
+        body = os.urandom(9000)
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/two.bin", len(body)) + body[:4000])
+        self.assertEqual(len(self.runner.jobs), 1)  # the first piece goes to disk now
+        self.runner.run_all()
+        protocol.dataReceived(body[4000:])
+        self.runner.run_all()
+        self.assertEqual(self.status(transport), 201)
+        self.assertEqual((self.store / UUID / "two.bin").read_bytes(), body)
