@@ -114,6 +114,14 @@ class SharedBanTests(SynchronousTestCase):
         daemon = Daemon(extra=f'NumCores = 2\nRedisAddr = "{redis.addr}"\nBlockAfterFails = 3\n')
         self.addCleanup(daemon.stop)
         self.assertTrue(wait_for(lambda: len(children(daemon.process.pid)) == 2), daemon.log_tail())
+        # Failures are shared once a process is connected to Redis (before that,
+        # and during an outage, each process counts alone): wait for the two
+        # workers and the supervisor to connect.
+        log_path = daemon.dir / "hmacfs.log"
+        self.assertTrue(
+            wait_for(lambda: log_path.read_text().count("upload state: Redis at") >= 3, 20),
+            daemon.log_tail(),
+        )
 
         def put(mac: str | None) -> bytes:
             slot = f"{uuid.uuid4()}/b.txt"
