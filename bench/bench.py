@@ -380,6 +380,7 @@ class HmacfsServer(Server):
             "NumCores": self.options.hmacfs_cores,
             "MaxUploadSize": 0,
             "MinFreeBytes": 0,
+            **getattr(self, "extra_config", {}),
         }
         config_path = self.workdir / "config.toml"
         config_path.write_text(
@@ -595,15 +596,19 @@ class Bench:
         self.get_paths: dict[str, list[tuple[str, bytes]]] = {}
 
     # a. one big PUT with curl -T
-    def put_big(self, server: Server, run: int, deadline: Deadline) -> dict[str, Any]:
+    def put_big(
+        self, server: Server, run: int, deadline: Deadline, headers: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         assert self.big is not None
-        a, b = f"big-{self.token}-{run}", "file.bin"
+        a, b = f"big-{self.token}-{run}-{server.name}", "file.bin"
         url = f"http://{LOOPBACK}:{server.port}" + server.signed_path(a, b, self.big.size)
         rss0 = tree_rss_bytes(server.pid)
         cpu0, gen0 = tree_cpu_seconds(server.pid), children_cpu_seconds()
+        extra = [arg for header in headers for arg in ("-H", header)]
         with RssSampler(server.pid) as sampler:
             res = curl(
-                ["-T", str(self.big.path), "-o", str(self.tmp / "put-response.txt"), url], deadline
+                ["-T", str(self.big.path), "-o", str(self.tmp / "put-response.txt"), *extra, url],
+                deadline,
             )
         cpu1, gen1 = tree_cpu_seconds(server.pid), children_cpu_seconds()
         if res["code"] not in (200, 201, 204):
@@ -1229,6 +1234,62 @@ def run_workload(
     return entry
 
 
+def measure_resume_cost(
+    bench: Bench,
+    tmp: Path,
+    secret: str,
+    options: argparse.Namespace,
+    results: dict[str, dict[str, list[dict[str, Any]]]],
+) -> dict[str, Any]:
+    """
+    The cost of resumability: the same 1 GiB PUT on two fresh hmacfs servers,
+    one plain and one with Redis state and an X-Session-Token (progress
+    checkpoints, the shared writer lock), runs interleaved.
+    """
+    redis_bin = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(redis_bin).exists():
+        print("resume cost: redis-server not installed, skipped", file=sys.stderr)
+        return {}
+    redis_port = free_port()
+    redis_dir = tmp / "redis"
+    redis_dir.mkdir()
+    redis = subprocess.Popen(
+        [redis_bin, "--port", str(redis_port), "--bind", LOOPBACK, "--dir", str(redis_dir),
+         "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    plain = HmacfsServer(tmp / "hmacfs-plain", secret, options)
+    plain.name = "hmacfs-plain"
+    with_redis = HmacfsServer(tmp / "hmacfs-redis", secret, options)
+    with_redis.name = "hmacfs-redis"
+    with_redis.extra_config = {"RedisAddr": f"{LOOPBACK}:{redis_port}"}
+    try:
+        time.sleep(0.5)
+        start_server(plain)
+        start_server(with_redis)
+        for run in range(bench.runs):
+            pair = [(plain, ()), (with_redis, (f"X-Session-Token: bench-{bench.token}-{run}",))]
+            for server, headers in pair if run % 2 == 0 else pair[::-1]:
+                entry = run_workload(
+                    bench, results, server, "put_big",
+                    lambda d, s=server, h=headers, run=run: bench.put_big(s, run, d, h),
+                )
+                if entry.get("_stored"):
+                    remove_stored(server, *entry.pop("_stored"))
+    finally:
+        plain.stop()
+        with_redis.stop()
+        redis.terminate()
+        redis.wait(10)
+    plain_mib, _ = aggregate(results.get("hmacfs-plain", {}).get("put_big", []), "mib_s")
+    redis_mib, _ = aggregate(results.get("hmacfs-redis", {}).get("put_big", []), "mib_s")
+    return {
+        "plain": plain_mib,
+        "redis": redis_mib,
+        "ratio": redis_mib / plain_mib if plain_mib and redis_mib else None,
+    }
+
+
 def start_server(server: Server) -> None:
     try:
         server.start()
@@ -1342,6 +1403,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     parser.add_argument(
+        "--no-resume-cost", action="store_true",
+        help="skip the 1 GiB PUT with X-Session-Token against an hmacfs using Redis",
+    )
+    parser.add_argument(
         "--no-scaling", action="store_true",
         help="skip the second hmacfs (the other NumCores) used to show worker scaling",
     )
@@ -1408,6 +1473,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     scaling_results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    resume_results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    resume_cost: dict[str, Any] = {}
     scaling_cores: dict[str, Any] = {}
     load_before: dict[str, Any] = {}
     try:
@@ -1482,6 +1549,8 @@ def main(argv: list[str] | None = None) -> int:
                             )
                     if stored:
                         remove_stored(s, *stored)
+        if "put_big" in only and "hmacfs" in servers_wanted and not options.no_resume_cost:
+            resume_cost = measure_resume_cost(bench, tmp, secret, options, resume_results)
         for run in range(bench.runs):
             if "put_small" in only:
                 for s in order(run):
@@ -1542,6 +1611,15 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "ratio = hmacfs / nginx; a FAIL cell means the workload errored or lost data (no figure)."
     )
+    if resume_cost:
+        ratio = resume_cost.get("ratio")
+        print(
+            "cost of resumability, 1 GiB PUT MiB/s: plain {plain}, X-Session-Token + Redis {redis}, "
+            "ratio {ratio} (target >= 0.95)".format(
+                plain=fmt(resume_cost.get("plain")), redis=fmt(resume_cost.get("redis")),
+                ratio=f"{ratio:.2f}" if ratio else "-",
+            )
+        )
     scaling: dict[str, Any] = {}
     if scaling_cores:
         main_rps, _ = aggregate(results.get("hmacfs", {}).get("put_small", []), "rps")
@@ -1608,6 +1686,8 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "runs": results,
         "scaling": scaling,
+        "resume_cost": resume_cost,
+        "resume_runs": resume_results,
         "scaling_runs": scaling_results,
         "table": table,
     }
