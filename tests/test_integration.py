@@ -557,3 +557,38 @@ class SignalTests(SynchronousTestCase):
             self.assertEqual(put(b"a-brand-new-secret-0123456789"), 201)
         self.assertEqual(put(SECRET), 201)  # grace period (default 1h)
         self.assertEqual(put(b"never-the-secret-0123456789"), 403)
+
+
+class IPv6DaemonTests(SynchronousTestCase):
+    """The daemon listens on IPv6 loopback ("[::1]:port") too."""
+
+    def test_upload_over_ipv6(self) -> None:
+        """An upload and its download over [::1] work like over IPv4."""
+        require_curl()
+        try:
+            probe = socket.socket(socket.AF_INET6)
+            probe.bind(("::1", 0))
+            port = probe.getsockname()[1]
+            probe.close()
+        except OSError:
+            if in_ci():
+                raise
+            raise SkipTest("no IPv6 loopback here")
+
+        class IPv6Daemon(Daemon):
+            def listen_config(self) -> str:
+                return f'ListenPort = "[::1]:{port}"\nNumCores = 1\n'
+
+            def raw_connect(self) -> socket.socket:
+                sock = socket.create_connection(("::1", port), timeout=5)
+                sock.settimeout(5)
+                return sock
+
+        daemon = IPv6Daemon()
+        self.addCleanup(daemon.stop)
+        slot = f"{uuid.uuid4()}/six.txt"
+        url = f"http://[::1]:{port}/upload/{slot}"
+        put = daemon.curl("-g", "-X", "PUT", "--data-binary", "over six", "-o", "/dev/null",
+                          "-w", "%{http_code}", f"{url}?v={v1_mac(slot, 8)}")
+        self.assertEqual(put.stdout, b"201")
+        self.assertEqual(daemon.curl("-g", url).stdout, b"over six")
