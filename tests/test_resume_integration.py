@@ -26,7 +26,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from hmacfs.auth import sign_slot
 from hmacfs.client import upload_file
-from hmacfs.testing import SECRET, free_port, in_ci
+from hmacfs.testing import SECRET, free_port, in_ci, wait_for
 from tests.redis_server import RedisServer
 from tests.test_integration import Daemon, die_with_parent, require_curl
 
@@ -304,6 +304,9 @@ class KillNineTests(ResumeSuite):
         redis = self.redis()
         daemon = self.daemon(extra=f'RedisAddr = "{redis.addr}"\n')
         self.run_kills(daemon, 20, seed=5)
+        # The lock is released when the upload ends; the DEL may reach Redis a
+        # moment after the 201 reached the client.
+        wait_for(lambda: redis.command("KEYS", "hmacfs:lock:*") == b"*0", 5)
         self.assertEqual(redis.command("KEYS", "hmacfs:lock:*"), b"*0")
 
 
@@ -318,7 +321,8 @@ class RedisFaultTests(ResumeSuite):
         upload = Upload(daemon, "outage.bin", os.urandom(40 * MiB))
         sock = upload.open_put(0)
         sock.sendall(upload.data[: 10 * MiB])
-        time.sleep(0.3)
+        # Progress is checkpointed every 8 MiB (after an fdatasync on the disk thread).
+        wait_for(lambda: redis.command("EXISTS", "upload_progress:" + upload.token) == b":1", 5)
         self.assertEqual(redis.command("EXISTS", "upload_progress:" + upload.token), b":1")
         redis.stop()
         sock.sendall(upload.data[10 * MiB : 25 * MiB])
