@@ -126,6 +126,10 @@ class BanList:
             duration="ever (AutoUnban = false)" if until == FOREVER else f"{seconds:.0f}s",
         )
 
+    def has_blocks(self) -> bool:
+        """Whether any address is (or was until recently) blocked here."""
+        return bool(self._blocked)
+
     def unblock(self, address: str) -> bool:
         self._failures.pop(address, None)
         return self._blocked.pop(address, None) is not None
@@ -145,6 +149,8 @@ def ban_check(bans: BanList, client_of: Callable[[object], str]) -> Callable[[ob
     """An admission check: 429 + Retry-After for a blocked client, before any other work."""
 
     def check(request: object) -> Rejection | None:
+        if not bans.has_blocks():
+            return None  # the common case: no need to resolve the client address
         wait = bans.retry_after(client_of(request))
         if wait is None:
             return None

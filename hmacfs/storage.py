@@ -190,12 +190,10 @@ class Store:
         *,
         min_free_bytes: int = 0,
         now: Callable[[], float] = time.time,
-        stale_after: float = 3600.0,
     ) -> None:
-        #: how long an interrupted upload nobody writes to is worth keeping (the
-        #: default for ``sweep_partials``).  A partial file never blocks its path
-        #: because of its age: only a live writer's lock does.
-        self.stale_after = stale_after
+        # A partial file never blocks its path because of its age: only a live
+        # writer's lock does (``writer_lock_free``); ``sweep_partials`` removes
+        # abandoned ones after ResumeTTL.
         # Resolve once: the operator may point StoreDir at a symlink; below it we follow none.
         self.root = Path(os.path.realpath(root))
         self.min_free_bytes = min_free_bytes

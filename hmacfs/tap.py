@@ -189,13 +189,7 @@ def build_site(
     metrics: Any = None,
 ) -> StreamingSite:
     """The upload Site for a configuration; also what embedding applications mount."""
-    store = Store(
-        config.store_dir,
-        min_free_bytes=config.min_free_bytes,
-        # How long an unlocked partial file counts as in use (the writer's file
-        # lock is what decides; see Store.writer_lock_free).
-        stale_after=config.read_timeout + 60.0,
-    )
+    store = Store(config.store_dir, min_free_bytes=config.min_free_bytes)
     if ring is None:
         ring = SecretRing(config.secret, reactor, config.secret_grace_period)
     authenticator = Authenticator(ring.secrets, reactor, config.clock_skew)

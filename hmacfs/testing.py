@@ -124,3 +124,21 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: f
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def status_of(data: bytes) -> int:
+    """The final status code of a raw HTTP/1.1 response (interim 100s skipped)."""
+    while data.startswith(_CONTINUE):
+        data = data[len(_CONTINUE) :]
+    return int(data.split(b" ", 2)[1])
+
+
+def header_value(data: bytes, name: bytes) -> bytes | None:
+    """A header's value in a raw HTTP response, or None."""
+    import re
+
+    match = re.search(rb"\r\n" + name + rb": ([^\r]*)\r\n", data, re.IGNORECASE)
+    return match.group(1) if match else None

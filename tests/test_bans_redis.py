@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import attrs
 import txredisapi
-from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 

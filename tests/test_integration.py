@@ -149,7 +149,8 @@ class Daemon:
             cmd += ["--unix-socket", str(self.socket)]
         return subprocess.run(cmd + list(args), capture_output=True, timeout=timeout + 10)
 
-    def stop(self) -> int:
+    def terminate(self) -> int:
+        """SIGTERM (SIGKILL after 15 s); the exit status."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -158,8 +159,13 @@ class Daemon:
                 self.process.kill()
                 self.process.wait(5)
         self.output.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
         return self.process.returncode
+
+    def stop(self) -> int:
+        """Terminate and remove this daemon's directory (its store included)."""
+        code = self.terminate()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return code
 
 
 _daemons: dict[str, Daemon] = {}

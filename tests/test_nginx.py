@@ -587,21 +587,7 @@ class SignalTests(SynchronousTestCase):
         (201, byte-identical) when it finishes within DrainTimeout, then the
         process exits cleanly and its socket file is gone.
         """
-        stack = Stack('DrainTimeout = "20s"\n')
-        self.addCleanup(stack.stop)
-        size = 64 * MIB
-        slot = f"{uuid.uuid4()}/drain.bin"
-        feeder = BodyFeeder(size)
-        client = subprocess.Popen(
-            stack.curl_argv(timeout=60)
-            + ["-T", "-", "-H", f"Content-Length: {size}", "-H", "Transfer-Encoding:",
-               "-o", "/dev/null", "-w", "%{http_code}", stack.signed_url(slot, size)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-        self.addCleanup(lambda: client.poll() is None and client.kill())
-        assert client.stdin is not None
-        feeder.feed(client.stdin, 16 * MIB)
-        expect(lambda: stack.partial_bytes() >= 8 * MIB, 30, "the upload to be under way")
+        stack, size, slot, feeder, client = self.upload_under_way('DrainTimeout = "20s"\n', "drain.bin")
         stack.daemon.process.send_signal(signal.SIGTERM)
         stopped_at = time.monotonic()
         time.sleep(1.0)
@@ -625,7 +611,6 @@ class SignalTests(SynchronousTestCase):
         self.assertFalse(stack.daemon.socket.exists())
         self.assertNotIn("still in flight", stack.log_path.read_text())
 
-
     def test_sigterm_gives_up_after_drain_timeout(self) -> None:
         """
         An upload still unfinished when DrainTimeout ends is dropped: the
@@ -638,11 +623,13 @@ class SignalTests(SynchronousTestCase):
         """The same with NumCores = 1, where twistd itself serves (no supervisor to SIGKILL it)."""
         self.check_gives_up("NumCores = 1\n")
 
-    def check_gives_up(self, extra: str) -> None:
-        stack = Stack('DrainTimeout = "2s"\n' + extra)
+    def upload_under_way(self, config: str, name: str) -> tuple:
+        """A 64 MiB upload through nginx, fed from a pipe, with 8 MiB already on disk:
+        (stack, size, slot, feeder, curl process)."""
+        stack = Stack(config)
         self.addCleanup(stack.stop)
         size = 64 * MIB
-        slot = f"{uuid.uuid4()}/late.bin"
+        slot = f"{uuid.uuid4()}/{name}"
         feeder = BodyFeeder(size)
         client = subprocess.Popen(
             stack.curl_argv(timeout=60)
@@ -654,6 +641,12 @@ class SignalTests(SynchronousTestCase):
         assert client.stdin is not None
         feeder.feed(client.stdin, 16 * MIB)
         expect(lambda: stack.partial_bytes() >= 8 * MIB, 30, "the upload to be under way")
+        return stack, size, slot, feeder, client
+
+    def check_gives_up(self, extra: str) -> None:
+        stack, size, slot, feeder, client = self.upload_under_way(
+            'DrainTimeout = "2s"\n' + extra, "late.bin"
+        )
         stack.daemon.process.send_signal(signal.SIGTERM)
         stopped_at = time.monotonic()
         try:

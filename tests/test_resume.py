@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from hmacfs.resume import (
 )
 from hmacfs.state import EmbeddedState
 from hmacfs.storage import Store, path_key
-from hmacfs.testing import ManualRunner, SiteHarness, make_config, v1_mac
+from hmacfs.testing import ManualRunner, SiteHarness, make_config, v1_mac, header_value, status_of
 
 UUID = "9b2e4f0a-1c3d-4e5f-8a7b-6c5d4e3f2a10"
 TOKEN = "session-token-0001"
@@ -41,17 +40,6 @@ def head(method: str, path: str, size: int, extra: tuple[str, ...] = (), mac_siz
     mac = v1_mac(path, size if mac_size is None else mac_size)
     lines = [f"{method} /upload/{path}?v={mac} HTTP/1.1", "Host: localhost", *extra]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def status_of(data: bytes) -> int:
-    while data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"):
-        data = data[len(b"HTTP/1.1 100 Continue\r\n\r\n") :]
-    return int(data.split(b" ", 2)[1])
-
-
-def header_value(data: bytes, name: bytes) -> bytes | None:
-    match = re.search(rb"\r\n" + name + rb": ([^\r]*)\r\n", data, re.IGNORECASE)
-    return match.group(1) if match else None
 
 
 class ResumeMixin:

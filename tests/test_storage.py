@@ -463,7 +463,7 @@ class StalePartialTests(SynchronousTestCase):
         self.root = Path(self.mktemp()).resolve()
         self.root.mkdir()
         self.clock = [1_000_000.0]
-        self.store = Store(self.root, now=lambda: self.clock[0], stale_after=100.0)
+        self.store = Store(self.root, now=lambda: self.clock[0])
 
     def test_fresh_partial_blocks(self) -> None:
         """A partial whose writer still holds it means an upload in progress: 409."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +22,11 @@ from hmacfs import tus
 from hmacfs.auth import mac_for
 from hmacfs.resume import Refusal
 from hmacfs.storage import path_key
-from hmacfs.testing import SECRET, ManualRunner, SiteHarness, make_config, v1_mac
+from hmacfs.testing import SECRET, ManualRunner, SiteHarness, make_config, v1_mac, header_value, status_of
 
 UUID = "1f2e3d4c-5b6a-4978-8695-a4b3c2d1e0f9"
 TUS = "Tus-Resumable: 1.0.0"
 OCTETS = "Content-Type: application/offset+octet-stream"
-
-
-def status_of(data: bytes) -> int:
-    while data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"):
-        data = data[len(b"HTTP/1.1 100 Continue\r\n\r\n") :]
-    return int(data.split(b" ", 2)[1])
-
-
-def header_value(data: bytes, name: bytes) -> bytes | None:
-    match = re.search(rb"\r\n" + name + rb": ([^\r]*)\r\n", data, re.IGNORECASE)
-    return match.group(1) if match else None
 
 
 class TusMixin:

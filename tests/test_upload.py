@@ -16,7 +16,8 @@ from twisted.python.failure import Failure
 from twisted.internet.error import ConnectionLost
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.testing import ManualRunner, SiteHarness, make_config, put_head, v1_mac
+from hmacfs import storage
+from hmacfs.testing import ManualRunner, SiteHarness, make_config, put_head, status_of, v1_mac
 
 UUID = "6f1c1b5e-2c59-4a55-9b0e-0d4f4a3f2b11"
 
@@ -48,10 +49,7 @@ class UploadTestsMixin:
         return {}
 
     def status(self, transport) -> int:
-        data = transport.value()
-        while data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"):
-            data = data[len(b"HTTP/1.1 100 Continue\r\n\r\n") :]
-        return int(data.split(b" ", 2)[1])
+        return status_of(transport.value())
 
 
 class EarlyRejectionTests(UploadTestsMixin, SynchronousTestCase):
@@ -344,14 +342,9 @@ class ChecksumTests(UploadTestsMixin, SynchronousTestCase):
 
 
 class WriteFailureTests(UploadTestsMixin, SynchronousTestCase):
-    def test_write_failure_keeps_what_was_written(self) -> None:
-        """
-        A disk error mid-body drops the client (no response can be written) but keeps the
-        bytes already in the partial file, so the upload can be resumed once space is back.
-        """
+    def disk_full_after_first_write(self) -> None:
+        """The first writev succeeds; every later one fails with ENOSPC."""
         import errno
-
-        from hmacfs import storage
 
         calls = []
         real_writev = os.writev
@@ -363,6 +356,13 @@ class WriteFailureTests(UploadTestsMixin, SynchronousTestCase):
             return real_writev(fd, buffers)
 
         self.patch(storage.os, "writev", failing_writev)
+
+    def test_write_failure_keeps_what_was_written(self) -> None:
+        """
+        A disk error mid-body drops the client (no response can be written) but keeps the
+        bytes already in the partial file, so the upload can be resumed once space is back.
+        """
+        self.disk_full_after_first_write()
         protocol, transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/full.bin", 10_000))
         protocol.dataReceived(b"a" * 3000)
@@ -375,21 +375,8 @@ class WriteFailureTests(UploadTestsMixin, SynchronousTestCase):
 
     def test_disk_full_after_last_byte_is_507(self) -> None:
         """A disk-full error on the body's last write is answered: 507, not a dropped connection."""
-        import errno
-
-        from hmacfs import storage
-
         self.runner.auto = False
-        calls = []
-        real_writev = os.writev
-
-        def failing_writev(fd, buffers):
-            calls.append(1)
-            if len(calls) > 1:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return real_writev(fd, buffers)
-
-        self.patch(storage.os, "writev", failing_writev)
+        self.disk_full_after_first_write()
         protocol, transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/last.bin", 6000))
         protocol.dataReceived(b"a" * 3000)
