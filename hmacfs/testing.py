@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,18 @@ def put_head(
         lines.append(f"Content-Length: {size}")
     lines.extend(extra)
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def short_tempdir(test: Any, prefix: str = "hmacfs-") -> Path:
+    """
+    A fresh directory under the system temp dir, removed after ``test``.
+
+    For UNIX socket paths: trial's own temp dirs live under the checkout, and
+    a deep clone (CI uses one) pushes them past the 107-byte ``sun_path``.
+    """
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    test.addCleanup(shutil.rmtree, directory, True)
+    return directory
 
 
 def free_port() -> int:

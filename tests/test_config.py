@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from hmacfs.config import (
     parse_duration,
     parse_size,
 )
+from hmacfs.testing import short_tempdir
 
 SECRET = "s3cr3t-Value-0123456789abcdef"
 PROPERTY = settings(derandomize=True, deadline=None, max_examples=200)
@@ -621,8 +620,7 @@ class KeyValueTests(ConfigTestCase):
         """With UnixSocket = true, ListenPort is a socket path (relative to the config) with SocketMode."""
         # A short base: trial's temp directory under a deep checkout (CI clones into
         # /check/...) would exceed the 107-byte sun_path limit, which is a separate test.
-        base = Path(tempfile.mkdtemp(prefix="hmacfs-cfg-"))
-        self.addCleanup(shutil.rmtree, base, ignore_errors=True)
+        base = short_tempdir(self)
         config, _ = parse_config(
             {"Secret": SECRET, "UnixSocket": True, "ListenPort": "run/hmacfs.sock", "SocketMode": "600"},
             base_dir=base,

@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import tomllib
 from collections.abc import Mapping
 from contextlib import redirect_stderr, redirect_stdout
@@ -26,7 +25,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from hmacfs.cli import main as cli_main
 from hmacfs.config import _KEYS, KNOWN_KEYS, load_config, parse_duration, parse_size
-from hmacfs.testing import in_ci
+from hmacfs.testing import in_ci, short_tempdir
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGING = ROOT / "packaging"
@@ -138,13 +137,6 @@ def make_certificate(directory: Path, host: str = "upload.example.org") -> tuple
     )
     key_path.chmod(0o600)
     return cert_path, key_path
-
-
-def short_tempdir(test: SynchronousTestCase) -> Path:
-    """A temp dir short enough for a UNIX socket path (trial's own are too deep), removed after."""
-    directory = Path(tempfile.mkdtemp(prefix="hmacfs-pk-"))
-    test.addCleanup(shutil.rmtree, directory, True)
-    return directory
 
 
 def render_nginx(
@@ -416,8 +408,7 @@ class RealToolTests(SynchronousTestCase):
     def test_nginx_t(self) -> None:
         """`nginx -t` accepts the site file rendered for loopback, with no warning."""
         nginx = find_program("nginx")
-        prefix = Path(self.mktemp()).resolve()
-        prefix.mkdir()
+        prefix = short_tempdir(self)
         cert, key = make_certificate(prefix)
         conf = render_nginx(
             prefix, socket_path=prefix / "hmacfs.sock", port=18443, http_port=18080,
