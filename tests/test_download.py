@@ -10,19 +10,25 @@ few run the same code behind a real ``Site``/``HTTPChannel`` on a
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import socket
+import struct
+import time
 from pathlib import Path
+from typing import Any
 
 import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.address import IPv4Address
+from twisted.internet import defer, reactor, task, threads
+from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -32,9 +38,12 @@ from hmacfs.download import (
     CHUNKS_PER_TURN,
     CONTENT_SECURITY_POLICY,
     DEFAULT_CHUNK_SIZE,
+    SENDFILE_MIN,
+    SENDFILE_PER_TURN,
     parse_range,
     render_download,
 )
+from hmacfs.testing import short_tempdir
 
 PROFILE = settings(derandomize=True, deadline=None, max_examples=200)
 
@@ -818,10 +827,15 @@ class DownloadResource(Resource):
         self.clock = clock
         self.write_timeout = write_timeout
 
+    chunk_size = SMALL_CHUNK
+    seen: list[Any] | None = None
+
     def render_GET(self, request):
+        if self.seen is not None:
+            self.seen.append(request)
         return render_download(
             request, self.stored, clock=self.clock, write_timeout=self.write_timeout,
-            chunk_size=SMALL_CHUNK,
+            chunk_size=self.chunk_size,
         )
 
     render_HEAD = render_GET
@@ -903,3 +917,218 @@ class RealChannelTests(SynchronousTestCase):
         self.clock.advance(100)
         self.assertEqual(self.transport.value(), sent)
         self.assertFalse(self.transport.disconnected)
+
+
+def _read_response(sock: socket.socket, delay: float = 0.0, recv_size: int = 1 << 20) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """Read one Content-Length response from a blocking socket (in a thread)."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        if not chunk:
+            raise ConnectionError(f"closed after {head!r}")
+        head += chunk
+    status, *lines = head[:-4].split(b"\r\n")
+    fields = {name.lower(): value for name, value in (line.split(b": ", 1) for line in lines)}
+    if delay:
+        time.sleep(delay)  # let the server fill the socket and wait for "writable"
+    wanted = int(fields[b"content-length"])
+    parts: list[bytes] = []
+    got = 0
+    while got < wanted:
+        chunk = sock.recv(min(recv_size, wanted - got))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return status, fields, b"".join(parts)
+
+
+class SendfileTests(TestCase):
+    """
+    Bodies of SENDFILE_MIN bytes and more over real loopback sockets, where
+    ``os.sendfile`` writes them: exact bytes, Range, a slow reader (the
+    socket fills and the producer waits for "writable"), keep-alive, UNIX
+    sockets, the fallback when sendfile is refused, and clean teardown.
+    """
+
+    size = 3 * SENDFILE_PER_TURN // 2 + 12345  # more than one turn
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.data = payload(self.size, seed=9)
+        self.stored = make_stored(self, self.data)
+        self.calls = {"sent": 0, "again": 0}
+        real_sendfile = os.sendfile
+
+        def spy(out: int, fd: int, offset: int, count: int) -> int:
+            try:
+                sent = real_sendfile(out, fd, offset, count)
+            except BlockingIOError:
+                self.calls["again"] += 1
+                raise
+            self.calls["sent"] += 1
+            return sent
+
+        self.patch(os, "sendfile", spy)
+        self.requests: list[Any] = []
+
+    def listen(self, write_timeout: float = 30.0, unix: bool = False) -> Any:
+        resource = DownloadResource(self.stored, reactor, write_timeout)
+        resource.chunk_size = DEFAULT_CHUNK_SIZE
+        resource.seen = self.requests
+        site = Site(resource)
+        if unix:
+            port = reactor.listenUNIX(os.fspath(short_tempdir(self) / "s"), site)
+        else:
+            port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost()
+
+    def file_open(self) -> bool:
+        """Whether this process still has the stored file open (the producer owns one fd)."""
+        target = os.fspath(self.stored.path)
+        for fd in open_fds():
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") == target:
+                    return True
+            except OSError:
+                pass
+        return False
+
+    def connect(self, address: Any) -> socket.socket:
+        if isinstance(address, UNIXAddress):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(address.name)
+        else:
+            sock = socket.create_connection((address.host, address.port))
+        sock.settimeout(30)
+        self.addCleanup(sock.close)
+        return sock
+
+    def get(self, address: Any, *headers: bytes, delay: float = 0.0, requests: int = 1) -> Any:
+        def run() -> list[tuple[bytes, dict[bytes, bytes], bytes]]:
+            sock = self.connect(address)
+            answers = []
+            for _ in range(requests):
+                lines = [b"GET /file HTTP/1.1", b"Host: example.org", *headers]
+                sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n")
+                answers.append(_read_response(sock, delay))
+            return answers
+
+        return threads.deferToThread(run)
+
+    @defer.inlineCallbacks
+    def test_get(self) -> Any:
+        """A big GET goes out with sendfile, byte-exact, and the access log's byte count is right."""
+        [(status, fields, body)] = yield self.get(self.listen())
+        self.assertEqual(status, b"HTTP/1.1 200 OK")
+        self.assertEqual(fields[b"content-length"], b"%d" % (self.size,))
+        self.assertEqual(body, self.data)
+        self.assertGreater(self.calls["sent"], 1)
+        self.assertEqual(self.requests[0].sentLength, self.size)
+
+    @defer.inlineCallbacks
+    def test_range(self) -> Any:
+        """A Range answer is sendfile'd from the right offset."""
+        [(status, fields, body)] = yield self.get(self.listen(), b"Range: bytes=1000-")
+        self.assertEqual(status, b"HTTP/1.1 206 Partial Content")
+        self.assertEqual(body, self.data[1000:])
+        self.assertGreater(self.calls["sent"], 0)
+
+    @defer.inlineCallbacks
+    def test_slow_reader(self) -> Any:
+        """A client that reads late fills the socket: the producer waits for writable and loses nothing."""
+        [(status, _, body)] = yield self.get(self.listen(), delay=0.5, requests=1)
+        self.assertEqual(status, b"HTTP/1.1 200 OK")
+        self.assertEqual(body, self.data)
+        self.assertGreater(self.calls["again"], 0)
+
+    @defer.inlineCallbacks
+    def test_keep_alive(self) -> Any:
+        """Two GETs on one connection: the second response starts cleanly after a sendfile'd body."""
+        answers = yield self.get(self.listen(), requests=2)
+        self.assertEqual([body for _, _, body in answers], [self.data, self.data])
+
+    @defer.inlineCallbacks
+    def test_unix_socket(self) -> Any:
+        """nginx talks to us over a UNIX socket: sendfile works there too."""
+        [(_, _, body)] = yield self.get(self.listen(unix=True))
+        self.assertEqual(body, self.data)
+        self.assertGreater(self.calls["sent"], 0)
+
+    @defer.inlineCallbacks
+    def test_small_body_not_sendfiled(self) -> Any:
+        """Below SENDFILE_MIN the body rides in the transport's buffer with the headers."""
+        [(_, _, body)] = yield self.get(self.listen(), b"Range: bytes=0-%d" % (SENDFILE_MIN - 2,))
+        self.assertEqual(body, self.data[: SENDFILE_MIN - 1])
+        self.assertEqual(self.calls, {"sent": 0, "again": 0})
+
+    @defer.inlineCallbacks
+    def test_refused_falls_back_to_read(self) -> Any:
+        """A file system without sendfile (EINVAL) is served with pread and write instead."""
+
+        def refuse(out: int, fd: int, offset: int, count: int) -> int:
+            self.calls["sent"] += 1
+            raise OSError(errno.EINVAL, "sendfile not supported here")
+
+        self.patch(os, "sendfile", refuse)
+        [(status, _, body)] = yield self.get(self.listen())
+        self.assertEqual(status, b"HTTP/1.1 200 OK")
+        self.assertEqual(body, self.data)
+        self.assertEqual(self.calls["sent"], 1)
+
+    @defer.inlineCallbacks
+    def test_client_gone(self) -> Any:
+        """A client that leaves mid-body: the file is closed and nothing is logged as an error."""
+        address = self.listen()
+
+        def leave() -> None:
+            sock = self.connect(address)
+            sock.sendall(b"GET /file HTTP/1.1\r\nHost: example.org\r\n\r\n")
+            sock.recv(65536)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # RST
+
+        yield threads.deferToThread(leave)
+        self.assertEqual(len(self.requests), 1)
+        yield wait_until(lambda: not self.file_open())
+        self.assertTrue(self.requests[0]._disconnected)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    @defer.inlineCallbacks
+    def test_stalled_reader_aborted(self) -> Any:
+        """A client that stops reading is cut off after WriteTimeout, as on the pread path."""
+        address = self.listen(write_timeout=0.5)
+
+        def stall() -> bytes:
+            sock = self.connect(address)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"GET /file HTTP/1.1\r\nHost: example.org\r\n\r\n")
+            time.sleep(2.0)
+            received = b""
+            try:
+                while chunk := sock.recv(1 << 20):
+                    received += chunk
+            except ConnectionResetError:
+                pass
+            sock.close()
+            return received
+
+        received = yield threads.deferToThread(stall)
+        self.assertLess(len(received), self.size)
+        self.assertEqual(len(self.requests), 1)
+        yield wait_until(lambda: not self.file_open())
+
+
+def wait_until(condition: Any, timeout: float = 10.0) -> defer.Deferred[None]:
+    """Poll ``condition`` on the reactor until it holds (fails the test after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+
+    def check() -> Any:
+        if condition():
+            return None
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        return task.deferLater(reactor, 0.02, check)
+
+    return task.deferLater(reactor, 0, check)
