@@ -90,6 +90,9 @@ class StreamingRequest(server.Request):
     #: writer letting go): the channel pauses the socket and holds back body
     #: bytes until it fires; by then ``body_consumer`` or ``rejection`` is set
     admission: Any = None
+    #: whether the whole body had already been read when the headers ended (set by
+    #: the channel before the policy runs): such an upload can finish in one disk job
+    body_in_hand: bool = False
     _held: list[bytes] | None = None
     _complete_while_held: bool = False
 
@@ -205,12 +208,26 @@ class StreamingChannel(http.HTTPChannel):
             # trips through the parser for big uploads.
             self.transport.bufferSize = read_size
 
+    _host: Any = None
+
+    def getHost(self) -> Any:
+        # Every Request asks for the local address (Request.__init__); a
+        # connected socket's does not change, so ask the kernel once.
+        host = self._host
+        if host is None and self.transport is not None:
+            host = self._host = self.transport.getHost()
+        return host
+
     def allHeadersReceived(self) -> None:
         req = self.requests[-1]
         req.parseCookies()
         self.persistent = self.checkPersistence(req, self._version)
         req.gotLength(self.length)
-        req.headers_received(self._command, self._path, self._version, self.length)
+        # LineReceiver keeps what followed the blank line in ``_buffer``: the body
+        # bytes that came in the same read as the headers.
+        length = self.length
+        req.body_in_hand = length is not None and len(self._buffer) >= length
+        req.headers_received(self._command, self._path, self._version, length)
         admission = req.admission
         if admission is not None and not admission.called:
             # The decision needs I/O: read nothing more until it is made.

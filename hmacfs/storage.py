@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -77,7 +78,13 @@ class StoredFile:
 
 def path_key(segments: Sequence[str]) -> str:
     """The name of a path's private files; hashed so it never depends on client input."""
-    return hashlib.sha256("/".join(segments).encode("utf-8")).hexdigest()
+    return _path_key("/".join(segments))
+
+
+@functools.lru_cache(maxsize=1024)
+def _path_key(joined: str) -> str:
+    # One upload asks for its key several times (lock, partial, record, meta).
+    return hashlib.sha256(joined.encode("utf-8")).hexdigest()
 
 
 def _check_segments(segments: Sequence[str]) -> tuple[str, ...]:
@@ -139,12 +146,19 @@ def _try_lock(fd: int) -> bool:
 
 def _same_file(fd: int, path: Path) -> bool:
     """Whether ``path`` still names the file open as ``fd`` (not unlinked or replaced)."""
+    return _opened_stat(fd, path) is not None
+
+
+def _opened_stat(fd: int, path: Path) -> os.stat_result | None:
+    """The ``fstat`` of ``fd`` if ``path`` still names that file, else None."""
     try:
         named = os.lstat(path)
     except FileNotFoundError:
-        return False
+        return None
     opened = os.fstat(fd)
-    return (named.st_ino, named.st_dev) == (opened.st_ino, opened.st_dev)
+    if (named.st_ino, named.st_dev) != (opened.st_ino, opened.st_dev):
+        return None
+    return opened
 
 
 def _read_json(path: Path) -> dict[str, object] | None:
@@ -196,6 +210,8 @@ class Store:
         # abandoned ones after ResumeTTL.
         # Resolve once: the operator may point StoreDir at a symlink; below it we follow none.
         self.root = Path(os.path.realpath(root))
+        self._root_str = str(self.root)
+        self._root_prefix = self._root_str.rstrip(os.sep) + os.sep
         self.min_free_bytes = min_free_bytes
         self._now = now
         self._meta_cache: dict[tuple[object, ...], dict[str, object]] = {}
@@ -210,9 +226,10 @@ class Store:
         """Where a path's file lives; 403 for anything that could leave ``root``."""
         segs = _check_segments(segments)
         target = self.root.joinpath(*segs)
-        root_str = str(self.root)
         normed = os.path.normpath(target)
-        if normed == root_str or os.path.commonpath([root_str, normed]) != root_str:
+        # What commonpath([root, normed]) == root says for a normalised absolute
+        # path, without its cost on every request.
+        if normed == self._root_str or not normed.startswith(self._root_prefix):
             raise StorageError(403, "forbidden path")
         return target
 
@@ -364,6 +381,7 @@ class Store:
         size: int | None,
         *,
         record: dict[str, object] | None = None,
+        resumable: bool = True,
     ) -> PartialUpload:
         """
         Start an upload from byte 0: 409 if the file exists or another writer holds the upload.
@@ -372,6 +390,11 @@ class Store:
         and reused: a client that starts over (a plain PUT retry) must not be refused because
         an earlier attempt could have been resumed.  ``record`` is the sidecar (what binds the
         upload to its signed URL and session); it is written before this returns.
+
+        ``resumable=False`` is for an upload that is committed or dropped within one request
+        (its whole body is in memory, no session token): no sidecar is written when the
+        partial file is new, since a partial without a record is never resumed.  A leftover
+        partial is reused with a record as usual, so no stale record is left beside it.
         """
         segs = _check_segments(segments)
         target = self.target_path(segs)
@@ -382,17 +405,21 @@ class Store:
         if os.path.lexists(target):
             raise StorageError(409, "file already exists")
         partial = self.partial_path(segs)
+        sidecar: dict[str, object] | None = None
         try:
-            fd = self._open_locked(partial, create=True)
-            assert fd is not None
+            opened = self._open_locked_new(partial)
+            assert opened is not None
+            fd, fresh = opened
             try:
-                os.ftruncate(fd, 0)
-                sidecar = dict(record or {})
-                sidecar.setdefault("path", "/".join(segs))
-                sidecar.setdefault("content_type", content_type)
-                sidecar.setdefault("size", size)
-                sidecar.setdefault("created", self._now())
-                _write_json(self.record_path(segs), sidecar, sync=False)
+                if not fresh:
+                    os.ftruncate(fd, 0)
+                if resumable or not fresh:
+                    sidecar = dict(record or {})
+                    sidecar.setdefault("path", "/".join(segs))
+                    sidecar.setdefault("content_type", content_type)
+                    sidecar.setdefault("size", size)
+                    sidecar.setdefault("created", self._now())
+                    _write_json(self.record_path(segs), sidecar, sync=False)
             except BaseException:
                 _unlink_quietly(partial)
                 _unlink_quietly(self.record_path(segs))
@@ -409,6 +436,7 @@ class Store:
             size=size,
             fd=fd,
             record=sidecar,
+            has_record=sidecar is not None,
         )
 
     def resume_partial(self, segments: Sequence[str]) -> PartialUpload | None:
@@ -607,6 +635,32 @@ class Store:
             os.close(fd)
         raise StorageError(409, "upload already in progress")
 
+    def _open_locked_new(self, partial: Path) -> tuple[int, bool] | None:
+        """
+        ``_open_locked(create=True)``, and whether the file was created just now (empty, and
+        no record of an earlier upload beside it can be ours to reuse).
+
+        ``O_EXCL`` tells a new file from a leftover in the same ``open``; the lock and the
+        check that the name still designates the locked file are the same as for a leftover.
+        """
+        flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_CREAT
+        try:
+            fd = os.open(partial, flags | os.O_EXCL, _FILE_MODE)
+        except FileExistsError:
+            fd = self._open_locked(partial, create=True)
+            return None if fd is None else (fd, False)
+        if not _try_lock(fd):
+            os.close(fd)
+            raise StorageError(409, "upload already in progress")
+        st = _opened_stat(fd, partial)
+        if st is None or st.st_size:
+            # Someone else got at the new name between our create and our lock (a commit or
+            # a sweep that won the race, another writer): take the general path.
+            os.close(fd)
+            fd = self._open_locked(partial, create=True)
+            return None if fd is None else (fd, False)
+        return fd, True
+
     def delete(self, segments: Sequence[str]) -> bool:
         """Remove a finished file and its metadata; False if there was no regular file."""
         segs = _check_segments(segments)
@@ -660,6 +714,8 @@ class PartialUpload:
     written: int = 0
     offset: int = 0
     record: dict[str, object] | None = None
+    #: whether a sidecar record was written for this upload (a one-request upload has none)
+    has_record: bool = True
     _finished: bool = attrs.field(default=False, init=False)
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
 
@@ -773,11 +829,14 @@ class PartialUpload:
                 os.rename(meta_tmp, meta_final)
                 placed = True
                 os.unlink(self.path)
-                _unlink_quietly(record)
+                if self.has_record:
+                    _unlink_quietly(record)
+                # The target is a second name of the file we hold: its size, mtime and
+                # inode are the stored file's (link changes only its ctime).
+                st = os.fstat(self.fd)
                 self._close()
                 self._fsync_parents()
                 _fsync_dir(store.meta_dir)
-                st = os.lstat(self.target)
             except BaseException as e:
                 if placed:
                     _unlink_quietly(meta_final)
@@ -793,7 +852,16 @@ class PartialUpload:
                         raise translated from e
                 raise
             log.debug("committed {path}: {size} bytes", path=self._name, size=st.st_size)
-            return store._stored_file(self.segments, st)
+            # Described from what was just written: reading the metadata back would cost
+            # a stat, an open and a JSON parse per upload.
+            return StoredFile(
+                path=self.target,
+                size=st.st_size,
+                mtime=st.st_mtime,
+                content_type=self.content_type,
+                etag=_etag(st),
+                sha256=sha256_hex,
+            )
 
     def abort(self) -> None:
         """Drop the upload: remove the partial file and its record, then close. Idempotent."""

@@ -337,7 +337,13 @@ class UploadPolicy:
                 slot, request, total, content_type, token=token,
                 sha256=None if expected is None else expected.hex(),
             )
-            return self._start(request, slot, record, fresh=True, takeover=False, first=0, length=length)
+            # The whole body came with the headers and nobody asked to resume it: it is
+            # stored or dropped within this request, so it needs no sidecar record.
+            one_request = token is None and not content_range and request.body_in_hand
+            return self._start(
+                request, slot, record, fresh=True, takeover=False, first=0, length=length,
+                resumable=not one_request,
+            )
         record = found[1]
         if expected is not None and record.sha256 is not None and expected.hex() != record.sha256:
             raise UploadFailed(400, "the checksum differs from the one the upload started with")
@@ -479,17 +485,24 @@ class UploadPolicy:
         length: int,
         chunk: tuple[str, bytes] | None = None,
         resumed: bool = False,
+        resumable: bool = True,
     ) -> Deferred[UploadReceiver]:
         """
         Take the upload's lease, open its partial file and build its receiver.
 
         ``resumed`` marks the request for metrics (``hmacfs_resumed``) once it is
         admitted: it continues an upload that an earlier request left unfinished.
+        ``resumable=False`` (a fresh upload whose whole body is in hand and that
+        carries no session token) writes no sidecar record and keeps nothing when
+        it fails: the client sends the same few bytes again.
         """
 
         def locked(lease: Lease) -> UploadReceiver:
             try:
-                partial = self._open(slot, record, fresh=fresh, takeover=takeover, first=first, length=length)
+                partial = self._open(
+                    slot, record, fresh=fresh, takeover=takeover, first=first, length=length,
+                    resumable=resumable,
+                )
             except BaseException:
                 lease.release()
                 raise
@@ -505,7 +518,7 @@ class UploadPolicy:
                 ),
                 on_end=lambda end: self._upload_ended(lease, end),
                 total=record.size,
-                keep_on_interrupt=True,
+                keep_on_interrupt=resumable,
                 keep_empty=record.protocol == "tus",
                 chunk_checksum=chunk,
                 progress=self.uploads.progress_callback(record),
@@ -522,13 +535,22 @@ class UploadPolicy:
         return self.uploads.lock(slot.segments, takeover=takeover).addCallback(locked)
 
     def _open(
-        self, slot: SlotPath, record: UploadRecord, *, fresh: bool, takeover: bool, first: int, length: int
+        self,
+        slot: SlotPath,
+        record: UploadRecord,
+        *,
+        fresh: bool,
+        takeover: bool,
+        first: int,
+        length: int,
+        resumable: bool = True,
     ) -> PartialUpload:
         try:
             if fresh:
                 self.store.check_free_space(record.size)
                 return self.store.open_partial(
-                    slot.segments, record.content_type, record.size, record=record.to_dict()
+                    slot.segments, record.content_type, record.size,
+                    record=record.to_dict() if resumable else None, resumable=resumable,
                 )
             partial = self.store.resume_partial(slot.segments)
         except StorageError as error:

@@ -65,6 +65,39 @@ class CORSTests(HarnessMixin, SynchronousTestCase):
         self.assertNotEqual(token1, token2)
         self.assertGreaterEqual(len(token1), 24)
 
+    def test_session_tokens_unique_across_batches(self) -> None:
+        """
+        Generated tokens come from batches of random bytes: across several batches no
+        token repeats, and each has the shape of secrets.token_urlsafe(24).
+        """
+        from hmacfs import resource
+
+        source = resource._TokenSource()
+        tokens = [source.token() for _ in range(3 * source.BATCH + 5)]
+        self.assertEqual(len(set(tokens)), len(tokens))
+        for token in tokens:
+            self.assertRegex(token, rb"^[A-Za-z0-9_-]{32}$")
+
+    def test_session_token_batch_dropped_after_fork(self) -> None:
+        """A forked child never hands out the tokens its parent read (the batch is dropped)."""
+        from hmacfs import resource
+
+        source = resource._TokenSource()
+        source.token()
+        reads: list[int] = []
+        real_urandom = os.urandom
+
+        def counting_urandom(n: int) -> bytes:
+            reads.append(n)
+            return real_urandom(n)
+
+        self.patch(resource.os, "urandom", counting_urandom)
+        source.token()
+        self.assertEqual(reads, [])  # still in the first batch
+        source.forget()
+        source.token()
+        self.assertEqual(reads, [source.SIZE * source.BATCH])
+
     def test_session_token_echoed(self) -> None:
         """A well-formed X-Session-Token from the client is echoed back."""
         answer = self.request(

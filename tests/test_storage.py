@@ -79,6 +79,18 @@ class CommitTests(StoreTestsMixin, SynchronousTestCase):
         self.assertEqual(self.private_files(store), [f"{path_key(SEGS)}.json"])
         self.assertEqual(os.stat(target).st_mode & 0o777 & ~0o640, 0)
 
+    def test_commit_describes_the_file_as_stat_does(self) -> None:
+        """
+        The StoredFile commit returns (built from what it wrote, not read back) is the
+        one stat() gives for the stored file: same size, mtime, ETag, type and digest.
+        """
+        store = self.make_store()
+        partial = store.open_partial(SEGS, "image/png", 5)
+        partial.write([b"hello"])
+        stored = partial.commit("cd" * 32)
+        self.assertEqual(stored, store.stat(SEGS))
+        self.assertEqual((stored.content_type, stored.sha256), ("image/png", "cd" * 32))
+
     def test_key_is_sha256_of_joined_path(self) -> None:
         """Private names are sha256("/".join(segments)) so they never contain client text."""
         self.assertEqual(path_key(("a", "b")), hashlib.sha256(b"a/b").hexdigest())
@@ -533,6 +545,55 @@ class ResumableStoreTests(StoreTestsMixin, SynchronousTestCase):
         new.write([b"abc"])
         new.commit(None)
         self.assertEqual(store.target_path(SEGS).read_bytes(), b"abc")
+
+    def test_one_request_open_writes_no_record(self) -> None:
+        """
+        open_partial(resumable=False) on a new partial writes no sidecar (nothing could
+        resume it) and commits like any other upload, leaving only the metadata.
+        """
+        store = self.make_store()
+        partial = store.open_partial(SEGS, "text/plain", 3, resumable=False)
+        self.assertFalse(partial.has_record)
+        self.assertEqual(self.private_files(store), [f"{path_key(SEGS)}.part"])
+        self.assertIsNone(store.partial_status(SEGS))
+        partial.write([b"abc"])
+        stored = partial.commit(None)
+        self.assertEqual(stored.size, 3)
+        self.assertEqual(store.target_path(SEGS).read_bytes(), b"abc")
+        self.assertEqual(self.private_files(store), [f"{path_key(SEGS)}.json"])
+
+    def test_one_request_open_over_leftover_replaces_its_record(self) -> None:
+        """
+        open_partial(resumable=False) over an interrupted upload truncates it and writes
+        a fresh record, so the old record never describes the new bytes.
+        """
+        store = self.make_store()
+        old = store.open_partial(SEGS, "text/plain", 10, record={"token": "old"})
+        old.write([b"stale data"])
+        old.release()
+        new = store.open_partial(SEGS, "text/plain", 3, record=None, resumable=False)
+        self.assertTrue(new.has_record)
+        self.assertEqual((new.written, os.path.getsize(new.path)), (0, 0))
+        self.assertNotEqual(store.partial_status(SEGS)[1].get("token"), "old")
+        new.write([b"abc"])
+        new.commit(None)
+        self.assertEqual(store.target_path(SEGS).read_bytes(), b"abc")
+        self.assertEqual(self.private_files(store), [f"{path_key(SEGS)}.json"])
+
+    def test_one_request_open_still_one_writer(self) -> None:
+        """A writer holding the partial refuses a one-request open too (409), and vice versa."""
+        store = self.make_store()
+        first = store.open_partial(SEGS, "text/plain", 10, resumable=False)
+        error = self.assertRaises(StorageError, store.open_partial, SEGS, "text/plain", 10)
+        self.assertEqual((error.status, error.reason), (409, "upload already in progress"))
+        first.abort()
+        second = store.open_partial(SEGS, "text/plain", 10)
+        error = self.assertRaises(
+            StorageError, store.open_partial, SEGS, "text/plain", 10, resumable=False
+        )
+        self.assertEqual(error.status, 409)
+        second.abort()
+        self.assertEqual(self.private_files(store), [])
 
     def test_resume_needs_a_record(self) -> None:
         """Nothing to resume without a partial, or with a partial that has no record."""

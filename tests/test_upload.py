@@ -415,3 +415,137 @@ class OneDiskJobTests(UploadTestsMixin, SynchronousTestCase):
         self.runner.run_all()
         self.assertEqual(self.status(transport), 201)
         self.assertEqual((self.store / UUID / "two.bin").read_bytes(), body)
+
+    def test_one_request_upload_writes_no_record(self) -> None:
+        """
+        A body that came with the headers, without X-Session-Token, is stored within the
+        request: while its disk job waits there is a partial file but no sidecar record.
+        """
+        body = os.urandom(4096)
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/norec.bin", len(body)) + body)
+        self.assertEqual([name.rsplit(".", 1)[1] for name in partials(self.store)], ["part"])
+        self.runner.run_all()
+        self.assertEqual(self.status(transport), 201)
+        self.assertEqual((self.store / UUID / "norec.bin").read_bytes(), body)
+        self.assertEqual(partials(self.store), [])
+
+    def test_body_after_headers_keeps_record(self) -> None:
+        """Headers alone in the first read: the upload may be cut off, so it gets its record."""
+        body = os.urandom(4096)
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/rec.bin", len(body)))
+        self.assertEqual(
+            [name.rsplit(".", 1)[1] for name in partials(self.store)], ["json", "part"]
+        )
+        protocol.dataReceived(body)
+        self.runner.run_all()
+        self.assertEqual(self.status(transport), 201)
+        self.assertEqual((self.store / UUID / "rec.bin").read_bytes(), body)
+        self.assertEqual(partials(self.store), [])
+
+    def test_session_token_keeps_record(self) -> None:
+        """A client that sends X-Session-Token asked for resumability: the record is written."""
+        body = os.urandom(4096)
+        head = put_head(f"{UUID}/tok.bin", len(body), extra=("X-Session-Token: one-job-token-1",))
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(head + body)
+        self.assertEqual(
+            [name.rsplit(".", 1)[1] for name in partials(self.store)], ["json", "part"]
+        )
+        self.runner.run_all()
+        self.assertEqual(self.status(transport), 201)
+        self.assertEqual(partials(self.store), [])
+
+    def test_one_request_upload_data_synced_before_link(self) -> None:
+        """
+        In the single disk job the partial file's bytes are fsynced before the file gets
+        its final name, and the final directory is fsynced before the 201.
+        """
+        events: list[tuple[str, object]] = []
+        real_fsync, real_link = storage.os.fsync, storage.os.link
+        target = self.store / UUID / "order.bin"
+
+        def fsync(fd: int) -> None:
+            st = os.fstat(fd)
+            events.append(("fsync", (st.st_ino, st.st_dev)))
+            real_fsync(fd)
+
+        def link(src, dst, **kw) -> None:
+            st = os.stat(src)
+            events.append(("link", (st.st_ino, st.st_dev)))
+            real_link(src, dst, **kw)
+
+        self.patch(storage.os, "fsync", fsync)
+        self.patch(storage.os, "link", link)
+        body = os.urandom(4096)
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/order.bin", len(body)) + body)
+        self.assertEqual(self.runner.run_all(), 1)
+        self.assertEqual(self.status(transport), 201)
+        linked = [i for i, (kind, _) in enumerate(events) if kind == "link"]
+        self.assertEqual(len(linked), 1)
+        file_id = events[linked[0]][1]
+        self.assertIn(("fsync", file_id), events[: linked[0]])
+        directory = os.stat(target.parent)
+        self.assertIn(("fsync", (directory.st_ino, directory.st_dev)), events[linked[0] :])
+        self.assertEqual(target.read_bytes(), body)
+
+    def test_one_request_upload_failing_commit_leaves_nothing(self) -> None:
+        """
+        A failure in the single disk job (here the disk fills at the data fsync) is
+        answered 507 and leaves neither a file at the final name nor a partial file.
+        """
+        import errno
+
+        def full_fsync(fd: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(storage.os, "fsync", full_fsync)
+        body = os.urandom(4096)
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/full.bin", len(body)) + body)
+        self.runner.run_all()
+        self.assertEqual(self.status(transport), 507)
+        self.assertFalse(os.path.lexists(self.store / UUID / "full.bin"))
+        self.assertEqual(partials(self.store), [])
+
+    def test_one_request_upload_failing_write_keeps_nothing(self) -> None:
+        """
+        A write error in the single disk job is answered (507) and removes the partial
+        file: there is no record, so there would be nothing a client could resume.
+        """
+        import errno
+
+        def failing_writev(fd: int, buffers) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(storage.os, "writev", failing_writev)
+        body = os.urandom(4096)
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/wfail.bin", len(body)) + body)
+        self.runner.run_all()
+        self.assertEqual(self.status(transport), 507)
+        self.assertFalse(os.path.lexists(self.store / UUID / "wfail.bin"))
+        self.assertEqual(partials(self.store), [])
+        self.flushLoggedErrors(storage.StorageError)
+
+    def test_local_address_asked_once_per_connection(self) -> None:
+        """Pipelined requests on one connection ask the transport for its address once."""
+        protocol, transport = self.harness.connect()
+        calls: list[object] = []
+        real = transport.getHost
+
+        def get_host():
+            calls.append(None)
+            return real()
+
+        transport.getHost = get_host
+        first, second = os.urandom(100), os.urandom(100)
+        protocol.dataReceived(
+            put_head(f"{UUID}/p1.bin", 100) + first + put_head(f"{UUID}/p2.bin", 100) + second
+        )
+        self.runner.run_all()
+        self.assertEqual(transport.value().count(b"201 Created\r\n"), 2)
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(protocol.getHost(), real())
