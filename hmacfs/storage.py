@@ -217,6 +217,7 @@ class Store:
         self._meta_cache: dict[tuple[object, ...], dict[str, object]] = {}
         self.partial_dir = self.root / PRIVATE_DIR / "partial"
         self.meta_dir = self.root / PRIVATE_DIR / "meta"
+        self._meta_prefix = str(self.meta_dir) + os.sep
         os.makedirs(self.partial_dir, mode=_DIR_MODE, exist_ok=True)
         os.makedirs(self.meta_dir, mode=_DIR_MODE, exist_ok=True)
 
@@ -224,12 +225,14 @@ class Store:
 
     def target_path(self, segments: Sequence[str]) -> Path:
         """Where a path's file lives; 403 for anything that could leave ``root``."""
-        segs = _check_segments(segments)
-        target = self.root.joinpath(*segs)
-        normed = os.path.normpath(target)
+        return Path(self._target(_check_segments(segments)))
+
+    def _target(self, segs: tuple[str, ...]) -> str:
+        """``target_path`` as a string, for checked segments (strings: GETs are hot)."""
+        target = self._root_prefix + os.sep.join(segs)
         # What commonpath([root, normed]) == root says for a normalised absolute
         # path, without its cost on every request.
-        if normed == self._root_str or not normed.startswith(self._root_prefix):
+        if not os.path.normpath(target).startswith(self._root_prefix):
             raise StorageError(403, "forbidden path")
         return target
 
@@ -241,7 +244,10 @@ class Store:
         return self.partial_dir / f"{path_key(segments)}.json"
 
     def meta_path(self, segments: Sequence[str]) -> Path:
-        return self.meta_dir / f"{path_key(segments)}.json"
+        return Path(self._meta(segments))
+
+    def _meta(self, segments: Sequence[str]) -> str:
+        return f"{self._meta_prefix}{path_key(segments)}.json"
 
     def _ensure_parents(self, segs: tuple[str, ...], *, create: bool) -> bool:
         """
@@ -251,9 +257,9 @@ class Store:
         upload can never land outside it.  A regular file where a directory is needed is a
         conflict (409).  Returns False if a directory is missing and ``create`` is False.
         """
-        current = self.root
+        current = self._root_prefix[:-1]  # "" for a store at "/"
         for seg in segs[:-1]:
-            current = current / seg
+            current = f"{current}{os.sep}{seg}"
             if create:
                 try:
                     os.mkdir(current, _DIR_MODE)
@@ -265,7 +271,7 @@ class Store:
             except FileNotFoundError:
                 return False
             if stat_mod.S_ISLNK(st.st_mode):
-                log.warn("refusing symlinked directory {path}", path=str(current))
+                log.warn("refusing symlinked directory {path}", path=current)
                 raise StorageError(403, "forbidden path")
             if not stat_mod.S_ISDIR(st.st_mode):
                 raise StorageError(409, "path conflicts with an existing file")
@@ -298,12 +304,12 @@ class Store:
             return {}
         return meta if isinstance(meta, dict) else {}
 
-    def _stored_file(self, segs: tuple[str, ...], st: os.stat_result) -> StoredFile:
+    def _stored_file(self, segs: tuple[str, ...], st: os.stat_result, target: str) -> StoredFile:
         # Metadata is cached by the identity of the file and of its metadata
         # file: one lstat instead of open, read and JSON per GET.  Missing
         # metadata (the instant between link and rename) is never cached.
         try:
-            meta_st = os.lstat(self.meta_path(segs))
+            meta_st = os.lstat(self._meta(segs))
         except OSError:
             meta = {}
         else:
@@ -318,7 +324,7 @@ class Store:
         content_type = meta.get("content_type")
         sha256 = meta.get("sha256")
         return StoredFile(
-            path=self.target_path(segs),
+            path=Path(target),
             size=st.st_size,
             mtime=st.st_mtime,
             content_type=content_type if isinstance(content_type, str) else DEFAULT_CONTENT_TYPE,
@@ -329,7 +335,7 @@ class Store:
     def stat(self, segments: Sequence[str]) -> StoredFile | None:
         """A finished regular file, or None (missing, directory, symlink, symlinked parent)."""
         segs = _check_segments(segments)
-        target = self.target_path(segs)
+        target = self._target(segs)
         try:
             if not self._ensure_parents(segs, create=False):
                 return None
@@ -340,7 +346,7 @@ class Store:
             return None
         if not stat_mod.S_ISREG(st.st_mode):
             return None
-        return self._stored_file(segs, st)
+        return self._stored_file(segs, st, target)
 
     def open_file(self, segments: Sequence[str]) -> tuple[BinaryIO, StoredFile] | None:
         """
@@ -350,7 +356,7 @@ class Store:
         always match the bytes served even if the name changes in between.
         """
         segs = _check_segments(segments)
-        target = self.target_path(segs)
+        target = self._target(segs)
         try:
             if not self._ensure_parents(segs, create=False):
                 return None
@@ -370,7 +376,7 @@ class Store:
         except BaseException:
             os.close(fd)
             raise
-        return f, self._stored_file(segs, st)
+        return f, self._stored_file(segs, st, target)
 
     # -- changes -------------------------------------------------------------------------
 
