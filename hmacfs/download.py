@@ -533,16 +533,9 @@ class _FileProducer:
             self._abort()
             return False
         if not data:
-            log.warn(
-                "stored file shrank while serving it: {remaining} bytes missing at {offset}",
-                remaining=self._remaining,
-                offset=self._offset,
-            )
-            self._abort()
+            self._shrank()
             return False
-        self._offset += len(data)
-        self._remaining -= len(data)
-        self._last_progress = self._clock.seconds()
+        self._advance(len(data))
         self._request.write(data)
         if self._done:
             # The write told us the client is gone.
@@ -550,11 +543,27 @@ class _FileProducer:
         if self._remaining == 0:
             # Finish even if that write filled the transport: all bytes are
             # handed over, and the idle timer must not abort a complete answer.
-            self._close()
-            self._request.unregisterProducer()
-            self._request.finish()
+            self._finish()
             return False
         return True
+
+    def _advance(self, count: int) -> None:
+        self._offset += count
+        self._remaining -= count
+        self._last_progress = self._clock.seconds()
+
+    def _shrank(self) -> None:
+        log.warn(
+            "stored file shrank while serving it: {remaining} bytes missing at {offset}",
+            remaining=self._remaining,
+            offset=self._offset,
+        )
+        self._abort()
+
+    def _finish(self) -> None:
+        self._close()
+        self._request.unregisterProducer()
+        self._request.finish()
 
     def _wait_for_socket(self) -> None:
         """Be resumed once the transport's buffer is empty and the socket writable."""
@@ -582,22 +591,15 @@ class _FileProducer:
                 self._sendfile_failed(error)
                 return
             if not sent:
-                log.warn(
-                    "stored file shrank while serving it: {remaining} bytes missing at {offset}",
-                    remaining=self._remaining,
-                    offset=self._offset,
-                )
-                self._abort()
+                self._shrank()
                 return
-            self._offset += sent
-            self._remaining -= sent
+            self._advance(sent)
+            # request.write() counts what goes through it; the access log and
+            # metrics read this count.
             self._request.sentLength += sent
             budget -= sent
-            self._last_progress = self._clock.seconds()
         if self._remaining == 0:
-            self._close()
-            self._request.unregisterProducer()
-            self._request.finish()
+            self._finish()
             return
         self._wait_for_socket()
 

@@ -1078,6 +1078,41 @@ class SendfileTests(TestCase):
         self.assertEqual(self.calls["sent"], 1)
 
     @defer.inlineCallbacks
+    def test_file_shrinks(self) -> Any:
+        """A file truncated while it is served: the client gets a short body and a closed connection."""
+        real_sendfile = os.sendfile
+        half = self.size // 2
+
+        def truncating(out: int, fd: int, offset: int, count: int) -> int:
+            if os.fstat(fd).st_size > half:
+                os.truncate(self.stored.path, half)
+            return real_sendfile(out, fd, offset, count)
+
+        self.patch(os, "sendfile", truncating)
+        address = self.listen()
+
+        def fetch() -> bytes:
+            sock = self.connect(address)
+            sock.sendall(b"GET /file HTTP/1.1\r\nHost: example.org\r\n\r\n")
+            received = b""
+            try:
+                while chunk := sock.recv(1 << 20):
+                    received += chunk
+            except ConnectionResetError:
+                pass
+            return received
+
+        received = yield threads.deferToThread(fetch)
+        head, _, body = received.partition(b"\r\n\r\n")
+        self.assertIn(b"Content-Length: %d" % (self.size,), head)
+        # An abort is a reset, and a reset may discard what the client had not read yet.
+        self.assertLessEqual(len(body), half)
+        self.assertTrue(self.data.startswith(body))
+        yield wait_until(lambda: not self.file_open())
+        self.assertEqual(len(self.requests), 1)
+        self.assertEqual(self.requests[0].sentLength, half)
+
+    @defer.inlineCallbacks
     def test_client_gone(self) -> Any:
         """A client that leaves mid-body: the file is closed and nothing is logged as an error."""
         address = self.listen()
