@@ -1050,6 +1050,25 @@ class SendfileTests(TestCase):
         self.assertEqual([body for _, _, body in answers], [self.data, self.data])
 
     @defer.inlineCallbacks
+    def test_http10_close(self) -> Any:
+        """HTTP/1.0 without keep-alive: the whole body arrives before the connection closes."""
+        address = self.listen()
+
+        def fetch() -> bytes:
+            sock = self.connect(address)
+            sock.sendall(b"GET /file HTTP/1.0\r\n\r\n")
+            received = []
+            while chunk := sock.recv(1 << 20):
+                received.append(chunk)
+            return b"".join(received)
+
+        received = yield threads.deferToThread(fetch)
+        head, _, body = received.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.0 200 OK"), head[:40])
+        self.assertEqual(body, self.data)
+        self.assertGreater(self.calls["sent"], 0)
+
+    @defer.inlineCallbacks
     def test_unix_socket(self) -> Any:
         """nginx talks to us over a UNIX socket: sendfile works there too."""
         [(_, _, body)] = yield self.get(self.listen(unix=True))
