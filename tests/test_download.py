@@ -995,19 +995,25 @@ class SendfileTests(TestCase):
                 pass
         return False
 
-    def connect(self, address: Any) -> socket.socket:
+    def connect(self, address: Any, small_buffer: bool = False) -> socket.socket:
+        """A blocking client socket; ``small_buffer`` makes the server's sends fill it early."""
         if isinstance(address, UNIXAddress):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.connect(address.name)
+            family_address: Any = address.name
         else:
-            sock = socket.create_connection((address.host, address.port))
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            family_address = (address.host, address.port)
+        if small_buffer:
+            # Before connect: TCP fixes its window scale at the handshake.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(family_address)
         sock.settimeout(30)
         self.addCleanup(sock.close)
         return sock
 
     def get(self, address: Any, *headers: bytes, delay: float = 0.0, requests: int = 1) -> Any:
         def run() -> list[tuple[bytes, dict[bytes, bytes], bytes]]:
-            sock = self.connect(address)
+            sock = self.connect(address, small_buffer=delay > 0)
             answers = []
             for _ in range(requests):
                 lines = [b"GET /file HTTP/1.1", b"Host: example.org", *headers]
@@ -1155,8 +1161,7 @@ class SendfileTests(TestCase):
         address = self.listen(write_timeout=0.5)
 
         def stall() -> bytes:
-            sock = self.connect(address)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock = self.connect(address, small_buffer=True)
             sock.sendall(b"GET /file HTTP/1.1\r\nHost: example.org\r\n\r\n")
             time.sleep(2.0)
             received = b""
