@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TRIAL := $(VENV)/bin/trial
 STAMP := $(VENV)/.installed
 # The slow suites start real servers (twistd, redis-server, nginx); `make test-fast` skips them.
-SLOW_TESTS := tests.test_integration tests.test_workers tests.test_operations tests.test_nginx tests.test_prosody tests.test_resume_integration tests.test_state tests.test_bans_redis tests.test_retention_redis
+SLOW_TESTS := tests.test_integration tests.test_workers tests.test_operations tests.test_nginx tests.test_prosody tests.test_ejabberd tests.test_resume_integration tests.test_state tests.test_bans_redis tests.test_retention_redis
 FAST_TESTS := $(filter-out $(SLOW_TESTS),$(basename $(subst /,.,$(wildcard tests/test_*.py))))
 
 .PHONY: run test test-fast test-slow bench lint clean system-deps

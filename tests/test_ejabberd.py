@@ -1,0 +1,236 @@
+"""
+SLOW SUITE: a real ejabberd (Debian ``ejabberd``) signs upload slots with
+``mod_http_upload`` and ``external_secret``, configured from the shipped
+``packaging/ejabberd.yml``; a real XMPP client (slixmpp's ``xep_0363``) asks
+for a slot and uploads to the real hmacfs daemon, then downloads.
+
+ejabberd's slots differ from Prosody's: three segments (SHA-1 of the JID, a
+random part, the file name with everything but letters, digits, ``_ . -``
+replaced), ``misc:url_encode`` escaping, and the ``v`` MAC over path and size
+(REFERENCE.md B).  This suite proves hmacfs accepts exactly those URLs.
+
+ejabberd runs as its own system user (ejabberdctl switches to it), on a
+loopback c2s port, with Erlang distribution on a loopback port and no epmd.
+``make test-fast`` skips this suite.  In CI a missing ejabberd, or not being
+root (ejabberdctl needs it to switch users), is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from hmacfs.testing import SECRET, free_port
+from tests.test_integration import Daemon
+from tests.test_prosody import (
+    DOMAIN,
+    MIB,
+    PASSWORD,
+    USER,
+    UploadRoundTrip,
+    discover,
+    http,
+    missing,
+    request_slot,
+    require_slixmpp,
+    run_client,
+)
+
+EJABBERDCTL = shutil.which("ejabberdctl") or "/usr/sbin/ejabberdctl"
+PACKAGED = Path(__file__).resolve().parent.parent / "packaging" / "ejabberd.yml"
+UPLOAD_JID = f"upload.{DOMAIN}"
+MAX_SIZE = 50 * MIB
+
+
+def require_ejabberd() -> None:
+    if not os.access(EJABBERDCTL, os.X_OK):
+        missing("ejabberd (Debian package ejabberd)")
+    if os.geteuid() != 0:
+        missing("root (ejabberdctl runs ejabberd as the ejabberd user)")
+
+
+def packaged_upload_module(put_url: str, secret: str, max_size: int) -> str:
+    """packaging/ejabberd.yml with this test's URL, secret and size: what an operator pastes."""
+    text = PACKAGED.read_text()
+    replacements = {
+        r'put_url: "[^"]*"': f'put_url: "{put_url}"',
+        r'external_secret: "[^"]*"': f'external_secret: "{secret}"',
+        r"max_size: \d+": f"max_size: {max_size}",
+    }
+    for pattern, value in replacements.items():
+        text, count = re.subn(pattern, value, text)
+        assert count == 1, f"{pattern!r} not found once in {PACKAGED}"
+    return text
+
+
+class Ejabberd:
+    """One ejabberd node with its own config, spool and logs, on loopback ports."""
+
+    def __init__(self, upload_module: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="hmacfs-ejabberd-"))
+        self.c2s_port = free_port()
+        dist_port = free_port()
+        (self.dir / "ejabberd.yml").write_text(
+            f"""
+hosts:
+  - {DOMAIN}
+loglevel: info
+certfiles: []
+listen:
+  -
+    port: {self.c2s_port}
+    ip: "127.0.0.1"
+    module: ejabberd_c2s
+    starttls: false
+auth_method: internal
+acl:
+  local:
+    user_regexp: ""
+access_rules:
+  local:
+    allow: local
+  c2s:
+    allow: all
+shaper_rules:
+  c2s_shaper: none
+{upload_module}
+  mod_disco: {{}}
+  mod_roster: {{}}
+"""
+        )
+        # ejabberdctl reads this instead of /etc/ejabberd/ejabberdctl.cfg (which would
+        # point it back at /etc/ejabberd/ejabberd.yml).  A fixed distribution port means
+        # no epmd, and nothing listens beyond loopback.
+        (self.dir / "ejabberdctl.cfg").write_text(
+            f'ERL_OPTIONS="-env ERL_CRASH_DUMP_BYTES 0"\n'
+            f"EJABBERD_CONFIG_PATH={self.dir / 'ejabberd.yml'}\n"
+            f"EJABBERD_PID_PATH={self.dir / 'ejabberd.pid'}\n"
+            f"INET_DIST_INTERFACE=127.0.0.1\n"
+            f"ERL_DIST_PORT={dist_port}\n"
+        )
+        (self.dir / "inetrc").write_text("{lookup, [file, native]}.\n")
+        shutil.chown(self.dir, "ejabberd", "ejabberd")
+        for path in self.dir.iterdir():
+            shutil.chown(path, "ejabberd", "ejabberd")
+        self.ctl = [
+            EJABBERDCTL,
+            "--config-dir", str(self.dir),
+            "--ctl-config", str(self.dir / "ejabberdctl.cfg"),
+            "--config", str(self.dir / "ejabberd.yml"),
+            "--spool", str(self.dir),
+            "--logs", str(self.dir),
+            "--node", f"hmacfs{self.c2s_port}@localhost",
+        ]
+        self.output = open(self.dir / "foreground.out", "wb")
+        self.process: subprocess.Popen | None = subprocess.Popen(
+            [*self.ctl, "foreground"],
+            cwd=self.dir, stdout=self.output, stderr=subprocess.STDOUT,
+            start_new_session=True,  # su, sh and beam.smp: stopped as one group
+        )
+        try:
+            self.wait_listening()
+            self.run_ctl("register", USER, DOMAIN, PASSWORD)
+        except BaseException:
+            self.remove()
+            raise
+
+    def wait_listening(self, timeout: float = 60) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"ejabberd exited {self.process.returncode}: {self.log_tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.c2s_port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"ejabberd did not listen within {timeout}s: {self.log_tail()}")
+
+    def run_ctl(self, *args: str) -> str:
+        result = subprocess.run(
+            [*self.ctl, *args], cwd=self.dir, capture_output=True, timeout=60
+        )
+        if result.returncode != 0:
+            raise AssertionError(
+                f"ejabberdctl {' '.join(args)} failed: {result.stdout!r} {result.stderr!r}"
+            )
+        return result.stdout.decode(errors="replace")
+
+    def remove(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            try:
+                subprocess.run([*self.ctl, "stop"], cwd=self.dir, capture_output=True, timeout=30)
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+        self.output.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log_tail(self) -> str:
+        texts = []
+        for name in ("foreground.out", "ejabberd.log", "error.log"):
+            path = self.dir / name
+            if path.exists():
+                texts.append(path.read_text(errors="replace")[-3000:])
+        return "\n".join(texts)
+
+
+class EjabberdExternalSecretTests(SynchronousTestCase):
+    """ejabberd's mod_http_upload (external_secret) signs, hmacfs stores and serves."""
+
+    def setUp(self) -> None:
+        require_ejabberd()
+        require_slixmpp()
+        self.daemon = Daemon()
+        self.addCleanup(self.daemon.stop)
+        self.ejabberd = Ejabberd(
+            packaged_upload_module(self.daemon.base(), SECRET.decode(), MAX_SIZE)
+        )
+        self.addCleanup(self.ejabberd.remove)
+
+    def slot(self, name: str, size: int, content_type: str) -> dict[str, Any]:
+        async def scenario(client: Any) -> dict[str, Any]:
+            service = await discover(client)
+            self.assertEqual(service, UPLOAD_JID)
+            return await request_slot(client, service, name, size, content_type)
+
+        return run_client(self.ejabberd, scenario)
+
+    def test_upload_roundtrip(self) -> None:
+        """A slot ejabberd signed (three segments, its escaping): 201, same bytes back, then 409."""
+        slot = self.slot("holiday photo ü.bin", 3 * MIB, "application/octet-stream")
+        put = urlsplit(slot["put"])
+        self.assertTrue(put.query.startswith("v="), slot["put"])
+        segments = put.path.split("/")[2:]  # after "/upload"
+        self.assertEqual(len(segments), 3, put.path)
+        # ejabberd replaces the space and keeps the letter (escaped in the URL).
+        self.assertEqual(segments[2], "holiday_photo_%C3%BC.bin")
+        UploadRoundTrip().check(self, slot, "application/octet-stream", self.daemon.base())
+        stored = list(self.daemon.store.glob("*/*/holiday_photo_ü.bin"))
+        self.assertEqual(len(stored), 1, list(self.daemon.store.rglob("*")))
+
+    def test_size_is_bound(self) -> None:
+        """ejabberd's MAC covers the size: a PUT of another length is refused and stores nothing."""
+        slot = self.slot("notes.txt", 1000, "text/plain")
+        status, _ = http("PUT", slot["put"], b"x" * 1001, {"Content-Type": "text/plain"})
+        self.assertEqual(status, 403)
+        status, _ = http("GET", slot["get"])
+        self.assertEqual(status, 404)
+        status, _ = http("PUT", slot["put"], b"x" * 1000, {"Content-Type": "text/plain"})
+        self.assertEqual(status, 201)
