@@ -31,13 +31,16 @@ from urllib.parse import urlsplit
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.testing import SECRET, free_port
+from hmacfs.testing import SECRET, free_port, wait_for
 from tests.test_integration import Daemon
 from tests.test_prosody import (
+    COMPONENT_SECRET,
     DOMAIN,
     MIB,
+    NS_UPLOAD,
     PASSWORD,
     USER,
+    ComponentDaemon,
     UploadRoundTrip,
     discover,
     http,
@@ -77,9 +80,11 @@ def packaged_upload_module(put_url: str, secret: str, max_size: int) -> str:
 class Ejabberd:
     """One ejabberd node with its own config, spool and logs, on loopback ports."""
 
-    def __init__(self, upload_module: str) -> None:
+    def __init__(self, modules: str) -> None:
+        """``modules`` is the ``modules:`` section; mod_disco and mod_roster are added to it."""
         self.dir = Path(tempfile.mkdtemp(prefix="hmacfs-ejabberd-"))
         self.c2s_port = free_port()
+        self.component_port = free_port()
         dist_port = free_port()
         (self.dir / "ejabberd.yml").write_text(
             f"""
@@ -93,6 +98,13 @@ listen:
     ip: "127.0.0.1"
     module: ejabberd_c2s
     starttls: false
+  -
+    port: {self.component_port}
+    ip: "127.0.0.1"
+    module: ejabberd_service
+    hosts:
+      "{UPLOAD_JID}":
+        password: "{COMPONENT_SECRET}"
 auth_method: internal
 acl:
   local:
@@ -104,8 +116,7 @@ access_rules:
     allow: all
 shaper_rules:
   c2s_shaper: none
-{upload_module}
-  mod_disco: {{}}
+{modules}
   mod_roster: {{}}
 """
         )
@@ -201,6 +212,7 @@ class EjabberdExternalSecretTests(SynchronousTestCase):
         self.addCleanup(self.daemon.stop)
         self.ejabberd = Ejabberd(
             packaged_upload_module(self.daemon.base(), SECRET.decode(), MAX_SIZE)
+            + "  mod_disco: {}\n"
         )
         self.addCleanup(self.ejabberd.remove)
 
@@ -234,3 +246,59 @@ class EjabberdExternalSecretTests(SynchronousTestCase):
         self.assertEqual(status, 404)
         status, _ = http("PUT", slot["put"], b"x" * 1000, {"Content-Type": "text/plain"})
         self.assertEqual(status, 201)
+
+
+class EjabberdComponentTests(SynchronousTestCase):
+    """hmacfs as an XEP-0114 component of ejabberd (ejabberd_service), as README shows."""
+
+    max_size = 10 * MIB
+
+    def setUp(self) -> None:
+        require_ejabberd()
+        require_slixmpp()
+        # README: without mod_http_upload, list the component in mod_disco's extra_domains.
+        self.ejabberd = Ejabberd(
+            f"modules:\n  mod_disco:\n    extra_domains: [\"{UPLOAD_JID}\"]\n"
+        )
+        self.addCleanup(self.ejabberd.remove)
+        self.daemon = ComponentDaemon(
+            max_upload_size="10MiB",
+            extra=(
+                f'ComponentJID = "{UPLOAD_JID}"\n'
+                f'ComponentSecret = "{COMPONENT_SECRET}"\n'
+                f'ComponentServer = "127.0.0.1:{self.ejabberd.component_port}"\n'
+            ),
+        )
+        self.addCleanup(self.daemon.stop)
+        logged_in = f"logged in to the XMPP server as component {UPLOAD_JID}"
+        log = self.daemon.dir / "hmacfs.log"
+        if not wait_for(lambda: log.exists() and logged_in in log.read_text(errors="replace"), 30):
+            raise AssertionError(
+                f"no component login:\n{self.daemon.log_tail()}\n{self.ejabberd.log_tail()}"
+            )
+
+    def test_discover_upload_download_too_large(self) -> None:
+        """Disco finds hmacfs through ejabberd; its slot uploads and downloads; too large gets the max."""
+
+        async def scenario(client: Any) -> dict[str, Any]:
+            from slixmpp.exceptions import IqError
+
+            service = await discover(client)
+            slot = await request_slot(client, service, "report ü.pdf", 3 * MIB, "application/pdf")
+            try:
+                await request_slot(client, service, "huge.iso", self.max_size + 1, "application/octet-stream")
+            except IqError as error:
+                too_large: Any = error.iq
+            else:
+                too_large = None
+            return {"service": service, "slot": slot, "too_large": too_large}
+
+        result = run_client(self.ejabberd, scenario)
+        self.assertEqual(result["service"], UPLOAD_JID)
+        self.assertIn("v3=", result["slot"]["put"])
+        UploadRoundTrip().check(self, result["slot"], "application/pdf", self.daemon.base())
+        error = result["too_large"]
+        self.assertIsNotNone(error, "a too-large request got a slot")
+        self.assertEqual(error["error"]["condition"], "not-acceptable")
+        size = error.xml.find(f".//{{{NS_UPLOAD}}}file-too-large/{{{NS_UPLOAD}}}max-file-size")
+        self.assertEqual(size.text, str(self.max_size))
