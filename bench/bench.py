@@ -260,13 +260,30 @@ class Server:
                 )
             try:
                 with socket.create_connection((LOOPBACK, self.port), timeout=1):
-                    return
+                    pass
             except OSError:
                 time.sleep(0.1)
+                continue
+            self.settle(end)
+            return
         raise BenchError(
             f"{self.name} did not listen on {LOOPBACK}:{self.port} within {timeout:.0f} s:\n"
             + self.log_tail()
         )
+
+    def settle(self, deadline: float, quiet: float = 0.02, interval: float = 0.25) -> None:
+        """
+        Wait until the server's process tree is idle: a listening socket does not
+        mean its worker processes have finished starting, and their start-up CPU
+        and memory must not be charged to the first workload.
+        """
+        before = tree_cpu_seconds(self.pid)
+        while time.monotonic() < deadline:
+            time.sleep(interval)
+            now = tree_cpu_seconds(self.pid)
+            if now - before < quiet:
+                return
+            before = now
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -18,15 +18,14 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.threadpool import ThreadPool
 
 from hmacfs.auth import Authenticator
 from hmacfs.bans import BanList, BanSettings, BanSyncService, SharedBans, ban_check
 from hmacfs.clientaddr import ClientAddressResolver, request_client
 from hmacfs.config import Config, ConfigError, load_config
+from hmacfs.diskpool import DiskThreadPoolService
 from hmacfs.logs import log_router
 from hmacfs.metrics import GaugeService, Metrics, enable_multiprocess, metrics_site
 from hmacfs.reload import ReloadService
@@ -92,27 +91,6 @@ class SequentialMultiService(MultiService):
                 await maybeDeferred(service.stopService)
             except Exception:  # noqa: BLE001 - one failing child must not block the rest
                 log.failure("stopping {service} failed", service=service)
-
-
-class DiskThreadPoolService(Service):
-    """The thread pool that does the blocking disk work (writes, fsync, rename)."""
-
-    def __init__(self, reactor: Any, size: int = 8) -> None:
-        self.reactor = reactor
-        self.pool = ThreadPool(minthreads=1, maxthreads=size, name="hmacfs-disk")
-
-    def run_blocking(self, function: Any, *args: Any) -> Deferred:
-        return deferToThreadPool(self.reactor, self.pool, function, *args)
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> Deferred:
-        super().stopService()
-        # Joins the workers: they only ever run short writes, fsyncs and renames.
-        self.pool.stop()
-        return succeed(None)
 
 
 class LoggingService(Service):
