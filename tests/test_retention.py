@@ -19,7 +19,7 @@ from hmacfs.retention import (
     Tombstones,
     plan_deletions,
 )
-from hmacfs.storage import Store
+from hmacfs.storage import Store, path_key
 from hmacfs.testing import ManualRunner, SiteHarness, make_config, put_head
 
 DAY = 86400.0
@@ -140,6 +140,15 @@ class SweeperTests(SynchronousTestCase):
         self.tombstones.add(("a", "b"), NOW - 1)
         self.assertFalse(self.tombstones.blocks(("a", "b")))
         self.assertEqual(self.tombstones.purge_expired(), 1)
+
+    def test_tombstone_blocks_until_horizon(self) -> None:
+        """A live tombstone blocks its path only; an unreadable one blocks nothing."""
+        self.tombstones.add(("a", "b"), NOW + 10)
+        self.assertTrue(self.tombstones.blocks(("a", "b")))
+        self.assertFalse(self.tombstones.blocks(("a", "c")))
+        self.tombstones.add(("x", "y"), NOW + 10)
+        (self.tombstones.directory / path_key(("x", "y"))).write_text("garbage\n")
+        self.assertFalse(self.tombstones.blocks(("x", "y")))
 
 
 class ServiceTests(SynchronousTestCase):
