@@ -9,7 +9,9 @@ so tests can pass a ``MemoryReactorClock``.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import signal
 from pathlib import Path
 from typing import Any
@@ -417,9 +419,42 @@ def make_supervisor(config: Config, reactor: Any, config_path: str) -> MultiServ
     return top
 
 
+#: glibc's mallopt(3) parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_allocator(buffer_size: int, libc: Any = None) -> tuple[int, int] | None:
+    """
+    Keep socket-read buffers in the heap, and the heap from shrinking after each one.
+
+    Every socket read allocates a fresh ``BufferSize`` bytes object.  glibc's
+    defaults serve such a block with mmap, or from the top of the heap, which
+    it hands back (``brk``) as soon as more than twice that is free: a 1 GiB
+    PUT then pays over a thousand ``brk`` calls and re-faults every page it
+    gets back, about a quarter of its CPU.  Returns the (mmap, trim)
+    thresholds set, or None where the C library is not glibc.  Only for the
+    daemon's own processes: an application embedding hmacfs owns its malloc.
+    """
+    mmap_threshold = min(max(4 * buffer_size, 1024**2), 32 * 1024**2)
+    trim_threshold = 4 * mmap_threshold
+    if libc is None:
+        if platform.libc_ver()[0] != "glibc":
+            return None
+        libc = ctypes.CDLL(None)
+    if not (
+        libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+        and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    ):
+        log.warn("mallopt refused the heap thresholds; keeping the C library's defaults")
+        return None
+    return mmap_threshold, trim_threshold
+
+
 def makeService(options: Options) -> MultiService:
     """twistd entry point."""
+    tune_allocator(options.config_obj.buffer_size)
     return make_service_from_config(options.config_obj, config_path=options["config"])
 
 
-__all__ = ["Options", "makeService", "make_service_from_config", "build_site"]
+__all__ = ["Options", "makeService", "make_service_from_config", "build_site", "tune_allocator"]

@@ -104,9 +104,10 @@ class SupervisorPipe(FileDescriptor):
 
 def build_worker(config_path: str, fd: int, family: int, index: int, reactor: Any) -> MultiService:
     from hmacfs.config import load_config
-    from hmacfs.tap import assemble_server
+    from hmacfs.tap import assemble_server, tune_allocator
 
     config, _warnings = load_config(config_path)
+    tune_allocator(config.buffer_size)
     top, site = assemble_server(config, reactor, config_path=config_path, worker_index=index)
     AdoptedPortService(reactor, fd, family, site).setServiceParent(top)
     ring = top.ring  # type: ignore[attr-defined]

@@ -9,9 +9,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.application.service import IServiceMaker
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from hmacfs.tap import Options, make_service_from_config
+from hmacfs.tap import Options, make_service_from_config, tune_allocator
 from hmacfs.testing import make_config
 
 
@@ -69,3 +69,38 @@ class AssemblyTests(SynchronousTestCase):
         self.assertEqual(reactor.tcpServers[0][0], 8123)
         self.assertEqual(reactor.tcpServers[0][3], "127.0.0.1")
         service.stopService()
+
+
+class FakeLibc:
+    """Records mallopt calls; ``accept`` is what mallopt returns (1 = done)."""
+
+    def __init__(self, accept: int = 1) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.accept = accept
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return self.accept
+
+
+class AllocatorTests(SynchronousTestCase):
+    def test_thresholds_follow_buffer_size(self) -> None:
+        """Socket-read buffers stay below the mmap threshold; the heap keeps 4x that before trimming."""
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        for buffer_size, mmap in ((65536, 1024**2), (262144, 1024**2), (1024**2, 4 * 1024**2),
+                                  (16 * 1024**2, 32 * 1024**2)):
+            libc = FakeLibc()
+            self.assertEqual(tune_allocator(buffer_size, libc), (mmap, 4 * mmap))
+            self.assertEqual(libc.calls, [(M_MMAP_THRESHOLD, mmap), (M_TRIM_THRESHOLD, 4 * mmap)])
+
+    def test_refused(self) -> None:
+        """A C library that refuses the setting leaves its defaults, and we say so."""
+        self.assertIsNone(tune_allocator(65536, FakeLibc(accept=0)))
+
+    def test_real_glibc(self) -> None:
+        """On this machine's glibc the call succeeds (the daemon's own processes make it)."""
+        import platform
+
+        if platform.libc_ver()[0] != "glibc":
+            raise SkipTest("not glibc")
+        self.assertEqual(tune_allocator(65536), (1024**2, 4 * 1024**2))
