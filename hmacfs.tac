@@ -10,7 +10,7 @@ import sys
 from twisted.application.service import Application
 
 from hmacfs.config import ConfigError, load_config
-from hmacfs.tap import make_service_from_config
+from hmacfs.tap import make_service_from_config, tune_allocator
 
 _path = os.environ.get("HMACFS_CONFIG", "config.toml")
 try:
@@ -22,4 +22,5 @@ for _warning in _warnings:
     sys.stderr.write(f"hmacfs: {_path}: warning: {_warning}\n")
 
 application = Application("hmacfs")
+tune_allocator(_config.buffer_size)
 make_service_from_config(_config, config_path=_path).setServiceParent(application)
