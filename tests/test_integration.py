@@ -61,31 +61,37 @@ class Daemon:
         else:
             self.port = free_port()
         self.config = self.dir / "config.toml"
-        self.config.write_text(
-            self.listen_config()
-            + f'Secret = "{SECRET.decode()}"\nStoreDir = "{self.store}"\n'
+        self._settings = (
+            f'Secret = "{SECRET.decode()}"\nStoreDir = "{self.store}"\n'
             + 'UploadSubDir = "upload"\nLogLevel = "info"\n'
             + f'LogFile = "{self.dir / "hmacfs.log"}"\n'
             + f"MaxUploadSize = \"{max_upload_size}\"\nMinFreeBytes = 0\nEnableGetRetries = false\n"
             + extra
         )
-        self.output = open(self.dir / "twistd.out", "wb")
-        self.process = subprocess.Popen(
-            self.command(),
-            cwd=self.cwd,
-            env=self.env,
-            stdout=self.output,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-        )
-        try:
-            self.wait_listening()
-        except BaseException:
-            # Nobody gets this object to stop(): do not leave the process running.
-            self.process.kill()
-            self.process.wait(10)
-            self.output.close()
-            raise
+        for attempt in range(3):
+            self.config.write_text(self.listen_config() + self._settings)
+            self.output = open(self.dir / "twistd.out", "wb")
+            self.process = subprocess.Popen(
+                self.command(),
+                cwd=self.cwd,
+                env=self.env,
+                stdout=self.output,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
+            )
+            try:
+                self.wait_listening()
+                return
+            except BaseException:
+                # Nobody gets this object to stop(): do not leave the process running.
+                self.process.kill()
+                self.process.wait(10)
+                self.output.close()
+                # free_port() only finds a port that was free a moment ago; a client
+                # connection elsewhere may take it as its own port before twistd binds.
+                if self.unix or attempt == 2 or "Address already in use" not in self.log_tail():
+                    raise
+                self.port = free_port()
 
     #: Where twistd runs; a subclass testing an installed copy moves it out of the source tree.
     cwd = ROOT
