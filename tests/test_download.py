@@ -943,6 +943,18 @@ def _read_response(sock: socket.socket, delay: float = 0.0, recv_size: int = 1 <
     return status, fields, b"".join(parts)
 
 
+def read_until_closed(sock: socket.socket, reset_ok: bool = True) -> bytes:
+    """Everything the server sends until it closes (or, if ``reset_ok``, resets) the connection."""
+    received: list[bytes] = []
+    try:
+        while chunk := sock.recv(1 << 20):
+            received.append(chunk)
+    except ConnectionResetError:
+        if not reset_ok:
+            raise
+    return b"".join(received)
+
+
 class SendfileTests(TestCase):
     """
     Bodies of SENDFILE_MIN bytes and more over real loopback sockets, where
@@ -1063,10 +1075,7 @@ class SendfileTests(TestCase):
         def fetch() -> bytes:
             sock = self.connect(address)
             sock.sendall(b"GET /file HTTP/1.0\r\n\r\n")
-            received = []
-            while chunk := sock.recv(1 << 20):
-                received.append(chunk)
-            return b"".join(received)
+            return read_until_closed(sock, reset_ok=False)
 
         received = yield threads.deferToThread(fetch)
         head, _, body = received.partition(b"\r\n\r\n")
@@ -1119,13 +1128,7 @@ class SendfileTests(TestCase):
         def fetch() -> bytes:
             sock = self.connect(address)
             sock.sendall(b"GET /file HTTP/1.1\r\nHost: example.org\r\n\r\n")
-            received = b""
-            try:
-                while chunk := sock.recv(1 << 20):
-                    received += chunk
-            except ConnectionResetError:
-                pass
-            return received
+            return read_until_closed(sock)
 
         received = yield threads.deferToThread(fetch)
         head, _, body = received.partition(b"\r\n\r\n")
@@ -1164,12 +1167,7 @@ class SendfileTests(TestCase):
             sock = self.connect(address, small_buffer=True)
             sock.sendall(b"GET /file HTTP/1.1\r\nHost: example.org\r\n\r\n")
             time.sleep(2.0)
-            received = b""
-            try:
-                while chunk := sock.recv(1 << 20):
-                    received += chunk
-            except ConnectionResetError:
-                pass
+            received = read_until_closed(sock)
             sock.close()
             return received
 
