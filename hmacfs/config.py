@@ -29,7 +29,6 @@ from typing import Any
 
 import attrs
 from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.testing import MemoryReactor
 
 
 class _Shown:
@@ -253,10 +252,23 @@ def _unix_endpoint(value: str, text: str, mode: int, key: str, base_dir: Path) -
     return f"unix:{_quote(str(path))}:mode={mode:o}:lockfile=1:backlog={LISTEN_BACKLOG}"
 
 
+def _parse_only_reactor() -> Any:
+    """
+    A reactor that endpoint parsers may hold but never run.
+
+    Imported here, not at the top: ``twisted.internet.testing`` pulls in
+    twisted.trial and unittest (about 5 MiB and 15 ms per process), and only
+    an explicit endpoint description needs it.
+    """
+    from twisted.internet.testing import MemoryReactor
+
+    return MemoryReactor()
+
+
 def _check_endpoint(text: str, key: str) -> None:
     allowed = "a Twisted server endpoint description, e.g. tcp:port=8080:interface=127.0.0.1"
     try:
-        endpoint = serverFromString(MemoryReactor(), text)
+        endpoint = serverFromString(_parse_only_reactor(), text)
     except Exception as exc:
         if text.startswith("systemd:") and isinstance(exc, (IndexError, KeyError)):
             # Twisted looks the descriptor up in this process's LISTEN_FDS; a config
@@ -602,7 +614,7 @@ def _component_server(value: object, key: str, ctx: _Context) -> str:
     text = _text(value, key, COMPONENT_SERVER_FORMS).strip()
     if text.startswith(("tcp:", "unix:", "ssl:", "tls:")):
         try:
-            clientFromString(MemoryReactor(), text)
+            clientFromString(_parse_only_reactor(), text)
         except Exception as exc:
             reason = str(exc) or type(exc).__name__
             raise ConfigError(
