@@ -104,3 +104,28 @@ class AllocatorTests(SynchronousTestCase):
         if platform.libc_ver()[0] != "glibc":
             raise SkipTest("not glibc")
         self.assertEqual(tune_allocator(65536), (1024**2, 4 * 1024**2))
+
+
+class ImportFootprintTests(SynchronousTestCase):
+    def test_daemon_does_not_import_test_machinery(self) -> None:
+        """Building the server for a plain config loads neither twisted.trial nor unittest
+        (every worker process would carry them: about 2 MiB and 15 ms each)."""
+        import subprocess
+        import sys
+        import tempfile
+
+        script = (
+            "import sys, tempfile\n"
+            "from twisted.internet import reactor\n"
+            "from hmacfs.config import default_config\n"
+            "from hmacfs.tap import assemble_server\n"
+            "assemble_server(default_config(tempfile.mkdtemp(), b'secret-secret-secret-1234'),"
+            " reactor, config_path=None)\n"
+            "print(sorted(m for m in ('twisted.trial', 'unittest', 'pdb') if m in sys.modules))\n"
+        )
+        with tempfile.TemporaryDirectory() as cwd:
+            result = subprocess.run(
+                [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=cwd
+            )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.strip(), "[]")
