@@ -173,20 +173,24 @@ def _read_json(path: Path) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_json(path: Path, data: dict[str, object], *, sync: bool) -> None:
-    """Write ``data`` to a temporary name and rename it over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    encoded = json.dumps(data, sort_keys=True).encode("utf-8")
+def _write_file(path: Path, data: bytes, *, sync: bool) -> None:
+    """Create or truncate ``path`` (never through a symlink), write all of ``data``, maybe fsync."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
-    fd = os.open(tmp, flags, _FILE_MODE)
+    fd = os.open(path, flags, _FILE_MODE)
     try:
-        view = memoryview(encoded)
+        view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
         if sync:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_json(path: Path, data: dict[str, object], *, sync: bool) -> None:
+    """Write ``data`` to a temporary name and rename it over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    _write_file(tmp, json.dumps(data, sort_keys=True).encode("utf-8"), sync=sync)
     os.rename(tmp, path)
 
 
@@ -896,16 +900,7 @@ class PartialUpload:
             "sha256": sha256_hex,
             "created": self.store._now(),
         }
-        data = json.dumps(meta).encode("utf-8")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
-        fd = os.open(path, flags, _FILE_MODE)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_file(path, json.dumps(meta).encode("utf-8"), sync=True)
 
     def _fsync_parents(self) -> None:
         """fsync from the target's directory up to root, so new directories survive too."""
