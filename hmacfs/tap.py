@@ -96,14 +96,20 @@ class SequentialMultiService(MultiService):
 
 
 class LoggingService(Service):
-    """Applies LogLevel/LogFile when the service starts, closes the file at stop."""
+    """
+    Applies LogLevel/LogFile when the service starts, closes the file at stop.
 
-    def __init__(self, config: Config) -> None:
+    Started on the reactor thread, which from then on is the only one that
+    writes the log file (events from the disk pool are handed to it).
+    """
+
+    def __init__(self, config: Config, reactor: Any = None) -> None:
         self.config = config
+        self.reactor = reactor
 
     def startService(self) -> None:
         super().startService()
-        log_router.configure(self.config.log_level, self.config.log_file)
+        log_router.configure(self.config.log_level, self.config.log_file, reactor=self.reactor)
 
     def stopService(self) -> Deferred:
         super().stopService()
@@ -265,7 +271,7 @@ def assemble_server(
     Listening, retention and the metrics listener are added by the caller.
     """
     top = SequentialMultiService()
-    LoggingService(config).setServiceParent(top)
+    LoggingService(config, reactor).setServiceParent(top)
     disk = DiskThreadPoolService(reactor)
     disk.setServiceParent(top)
     ring = SecretRing(config.secret, reactor, config.secret_grace_period)
@@ -373,7 +379,7 @@ def make_supervisor(config: Config, reactor: Any, config_path: str) -> MultiServ
     import tempfile
 
     top = SequentialMultiService()
-    LoggingService(config).setServiceParent(top)
+    LoggingService(config, reactor).setServiceParent(top)
     metrics = None
     if config.metrics_enabled:
         directory = Path(tempfile.mkdtemp(prefix="hmacfs-metrics-"))
