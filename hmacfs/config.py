@@ -782,6 +782,8 @@ _KEYS: tuple[_Key, ...] = (
     _Key("SlotExpiry", "slot_expiry", "5m", _duration(1)),
 )
 KNOWN_KEYS: tuple[str, ...] = tuple(spec.name for spec in _KEYS)
+#: TOML key -> the L{Config} attribute it fills (what SIGHUP compares).
+KEY_ATTRIBUTES: dict[str, str] = {spec.name: spec.attr for spec in _KEYS}
 
 _NO_VERSIONS = "is ignored: uploads are never overwritten, so there are no versions to keep"
 _NO_REPORT = "is ignored: files removed by DeleteFiles are reported in the log"

@@ -4,8 +4,9 @@ SIGHUP and the periodic secret re-read.
 
 SIGHUP (``systemctl reload``, logrotate's postrotate) reopens the log file and
 re-reads the config file: LogLevel, LogFile and the secret take effect at once,
-and other reloadable settings are handed to the registered appliers.  Settings
-that need new sockets (ListenPort, …) are reported as needing a restart.
+and the ban and retention settings are handed to the registered appliers
+(``APPLIED_ON_RELOAD``).  Every other key of the config table needs a
+restart, and a reload that finds one changed logs its name.
 With ReaskSecretEnabled the secret is also re-read every ReaskSecretInterval.
 A config that no longer loads is logged and the running settings stay.
 """
@@ -21,14 +22,31 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from hmacfs.config import Config, ConfigError, load_config
+from hmacfs.config import KEY_ATTRIBUTES, KNOWN_KEYS, Config, ConfigError, load_config
 from hmacfs.logs import log_router
 from hmacfs.rotation import SecretRing
 
 log = Logger(observer=log_router)
 
-#: Settings that only take effect on a restart (they shape sockets or the store).
-RESTART_ONLY = ("listen", "unix_socket", "socket_mode", "store_dir", "upload_subdir", "num_cores")
+#: The keys a SIGHUP applies at once: here (LogLevel, LogFile, the secret) and
+#: through the appliers ``hmacfs.tap`` registers (bans, retention).
+APPLIED_ON_RELOAD: frozenset[str] = frozenset({
+    "LogLevel", "LogFile", "Secret", "SecretFile",
+    "BlockAfterFails", "BlockDuration", "AutoUnban", "AutoBanTime",
+    "DeleteFiles", "DeleteFilesAfterPeriod", "RetentionPolicyEnabled",
+    "MaxRetentionSize", "MaxRetentionTime", "RetentionInterval",
+})
+#: Every other key of the config table only takes effect on a restart; a
+#: reload that sees one changed names it.
+RESTART_ONLY: tuple[str, ...] = tuple(key for key in KNOWN_KEYS if key not in APPLIED_ON_RELOAD)
+
+
+def restart_needed(running: Config, loaded: Config) -> list[str]:
+    """The keys, in table order, whose new value only a restart would apply."""
+    return [
+        key for key in RESTART_ONLY
+        if getattr(loaded, KEY_ATTRIBUTES[key]) != getattr(running, KEY_ATTRIBUTES[key])
+    ]
 
 
 class ReloadService(Service):
@@ -97,7 +115,7 @@ class ReloadService(Service):
         config = self._load()
         if config is None:
             return None
-        changed = [name for name in RESTART_ONLY if getattr(config, name) != getattr(self.config, name)]
+        changed = restart_needed(self.config, config)
         if changed:
             log.warn("changed settings need a restart to take effect: {names}", names=", ".join(changed))
         log_router.configure(config.log_level, config.log_file)

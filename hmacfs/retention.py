@@ -293,17 +293,29 @@ class RetentionService(Service):
     def settings(self) -> RetentionSettings:
         return self.sweeper.settings
 
+    @property
+    def wanted(self) -> bool:
+        """Sweeps run when something may be deleted, or to keep the store gauges fresh."""
+        return self.sweeper.settings.active or self.metrics is not None
+
     def apply(self, settings: RetentionSettings) -> None:
-        """New settings (SIGHUP); a changed interval restarts the timer."""
+        """New settings (SIGHUP): retention turned on or off starts or stops the
+        timer, a changed interval restarts it."""
         interval_changed = settings.interval != self.sweeper.settings.interval
         self.sweeper.settings = settings
-        if interval_changed and self.running:
+        if not self.running:
+            return
+        looping = self._loop is not None and self._loop.running
+        if not self.wanted:
+            self._stop_loop()
+        elif not looping or interval_changed:
             self._stop_loop()
             self._start_loop()
 
     def startService(self) -> None:
         super().startService()
-        self._start_loop()
+        if self.wanted:
+            self._start_loop()
 
     def stopService(self) -> Any:
         super().stopService()

@@ -319,8 +319,9 @@ def _add_retention(
         metrics=metrics,
         redis=redis,
     )
-    if retention.settings.active or metrics is not None:
-        retention.setServiceParent(top)
+    # Always a child, idle unless retention or metrics need sweeps: a SIGHUP
+    # that turns retention on then starts it without a restart.
+    retention.setServiceParent(top)
     reload.appliers.append(lambda new: retention.apply(RetentionSettings.from_config(new)))
     top.retention = retention  # type: ignore[attr-defined]
     return retention

@@ -185,6 +185,30 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(metrics.registry.get_sample_value("hmacfs_store_files"), 0)
         service.stopService()
 
+    def test_sighup_turns_retention_on_and_off(self) -> None:
+        """Started with retention off (and no metrics) nothing sweeps; new settings
+        with DeleteFiles on (SIGHUP) start the sweeps at once, and off stops them."""
+        root = Path(self.mktemp()).resolve()
+        root.mkdir()
+        harness = SiteHarness(make_config(root))
+        sweeper = Sweeper(
+            harness.site.store, Tombstones(root), RetentionSettings(interval=600),
+            root.parent / "report.log",
+        )
+        runner = ManualRunner()
+        service = RetentionService(clock=harness.reactor, sweeper=sweeper, run_blocking=runner)
+        service.startService()
+        self.addCleanup(service.stopService)
+        harness.reactor.advance(600)
+        self.assertEqual(runner.run_all(), 0)
+        service.apply(RetentionSettings(delete_files=True, delete_files_after=DAY, interval=600))
+        self.assertEqual(runner.run_all(), 1)
+        harness.reactor.advance(600)
+        self.assertEqual(runner.run_all(), 1)
+        service.apply(RetentionSettings(interval=600))
+        harness.reactor.advance(600)
+        self.assertEqual(runner.run_all(), 0)
+
 
 class TombstoneAdmissionTests(SynchronousTestCase):
     def test_leaked_url_cannot_recreate(self) -> None:
