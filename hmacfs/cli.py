@@ -111,8 +111,9 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate without side effects: a missing StoreDir is checked, not created."""
     try:
-        config, warnings = load_config(args.file)
+        config, warnings = load_config(args.file, create_store_dir=False)
     except ConfigError as error:
         print(f"{args.file}: error: {error}", file=sys.stderr)
         return 1

@@ -302,6 +302,8 @@ class _Context:
 
     base_dir: Path
     warnings: list[str]
+    #: False for ``hmacfs check-config``: check StoreDir could be created, create nothing
+    create_store_dir: bool = True
 
 
 _Converter = Callable[[object, str, _Context], object]
@@ -440,6 +442,10 @@ def _store_dir(value: object, key: str, ctx: _Context) -> Path:
     path = _under(ctx.base_dir, text).resolve()
     if path.exists() and not path.is_dir():
         raise ConfigError(key, str(path), allowed, "is not a directory")
+    if not ctx.create_store_dir and not path.exists():
+        _check_creatable(path, key, allowed)
+        ctx.warnings.append(f"StoreDir {str(path)!r} does not exist yet; the server will create it")
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -450,6 +456,22 @@ def _store_dir(value: object, key: str, ctx: _Context) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(key, str(path), allowed, "is not writable by this user")
     return path
+
+
+def _check_creatable(path: Path, key: str, allowed: str) -> None:
+    """Refuse a missing directory whose nearest existing ancestor would not let us create it."""
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(
+            key, str(path), allowed, f"does not exist and cannot be created ({str(ancestor)!r} is not a directory)"
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(
+            key, str(path), allowed,
+            f"does not exist and cannot be created ({str(ancestor)!r} is not writable by this user)",
+        )
 
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._~-]+")
@@ -1017,9 +1039,12 @@ _KEYS_BY_NAME = {spec.name: spec for spec in _KEYS}
 
 
 def _parse(
-    data: Mapping[str, object], base_dir: Path, secret: bytes | None = None
+    data: Mapping[str, object],
+    base_dir: Path,
+    secret: bytes | None = None,
+    create_store_dir: bool = True,
 ) -> tuple[Config, list[str]]:
-    ctx = _Context(base_dir=base_dir.absolute(), warnings=[])
+    ctx = _Context(base_dir=base_dir.absolute(), warnings=[], create_store_dir=create_store_dir)
     for key, value in data.items():
         if isinstance(value, Mapping):
             raise ConfigError(key, _Shown("{...}"), _FLAT, "is a table")
@@ -1056,27 +1081,34 @@ def _parse(
 
 
 def parse_config(
-    data: Mapping[str, object], *, base_dir: Path, source: str = "<config>"
+    data: Mapping[str, object],
+    *,
+    base_dir: Path,
+    source: str = "<config>",
+    create_store_dir: bool = True,
 ) -> tuple[Config, list[str]]:
     """
     Check and convert already-parsed TOML data into a L{Config}.
 
     Relative paths are taken relative to C{base_dir} (the config file's
-    directory).  C{StoreDir} is created if missing and C{SecretFile} is read.
+    directory).  C{StoreDir} is created if missing (with
+    C{create_store_dir=False} only checked: its nearest existing ancestor
+    must be a writable directory) and C{SecretFile} is read.
     Returns the config and the warnings (unknown and obsolete keys, a short
     secret) for the caller to log; raises the first L{ConfigError}, with
     C{source} recorded on it.
     """
     try:
-        return _parse(data, Path(base_dir))
+        return _parse(data, Path(base_dir), create_store_dir=create_store_dir)
     except ConfigError as error:
         error.source = source
         raise
 
 
-def load_config(path: str | Path) -> tuple[Config, list[str]]:
+def load_config(path: str | Path, *, create_store_dir: bool = True) -> tuple[Config, list[str]]:
     """
     Read a TOML config file; relative paths in it are relative to its directory.
+    C{create_store_dir} as for L{parse_config}.
 
     An unreadable file or a TOML syntax error is a L{ConfigError} whose key is
     C{"<file>"}.
@@ -1097,7 +1129,9 @@ def load_config(path: str | Path) -> tuple[Config, list[str]]:
         )
         error.source = str(path)
         raise error from exc
-    return parse_config(data, base_dir=path.absolute().parent, source=str(path))
+    return parse_config(
+        data, base_dir=path.absolute().parent, source=str(path), create_store_dir=create_store_dir
+    )
 
 
 def default_config(store_dir: Path, secret: bytes, **overrides: Any) -> Config:
