@@ -443,8 +443,7 @@ def _store_dir(value: object, key: str, ctx: _Context) -> Path:
     if path.exists() and not path.is_dir():
         raise ConfigError(key, str(path), allowed, "is not a directory")
     if not ctx.create_store_dir and not path.exists():
-        _check_creatable(path, key, allowed)
-        ctx.warnings.append(f"StoreDir {str(path)!r} does not exist yet; the server will create it")
+        _check_creatable(path, key, allowed)  # the server creates it at start
         return path
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -802,6 +801,7 @@ _KEYS: tuple[_Key, ...] = (
     _Key("UploadAccess", "upload_access", [], _upload_access),
     _Key("UserQuota", "user_quota", 0, _size()),
     _Key("SlotExpiry", "slot_expiry", "5m", _duration(1)),
+    _Key("HealthOnMainPort", "health_on_main_port", False, _boolean),
 )
 KNOWN_KEYS: tuple[str, ...] = tuple(spec.name for spec in _KEYS)
 #: TOML key -> the L{Config} attribute it fills (what SIGHUP compares).
@@ -889,6 +889,7 @@ class Config:
     upload_access: tuple[str, ...]
     user_quota: int
     slot_expiry: float
+    health_on_main_port: bool
 
     def redacted(self) -> dict[str, object]:
         """

@@ -182,11 +182,15 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, registry: Any) -> None:
+    def __init__(self, registry: Any, health: Resource | None = None) -> None:
         super().__init__()
         self.registry = registry
+        #: the /healthz resource (hmacfs.health), or None
+        self.health = health
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: Any) -> bytes | int:
+        if request.path == b"/healthz" and self.health is not None:
+            return self.health.render(request)
         if request.path != b"/metrics":
             request.setResponseCode(404)
             return b"not found: metrics are at /metrics\n"
@@ -234,9 +238,9 @@ class GaugeService(Service):
         self.refresh()
 
 
-def metrics_site(metrics: Metrics, reactor: Any) -> Site:
-    """The metrics listener's Site (MetricsPort): /metrics and nothing else."""
-    site = Site(MetricsResource(metrics.registry), reactor=reactor)
+def metrics_site(metrics: Metrics, reactor: Any, health: Resource | None = None) -> Site:
+    """The metrics listener's Site (MetricsPort): /metrics, and /healthz when given."""
+    site = Site(MetricsResource(metrics.registry, health), reactor=reactor)
     site.displayTracebacks = False
     site.noisy = False
     return site

@@ -28,6 +28,7 @@ from hmacfs.bans import BanList, BanSettings, BanSyncService, SharedBans, ban_ch
 from hmacfs.clientaddr import ClientAddressResolver, request_client
 from hmacfs.config import Config, ConfigError, load_config
 from hmacfs.diskpool import DiskThreadPoolService
+from hmacfs.health import HealthCheck, HealthGate, HealthResource
 from hmacfs.logs import log_router
 from hmacfs.metrics import GaugeService, Metrics, enable_multiprocess, metrics_site
 from hmacfs.reload import ReloadService
@@ -228,8 +229,17 @@ def build_site(
         uploads=resumable.uploads,
         max_upload_size=config.max_upload_size,
     )
+    state_service = resumable.state_service
+    health = HealthResource(
+        HealthCheck(
+            store_dir=store.root,
+            run_blocking=run_blocking,
+            clock=reactor,
+            redis_connected=(lambda: state_service.connected) if config.redis_addr else None,
+        )
+    )
     site = StreamingSite(
-        resource,
+        HealthGate(resource, health) if config.health_on_main_port else resource,
         body_policy=policy,
         reactor=reactor,
         read_timeout=config.read_timeout,
@@ -246,6 +256,7 @@ def build_site(
         clock=reactor, bans=bans, store_dir=store.root, shared=shared_bans
     )
     site.resumable = resumable  # type: ignore[attr-defined]
+    site.health = health  # type: ignore[attr-defined]
     return site
 
 
@@ -300,9 +311,11 @@ def assemble_server(
     return top, site
 
 
-def _add_metrics_listener(top: MultiService, config: Config, reactor: Any, metrics: Any) -> None:
+def _add_metrics_listener(
+    top: MultiService, config: Config, reactor: Any, metrics: Any, health: HealthResource
+) -> None:
     listener = StreamServerEndpointService(
-        serverFromString(reactor, config.metrics_listen), metrics_site(metrics, reactor)
+        serverFromString(reactor, config.metrics_listen), metrics_site(metrics, reactor, health)
     )
     listener._raiseSynchronously = True
     listener.setServiceParent(top)
@@ -344,7 +357,7 @@ def make_service_from_config(
         return add_component(make_supervisor(config, reactor, config_path), config, reactor)
     top, site = assemble_server(config, reactor, config_path=config_path)
     if top.metrics is not None:  # type: ignore[attr-defined]
-        _add_metrics_listener(top, config, reactor, top.metrics)  # type: ignore[attr-defined]
+        _add_metrics_listener(top, config, reactor, top.metrics, site.health)  # type: ignore[attr-defined]
     _add_retention(
         top, config, reactor, store=site.store, tombstones=site.tombstones,  # type: ignore[attr-defined]
         run_blocking=top.disk.run_blocking, metrics=top.metrics,  # type: ignore[attr-defined]
@@ -387,7 +400,6 @@ def make_supervisor(config: Config, reactor: Any, config_path: str) -> MultiServ
         enable_multiprocess(directory)
         reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, directory, True)
         metrics = Metrics()
-        _add_metrics_listener(top, config, reactor, metrics)
     disk = DiskThreadPoolService(reactor, size=2)
     disk.setServiceParent(top)
     ring = SecretRing(config.secret, reactor, config.secret_grace_period)
@@ -415,6 +427,16 @@ def make_supervisor(config: Config, reactor: Any, config_path: str) -> MultiServ
         )
         state.setServiceParent(top)
         redis = state.client
+    if metrics is not None:
+        health = HealthResource(
+            HealthCheck(
+                store_dir=store.root,
+                run_blocking=disk.run_blocking,
+                clock=reactor,
+                redis_connected=(lambda: state.connected) if config.redis_addr else None,
+            )
+        )
+        _add_metrics_listener(top, config, reactor, metrics, health)
     _add_retention(
         top, config, reactor, store=store, tombstones=Tombstones(store.root),
         run_blocking=disk.run_blocking, metrics=metrics, reload=reload, redis=redis,

@@ -467,6 +467,7 @@ class DefaultsTests(ConfigTestCase):
             "upload_access": (),
             "user_quota": 0,
             "slot_expiry": 300.0,
+            "health_on_main_port": False,
         }
         self.assertEqual(set(expected), {field.name for field in attrs.fields(Config)})
         for name, value in expected.items():
@@ -481,7 +482,7 @@ class DefaultsTests(ConfigTestCase):
     def test_known_keys(self) -> None:
         """KNOWN_KEYS lists every current key once, and none of the obsolete ones."""
         self.assertEqual(len(KNOWN_KEYS), len(set(KNOWN_KEYS)))
-        self.assertEqual(len(KNOWN_KEYS), 50)
+        self.assertEqual(len(KNOWN_KEYS), 51)
         self.assertEqual(set(KNOWN_KEYS) & set(OBSOLETE_KEYS), set())
         self.assertIn("TrustedProxies", KNOWN_KEYS)
 
@@ -552,6 +553,7 @@ BAD_VALUES: dict[str, tuple[object, str]] = {
     "UploadAccess": (["not a jid"], "'not a jid'"),
     "UserQuota": ("lots", "'lots'"),
     "SlotExpiry": ("0s", "'0s'"),
+    "HealthOnMainPort": ("yes", "'yes'"),
 }
 SENSITIVE_KEYS = ("Secret", "RedisPassword", "ComponentSecret")
 

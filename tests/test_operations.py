@@ -94,3 +94,28 @@ class RotationDaemonTests(SynchronousTestCase):
         time.sleep(4.5)
         self.assertEqual(put(SECRET), b"403")
         self.assertEqual(put(new_secret.encode()), b"201")
+
+
+class HealthDaemonTests(SynchronousTestCase):
+    def test_healthz_on_metrics_and_main_port(self) -> None:
+        """The real daemon answers GET /healthz with 200 and its JSON on the metrics
+        port and, with HealthOnMainPort, on the main port; HEAD has no body."""
+        import json
+
+        from hmacfs.testing import free_port
+
+        curl = require_curl()
+        metrics_port = free_port()
+        daemon = Daemon(extra=f'NumCores = 1\nMetricsEnabled = true\nMetricsPort = "127.0.0.1:{metrics_port}"\n'
+                              "HealthOnMainPort = true\n")
+        self.addCleanup(daemon.stop)
+        for port in (metrics_port, daemon.port):
+            url = f"http://127.0.0.1:{port}/healthz"
+            result = subprocess.run([curl, "-sS", "-w", "\n%{http_code}", url], capture_output=True, timeout=30)
+            body, _, code = result.stdout.rpartition(b"\n")
+            self.assertEqual(code, b"200", (port, result, daemon.log_tail()))
+            self.assertEqual(json.loads(body), {"status": "ok", "store": "writable"})
+            head = subprocess.run([curl, "-sS", "-I", url], capture_output=True, timeout=30)
+            self.assertIn(b"200 OK", head.stdout)
+            self.assertIn(b"application/json", head.stdout)
+        self.assertEqual([n for n in os.listdir(daemon.store / ".hmacfs") if n.startswith("health")], [])
