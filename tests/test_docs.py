@@ -40,3 +40,14 @@ class ReadmeTests(SynchronousTestCase):
         first_block = text[: text.index("How an upload works")]
         self.assertIn("make run", first_block)
         self.assertIn("make test", first_block)
+
+    def test_sighup_keys_match_reload(self) -> None:
+        """The SIGHUP section lists exactly the keys hmacfs.reload applies."""
+        import re
+
+        from hmacfs.reload import APPLIED_ON_RELOAD
+
+        text = README.read_text()
+        section = text[text.index("SIGHUP (``systemctl reload``") : text.index("every other key takes effect")]
+        named = {key for key in re.findall(r"``([A-Za-z]+)``", section) if key in KNOWN_KEYS}
+        self.assertEqual(named, set(APPLIED_ON_RELOAD))
