@@ -10,7 +10,9 @@ percent-decoded on its own and then held to rules strict enough that joining
 the segments under a store directory can never leave it.
 
 The decoded bytes are kept unchanged in ``SlotPath.signed``: they are what the
-MAC covers, so no Unicode normalisation or case folding is applied.
+MAC covers, so no Unicode normalisation or case folding is applied (only the
+check for our private directory folds case: ``.HMACFS`` is refused too, as
+the store does, since on a case-insensitive filesystem it is the same name).
 
 Pure functions, no Twisted: the resource maps ``PathError.status`` to the
 response code.
@@ -42,7 +44,7 @@ MAX_SEGMENT_BYTES = 255
 MAX_PATH_BYTES = 1024
 #: Most segments a slot path may have (Prosody uses 2, ejabberd 3).
 MAX_SEGMENTS = 8
-#: First segment reserved for our own state directory inside the store.
+#: First segment reserved for our own state directory inside the store (in any case).
 RESERVED_SEGMENT = ".hmacfs"
 
 # Every byte below 0x20, DEL and "/" (only reachable through %2F).
@@ -140,7 +142,9 @@ def validate_segments(segments: Sequence[bytes]) -> SlotPath:
     signed = b"/".join(segments)
     if len(signed) > MAX_PATH_BYTES:
         raise PathError(414, "path too long")
-    if texts[0] == RESERVED_SEGMENT:
+    # casefold, like the store: '.HMACFS' is the same directory on a case-insensitive
+    # filesystem, and a name the store refuses must be refused here, before any I/O.
+    if texts[0].casefold() == RESERVED_SEGMENT:
         raise PathError(403, "reserved path")
     return SlotPath(segments=texts, signed=signed)
 

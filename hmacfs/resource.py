@@ -10,6 +10,7 @@ into status codes, CORS and tus headers and short plain-text reasons.
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import re
 from typing import TYPE_CHECKING, Any
@@ -294,7 +295,10 @@ class UploadResource(Resource):
             slot = parse_slot_path(request.path, self.prefix)
         except PathError as error:
             return error_page(request, error.status, error.reason)
-        stored = self.store.stat(slot.segments)
+        try:
+            stored = self.store.stat(slot.segments)
+        except (Refusal, OSError) as error:
+            return _storage_failed(request, error)
         if stored is not None:
             return self._serve(request, stored)
         if not (self.downloads.enable_get_retries and self.downloads.max_retries > 0):
@@ -311,17 +315,22 @@ class UploadResource(Resource):
         def again() -> None:
             if gone:
                 return
-            stored = self.store.stat(segments)
-            if stored is not None:
-                result = self._serve(request, stored)
-                if result is not NOT_DONE_YET:
-                    request.write(result)
-                    request.finish()
-            elif remaining <= 1:
-                request.write(error_page(request, 404, "no such file"))
-                request.finish()
+            try:
+                stored = self.store.stat(segments)
+            except (Refusal, OSError) as error:
+                result: bytes | int = _storage_failed(request, error)
             else:
-                self._retry(request, segments, remaining - 1)
+                if stored is None and remaining > 1:
+                    self._retry(request, segments, remaining - 1)
+                    return
+                result = (
+                    error_page(request, 404, "no such file")
+                    if stored is None
+                    else self._serve(request, stored)
+                )
+            if result is not NOT_DONE_YET:
+                request.write(result)
+                request.finish()
 
         self.clock.callLater(self.downloads.retry_delay, again)
 
@@ -336,3 +345,37 @@ class UploadResource(Resource):
             )
         except FileNotFoundError:
             return error_page(request, 404, "no such file")
+        except OSError as error:
+            # render_download opens the file before it touches the response.
+            return _storage_failed(request, error)
+
+
+#: errno values of a GET/HEAD lookup that mean "no such file here" (a name that is not,
+#: or no longer, a stored regular file) and "not allowed to read it".
+_NOT_FOUND_ERRNOS = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG))
+_REFUSED_ERRNOS = frozenset((errno.EACCES, errno.EPERM))
+#: Retry-After of a 503 for a storage error that may pass (EIO, ESTALE on NFS, ...).
+STORAGE_RETRY_AFTER = b"5"
+
+
+def _storage_failed(request: Any, error: Refusal | OSError) -> bytes:
+    """
+    The answer to a GET/HEAD whose store lookup failed: never a 500 and never a
+    traceback, since a client can reach these (a private name, a broken mount).
+
+    A refusal keeps its status; ENOENT-like errors are 404, EACCES/EPERM 403,
+    anything else (EIO, ESTALE, ...) 503 with Retry-After, logged at warn.
+    """
+    if isinstance(error, Refusal):
+        return error_page(request, error.status, error.reason, error.headers)
+    if error.errno in _NOT_FOUND_ERRNOS:
+        return error_page(request, 404, "no such file")
+    if error.errno in _REFUSED_ERRNOS:
+        return error_page(request, 403, "not readable")
+    log.warn(
+        "{method} {path}: storage error: {error}",
+        method=request.method.decode("ascii", "replace"),
+        path=request.path.decode("ascii", "replace")[:200],
+        error=error.strerror or error,
+    )
+    return error_page(request, 503, "storage unavailable", ((b"Retry-After", STORAGE_RETRY_AFTER),))

@@ -8,6 +8,7 @@ the Prosody and ejabberd sources (REFERENCE.md A.2 and B).
 from __future__ import annotations
 
 import os.path
+from urllib.parse import unquote_to_bytes
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -61,8 +62,22 @@ segment_texts = st.text(
 
 segment_lists = st.lists(segment_texts, min_size=1, max_size=MAX_SEGMENTS).filter(
     lambda segments: len("/".join(segments).encode("utf-8")) <= MAX_PATH_BYTES
-    and segments[0] != ".hmacfs"
+    and segments[0].casefold() != ".hmacfs"
 )
+
+
+def _spell(char: str, upper: bool, encode: int) -> bytes:
+    """One character of the private name: either case, raw or as %xx / %XX."""
+    byte = (char.upper() if upper else char).encode("ascii")
+    if encode == 0:
+        return byte
+    return (b"%%%02x" if encode == 1 else b"%%%02X") % byte[0]
+
+
+#: ".hmacfs" in any case, any mix of its bytes percent-encoded (lower or upper hex).
+private_names = st.lists(
+    st.tuples(st.booleans(), st.integers(min_value=0, max_value=2)), min_size=7, max_size=7
+).map(lambda spelling: b"".join(_spell(c, u, e) for c, (u, e) in zip(".hmacfs", spelling)))
 
 prefixes = st.sampled_from(["upload", "", "a/b", "files/x y"])
 
@@ -208,6 +223,14 @@ class ParseSlotPathTests(SynchronousTestCase):
         self.assert_rejected(b"/upload/%2ehmacfs/state", 403)
         self.assert_rejected(b"/.hmacfs/x", 403, prefix="")
         self.assertEqual(parse_slot_path(b"/upload/a/.hmacfs", "upload").segments, ("a", ".hmacfs"))
+
+    @PROFILE
+    @given(name=private_names, prefix=prefixes, rest=st.sampled_from([b"", b"/x", b"/partial/k.part"]))
+    def test_reserved_in_any_case_and_encoding(self, name: bytes, prefix: str, rest: bytes) -> None:
+        """'.HMACFS', '.hMaCfS', '%2EHMACFS', '%2e%68macfs'... are the private directory too: 403."""
+        self.assert_rejected(prefixed(prefix, name + rest), 403, prefix=prefix)
+        decoded = unquote_to_bytes(name)
+        self.assertEqual(self.assertRaises(PathError, validate_segments, [decoded, b"x"]).status, 403)
 
     def test_outside_prefix(self) -> None:
         """Paths not below '/<prefix>/' are 404."""

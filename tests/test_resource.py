@@ -5,13 +5,19 @@ CORS, OPTIONS, session tokens, GET retries, idle timeouts.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
+from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.testing import SiteHarness, make_config, put_head
+from hmacfs.testing import SiteHarness, make_config, put_head, status_of
+from tests.test_paths import private_names
 
 UUID = "0d5a6c2e-7c1b-4f43-8d4e-3b7f3a1e9c00"
 
@@ -197,3 +203,132 @@ class UploadStatusAnswerTests(HarnessMixin, SynchronousTestCase):
         """OPTIONS' Allow names every method of the tree, tus ones included."""
         answer = self.request(f"OPTIONS /upload/{UUID}/x HTTP/1.1\r\n\r\n".encode())
         self.assertIn(b"Allow: GET, HEAD, PUT, POST, PATCH, DELETE, OPTIONS\r\n", answer)
+
+
+class PrivateNameTests(HarnessMixin, SynchronousTestCase):
+    """The private directory's name, in any case or encoding, is never served and never a 500."""
+
+    @settings(derandomize=True, deadline=None, max_examples=60)
+    @given(
+        name=private_names,
+        method=st.sampled_from(["GET", "HEAD", "PUT"]),
+        rest=st.sampled_from(["/x", "/meta/k.json", "/partial/k.part", ""]),
+    )
+    def test_private_name_is_refused(self, name: bytes, method: str, rest: str) -> None:
+        """GET, HEAD and PUT of /upload/.HMACFS/..., %2Ehmacfs/... etc.: 403, no error logged."""
+        (self.store / ".hmacfs" / "meta").mkdir(parents=True, exist_ok=True)
+        (self.store / ".hmacfs" / "x").write_bytes(b"private")
+        errors = capture_errors(self)
+        length = "Content-Length: 1\r\n" if method == "PUT" else ""
+        answer = self.request(
+            f"{method} /upload/{name.decode()}{rest}?v={'0' * 64} HTTP/1.1\r\nHost: h\r\n{length}\r\n".encode()
+        )
+        self.assertEqual(status_of(answer), 403, answer)
+        self.assertNotIn(b"private", answer)
+        self.assertEqual(errors, [])
+
+
+def capture_errors(test: SynchronousTestCase) -> list[dict]:
+    """Events at error level or above (Twisted's 'Unhandled Error', log.failure), for the test."""
+    errors: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_level") in (LogLevel.error, LogLevel.critical):
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    test.addCleanup(globalLogPublisher.removeObserver, observe)
+    return errors
+
+
+class StorageFailureTests(HarnessMixin, SynchronousTestCase):
+    """A store that fails under GET/HEAD gives a short clean answer, never a 500 or a traceback."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        (self.store / UUID).mkdir()
+        (self.store / UUID / "f.txt").write_bytes(b"content")
+        self.resource = self.harness.site.resource
+        self.warnings: list[dict] = []
+        self.errors = capture_errors(self)
+
+        def observe(event: dict) -> None:
+            if event.get("log_level") == LogLevel.warn:
+                self.warnings.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    def failing(self, code: int) -> Any:
+        def fail(*_args: Any) -> None:
+            raise OSError(code, os.strerror(code))
+
+        return fail
+
+    def get(self, method: str = "GET") -> bytes:
+        return self.request(f"{method} /upload/{UUID}/f.txt HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+
+    def assert_clean(self, answer: bytes, status: int) -> None:
+        self.assertEqual(status_of(answer), status, answer)
+        self.assertIn(b"Content-Type: text/plain", answer)
+        self.assertIn(b"Access-Control-Allow-Origin: *", answer)
+        self.assertEqual(self.errors, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_stat_errors(self) -> None:
+        """stat raising EIO is 503 (logged at warn, no traceback); EACCES 403; ELOOP/ENOTDIR 404."""
+        for code, status in (
+            (errno.EIO, 503), (errno.EACCES, 403), (errno.ELOOP, 404), (errno.ENOTDIR, 404),
+        ):
+            self.resource.store.stat = self.failing(code)  # type: ignore[method-assign]
+            for method in ("GET", "HEAD"):
+                self.warnings.clear()
+                self.assert_clean(self.get(method), status)
+                if status == 503:
+                    self.assertEqual(len(self.warnings), 1)
+                    self.assertIsNone(self.warnings[0].get("log_failure"))
+
+    def test_open_error(self) -> None:
+        """Opening the file for the body failing with EIO is 503, not a 500."""
+        import hmacfs.download
+
+        self.patch(hmacfs.download, "_open_stored", self.failing(errno.EIO))
+        self.assert_clean(self.get(), 503)
+        self.assertEqual(status_of(self.get("HEAD")), 200)
+
+    def test_storage_refusal(self) -> None:
+        """A StorageError from the store (its own path checks) is answered with its status."""
+        from hmacfs.storage import StorageError
+
+        def refuse(*_args: Any) -> None:
+            raise StorageError(403, "forbidden path")
+
+        self.resource.store.stat = refuse  # type: ignore[method-assign]
+        self.assert_clean(self.get(), 403)
+
+
+class StorageFailureRetryTests(StorageFailureTests):
+    """The same when the store fails during an EnableGetRetries wait."""
+
+    def overrides(self) -> dict:
+        return {"enable_get_retries": True, "max_retries": 2, "retry_delay": 1.0}
+
+    def get(self, method: str = "GET") -> bytes:
+        """The first look finds nothing; the one after RetryDelay meets the failing store."""
+        store_stat = self.resource.store.stat
+        looks: list[object] = []
+
+        def first_missing(segments: Any) -> Any:
+            looks.append(segments)
+            return None if len(looks) == 1 else store_stat(segments)
+
+        self.resource.store.stat = first_missing  # type: ignore[method-assign]
+        try:
+            protocol, transport = self.harness.connect()
+            protocol.dataReceived(f"{method} /upload/{UUID}/f.txt HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+            self.assertEqual(transport.value(), b"")
+            self.harness.reactor.advance(1.0)
+        finally:
+            self.resource.store.stat = store_stat  # type: ignore[method-assign]
+        self.assertEqual(len(looks), 2)
+        return transport.value()
