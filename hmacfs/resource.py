@@ -10,7 +10,6 @@ into status codes, CORS and tus headers and short plain-text reasons.
 from __future__ import annotations
 
 import base64
-import errno
 import os
 import re
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from hmacfs import tus
+from hmacfs.errors import storage_refusal
 from hmacfs.logs import log_router
 
 from hmacfs.download import render_download
@@ -350,32 +350,25 @@ class UploadResource(Resource):
             return _storage_failed(request, error)
 
 
-#: errno values of a GET/HEAD lookup that mean "no such file here" (a name that is not,
-#: or no longer, a stored regular file) and "not allowed to read it".
-_NOT_FOUND_ERRNOS = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG))
-_REFUSED_ERRNOS = frozenset((errno.EACCES, errno.EPERM))
-#: Retry-After of a 503 for a storage error that may pass (EIO, ESTALE on NFS, ...).
-STORAGE_RETRY_AFTER = b"5"
-
-
 def _storage_failed(request: Any, error: Refusal | OSError) -> bytes:
     """
     The answer to a GET/HEAD whose store lookup failed: never a 500 and never a
     traceback, since a client can reach these (a private name, a broken mount).
-
-    A refusal keeps its status; ENOENT-like errors are 404, EACCES/EPERM 403,
-    anything else (EIO, ESTALE, ...) 503 with Retry-After, logged at warn.
+    A refusal keeps its status; an OSError is mapped by ``storage_refusal``.
     """
-    if isinstance(error, Refusal):
-        return error_page(request, error.status, error.reason, error.headers)
-    if error.errno in _NOT_FOUND_ERRNOS:
-        return error_page(request, 404, "no such file")
-    if error.errno in _REFUSED_ERRNOS:
-        return error_page(request, 403, "not readable")
+    if isinstance(error, OSError):
+        refusal = storage_refusal(error)
+        if refusal.status == 503:
+            _log_storage_error(request, error)
+        error = refusal
+    return error_page(request, error.status, error.reason, error.headers)
+
+
+def _log_storage_error(request: Any, error: OSError) -> None:
+    """One warn line, no traceback: an EIO under a request is the disk's problem, not ours."""
     log.warn(
         "{method} {path}: storage error: {error}",
         method=request.method.decode("ascii", "replace"),
         path=request.path.decode("ascii", "replace")[:200],
         error=error.strerror or error,
     )
-    return error_page(request, 503, "storage unavailable", ((b"Retry-After", STORAGE_RETRY_AFTER),))

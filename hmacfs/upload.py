@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 
 from hmacfs import tus
 from hmacfs.auth import AuthError, Authenticator
+from hmacfs.errors import storage_refusal
 from hmacfs.logs import log_router
 from hmacfs.paths import PathError, SlotPath, parse_slot_path
 from hmacfs.request import Rejection, StreamingRequest
@@ -215,6 +216,14 @@ class UploadPolicy:
                 tus.check_version(request)
             outcome = handler(request, slot, length)
         except Refusal as refusal:
+            request.rejection = Rejection(refusal.status, refusal.reason, refusal.headers)
+            return
+        except OSError as error:
+            # A store lookup at header time (a HEAD's offset, a PUT's parents) that failed:
+            # a short answer, never an unhandled error in the channel.
+            refusal = storage_refusal(error, reading=method == b"HEAD")
+            if refusal.status == 503:
+                log.warn("{path}: storage error: {error}", path=slot.text, error=error.strerror or error)
             request.rejection = Rejection(refusal.status, refusal.reason, refusal.headers)
             return
         if isinstance(outcome, Deferred):

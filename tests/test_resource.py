@@ -296,6 +296,18 @@ class StorageFailureTests(HarnessMixin, SynchronousTestCase):
         self.assert_clean(self.get(), 503)
         self.assertEqual(status_of(self.get("HEAD")), 200)
 
+    def test_upload_status_head_errors(self) -> None:
+        """The HEADs answered at header time (session token, tus) map store errors the same way."""
+        from hmacfs.testing import v1_mac
+
+        path = f"{UUID}/up.bin"
+        url = f"/upload/{path}?v={v1_mac(path, 10)}"
+        for code, status in ((errno.EIO, 503), (errno.ENOENT, 404)):
+            self.resource.store.partial_status = self.failing(code)  # type: ignore[method-assign]
+            for header in ("X-Session-Token: status-token-1", "Tus-Resumable: 1.0.0"):
+                answer = self.request(f"HEAD {url} HTTP/1.1\r\nHost: h\r\n{header}\r\n\r\n".encode())
+                self.assert_clean(answer, status)
+
     def test_storage_refusal(self) -> None:
         """A StorageError from the store (its own path checks) is answered with its status."""
         from hmacfs.storage import StorageError
