@@ -310,6 +310,15 @@ class UploadPolicy:
             return False
         return not (session and record.token is not None and client_token(request) != record.token)
 
+    def _check_session(self, record: UploadRecord, request: StreamingRequest, slot: SlotPath) -> None:
+        """
+        Refuse a request that may not see or touch ``record``'s upload: another URL, or
+        not the session token the upload was started with.  Every verb that reaches an
+        upload in progress (session-token HEAD, tus HEAD, PATCH, DELETE) gets this same 404.
+        """
+        if not self._binds(record, request, slot, session=True):
+            raise UploadFailed(404, "no upload in progress for this session", (offset_header(0),))
+
     # PUT
 
     def _put(self, request: StreamingRequest, slot: SlotPath, length: int | None) -> Any:
@@ -370,8 +379,7 @@ class UploadPolicy:
         if found is not None:
             offset, record = found
             self._authorize(request, slot, record.size, record.signed_type_bytes)
-            if not self._binds(record, request, slot, session=True):
-                raise UploadFailed(404, "no upload in progress for this session", (offset_header(0),))
+            self._check_session(record, request, slot)
             return Answer(200, _offset_headers(offset, record.size) + (no_store,))
         stored = self.store.stat(slot.segments)
         if stored is not None:
@@ -410,7 +418,10 @@ class UploadPolicy:
         )
 
     def _tus_upload(self, request: StreamingRequest, slot: SlotPath) -> tuple[int, UploadRecord]:
-        """The upload a tus request is about, authorised; 404 when there is none for this URL."""
+        """
+        The upload a tus request is about, authorised; 404 when there is none for this URL
+        or it was started with an X-Session-Token this request does not carry.
+        """
         found = self._resumable(slot)
         if found is None:
             stored = self.store.stat(slot.segments)
@@ -420,8 +431,7 @@ class UploadPolicy:
             raise UploadFailed(404, "no upload in progress")
         offset, record = found
         self._authorize(request, slot, record.size, record.signed_type_bytes)
-        if not self._binds(record, request, slot, session=False):
-            raise UploadFailed(404, "no upload in progress for this URL")
+        self._check_session(record, request, slot)
         return offset, record
 
     def _tus_patch(self, request: StreamingRequest, slot: SlotPath, length: int | None) -> Any:

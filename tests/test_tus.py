@@ -300,6 +300,116 @@ class PatchTests(TusMixin, SynchronousTestCase):
         self.assertEqual(header_value(answer, b"Allow"), b"GET, HEAD, PUT, OPTIONS")
 
 
+TOKEN = "X-Session-Token: bound-session-0001"
+WRONG = "X-Session-Token: someone-else-0002"
+
+
+class SessionBindingTests(TusMixin, SynchronousTestCase):
+    """
+    An upload started with X-Session-Token is bound to that token over tus too:
+    without it, or with another one, HEAD, PATCH and DELETE get the same 404 as
+    the session-token HEAD, and nothing is read, written, taken over or removed.
+    """
+
+    CUT = 40_000
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.part = self.store_dir / ".hmacfs" / "partial" / f"{path_key((UUID, 'b.bin'))}.part"
+        self.live: Any = None
+
+    def start_put(self, *, cut: bool = True) -> None:
+        """A PUT of ``self.body`` with the token; its client disappears after CUT bytes (or stays)."""
+        lines = [f"PUT {self.url('b.bin')} HTTP/1.1", f"Content-Length: {len(self.body)}", TOKEN]
+        protocol, transport = self.harness.connect(43000)
+        protocol.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode() + self.body[: self.CUT])
+        self.live, self.live_protocol = transport, protocol
+        if cut:
+            protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.part.read_bytes(), self.body[: self.CUT])
+
+    def assert_refused(self, answer: bytes) -> None:
+        self.assertEqual(status_of(answer), 404, answer)
+        self.assertEqual(self.finished[-1].hmacfs_reason, "no upload in progress for this session")
+        self.assertEqual(header_value(answer, b"Upload-Offset"), b"0")
+        self.assertEqual(self.part.read_bytes(), self.body[: self.CUT])
+
+    def test_head(self) -> None:
+        """HEAD tells the offset only with the token."""
+        self.start_put()
+        for extra in ((), (WRONG,)):
+            self.assert_refused(self.send("HEAD", self.url("b.bin"), TUS, *extra))
+        answer = self.send("HEAD", self.url("b.bin"), TUS, TOKEN)
+        self.assertEqual(status_of(answer), 200)
+        self.assertEqual(header_value(answer, b"Upload-Offset"), str(self.CUT).encode())
+
+    def test_patch(self) -> None:
+        """PATCH appends only with the token (and then finishes the upload)."""
+        self.start_put()
+        rest = self.body[self.CUT :]
+        for extra in ((), (WRONG,)):
+            self.assert_refused(self.patch("b.bin", self.CUT, rest, *extra))
+            self.assert_refused(
+                self.send(
+                    "POST", self.url("b.bin"), TUS, OCTETS, f"Upload-Offset: {self.CUT}",
+                    "X-HTTP-Method-Override: PATCH", *extra, body=rest,
+                )
+            )
+        self.assertFalse(self.target("b.bin").exists())
+        answer = self.patch("b.bin", self.CUT, rest, TOKEN)
+        self.assertEqual(status_of(answer), 204, answer)
+        self.assertEqual(self.target("b.bin").read_bytes(), self.body)
+
+    def test_patch_cannot_take_over(self) -> None:
+        """A PATCH without the token does not cut off the live writer; with it, it takes over."""
+        self.start_put(cut=False)
+        for extra in ((), (WRONG,)):
+            self.assert_refused(self.patch("b.bin", self.CUT, self.body[self.CUT :], *extra))
+            self.assertFalse(self.live.disconnecting)
+        self.assertEqual(self.harness.site.resumable.uploads.takeovers, 0)
+        answer = self.patch("b.bin", self.CUT, self.body[self.CUT :], TOKEN)
+        self.assertEqual(status_of(answer), 204, answer)
+        self.assertTrue(self.live.disconnecting)
+        self.assertEqual(self.target("b.bin").read_bytes(), self.body)
+
+    def test_delete(self) -> None:
+        """DELETE removes the upload only with the token."""
+        self.start_put()
+        for extra in ((), (WRONG,)):
+            self.assert_refused(self.send("DELETE", self.url("b.bin"), TUS, *extra))
+            self.assert_refused(
+                self.send("POST", self.url("b.bin"), TUS, "X-HTTP-Method-Override: DELETE", *extra)
+            )
+        self.assertEqual(status_of(self.send("DELETE", self.url("b.bin"), TUS, TOKEN)), 204)
+        self.assertFalse(self.part.exists())
+
+    def test_creation_starts_over_like_a_plain_put(self) -> None:
+        """
+        A tus POST on the URL is a fresh start, as a plain PUT is: it never continues the
+        bound upload (the old bytes are dropped, the old token no longer finds anything),
+        and while the old writer is alive it gets 409, never a takeover.
+        """
+        self.start_put(cut=False)
+        self.assertEqual(status_of(self.create("b.bin")), 409)
+        self.assertFalse(self.live.disconnecting)
+        self.live_protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.part.read_bytes(), self.body[: self.CUT])
+        self.assertEqual(status_of(self.create("b.bin")), 201)
+        self.assertEqual(self.part.read_bytes(), b"")
+        self.assertEqual(header_value(self.head("b.bin"), b"Upload-Offset"), b"0")
+        token_head = self.send("HEAD", self.url("b.bin"), TOKEN)
+        self.assertEqual(status_of(token_head), 200)  # an upload by nobody's session: offset 0
+        self.assertEqual(header_value(token_head, b"Upload-Offset"), b"0")
+
+    def test_unbound_tus_upload_unchanged(self) -> None:
+        """A tus upload created without a token takes any later request, token or not."""
+        self.create("u.bin")
+        self.assertEqual(status_of(self.patch("u.bin", 0, self.body[:1000])), 204)
+        self.assertEqual(status_of(self.patch("u.bin", 1000, self.body[1000:2000], WRONG)), 204)
+        self.assertEqual(header_value(self.send("HEAD", self.url("u.bin"), TUS, TOKEN), b"Upload-Offset"), b"2000")
+        self.assertEqual(status_of(self.send("DELETE", self.url("u.bin"), TUS)), 204)
+
+
 class ParserTests(SynchronousTestCase):
     def request(self, **headers: str) -> Any:
         from twisted.web.test.requesthelper import DummyRequest
