@@ -2,9 +2,10 @@
 """
 Blocking addresses that keep failing authentication.
 
-A client address that fails BlockAfterFails times within AutoBanTime seconds
-is blocked for BlockDuration seconds (or, with AutoUnban = false, until an
-operator lifts it).  Blocked clients get 429 with Retry-After before any other
+A client that fails BlockAfterFails times within AutoBanTime seconds is
+blocked for BlockDuration seconds (or, with AutoUnban = false, until an
+operator lifts it).  A client is an IPv4 address or an IPv6 /64 (``ban_key``):
+whoever holds one /64 holds 2**64 addresses.  Blocked clients get 429 with Retry-After before any other
 work.  The decision must be synchronous (it runs at header time), so every
 process keeps a local ``BanList``; with Redis, failures and blocks are also
 written there and a ``RedisBanSync`` mirrors other nodes' blocks into the
@@ -14,10 +15,12 @@ local list (see ``hmacfs.state``).
 from __future__ import annotations
 
 import contextlib
+import heapq
 import ipaddress
 import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,12 +62,48 @@ class BanSettings:
         )
 
 
+#: Most client keys the failure counters track, and most timed blocks held, per process:
+#: beyond it the oldest counter (or the block closest to its end) goes first.  About
+#: 300 bytes each at most, so the table stays below ~30 MiB under any scan.
+MAX_TRACKED = 100_000
+
+
+def ban_key(address: str) -> str:
+    """
+    The client a failure or a block is counted for: an IPv4 address (IPv4-mapped IPv6
+    included), the /64 of an IPv6 address (one end site: its owner has 2**64 addresses
+    to rotate through), or the text unchanged (``unix``, a name).  A key is its own key,
+    so blocks read back from Redis map to themselves.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        if "/" not in address:
+            return address
+        try:
+            network = ipaddress.ip_network(address, strict=False)
+        except ValueError:
+            return address
+        if isinstance(network, ipaddress.IPv6Network) and network.prefixlen > 64:
+            network = network.supernet(new_prefix=64)
+        return str(network)
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+
+
 class BanList:
     """
-    Per-process failure counters and blocks.
+    Per-process failure counters and blocks, keyed by ``ban_key``.
 
-    ``on_ban`` is called with (address, seconds or FOREVER) when this process
-    decides a block, so a shared backend can publish it.
+    Every operation is amortised O(1) whatever the table size: failure counters
+    sit in an OrderedDict in the order of their last failure, and every counter
+    has the same window (AutoBanTime), so the expired ones are always at the
+    front; timed blocks sit in a heap by expiry.  Both are capped at
+    ``max_entries``.  ``on_ban`` is called with (key, seconds or FOREVER) when
+    this process decides a block, so a shared backend can publish it.
     """
 
     def __init__(
@@ -72,77 +111,124 @@ class BanList:
         clock: IReactorTime,
         settings: BanSettings,
         on_ban: Callable[[str, float], None] | None = None,
+        *,
+        max_entries: int = MAX_TRACKED,
     ) -> None:
         self.clock = clock
         self.settings = settings
         self.on_ban = on_ban
-        self._failures: dict[str, list[float]] = {}
-        self._blocked: dict[str, float] = {}  # address -> until (FOREVER when no auto unban)
+        self.max_entries = max_entries
+        #: key -> times of its recent failures; least recently failing key first
+        self._failures: OrderedDict[str, list[float]] = OrderedDict()
+        self._blocked: dict[str, float] = {}  # key -> until (FOREVER when no auto unban)
+        #: (until, key) of timed blocks; entries of lifted or renewed blocks are left to expire
+        self._expiries: list[tuple[float, str]] = []
         self.bans_total = 0
 
     def retry_after(self, address: str) -> float | None:
         """Seconds until ``address`` may try again, FOREVER, or None if it is not blocked."""
-        until = self._blocked.get(address)
+        key = ban_key(address)
+        until = self._blocked.get(key)
         if until is None:
             return None
         now = self.clock.seconds()
         if until <= now:
-            del self._blocked[address]
+            del self._blocked[key]
             return None
         return until - now if until != FOREVER else FOREVER
 
     def record_failure(self, address: str) -> bool:
-        """Count an authentication failure; True if it blocked the address."""
+        """Count an authentication failure; True if it blocked the address's client."""
+        key = ban_key(address)
         now = self.clock.seconds()
         window_start = now - self.settings.auto_ban_time
-        recent = [t for t in self._failures.get(address, ()) if t > window_start]
+        self._prune_failures(window_start)
+        self._prune_blocks(now)
+        earlier = self._failures.pop(key, None)  # re-inserted at the end: the newest
+        recent = [t for t in earlier if t > window_start] if earlier else []
         recent.append(now)
         if len(recent) < self.settings.block_after_fails:
-            self._failures[address] = recent
-            self._prune(window_start)
+            self._failures[key] = recent
+            while len(self._failures) > self.max_entries:
+                self._failures.popitem(last=False)
             return False
-        self._failures.pop(address, None)
         seconds = self.settings.block_duration if self.settings.auto_unban else FOREVER
-        self.block(address, seconds)
+        self.block(key, seconds)
         if self.on_ban is not None:
-            self.on_ban(address, seconds)
+            self.on_ban(key, seconds)
         return True
 
     def block(self, address: str, seconds: float, *, mirrored: bool = False) -> None:
-        """Block ``address`` for ``seconds`` (FOREVER: until unblocked by hand).
+        """Block ``address``'s client for ``seconds`` (FOREVER: until unblocked by hand).
 
         ``mirrored``: a block another process decided (counted and logged there).
         """
+        key = ban_key(address)
         until = FOREVER if seconds == FOREVER else self.clock.seconds() + seconds
-        new = address not in self._blocked
-        self._blocked[address] = until
+        new = key not in self._blocked
+        self._failures.pop(key, None)
+        self._blocked[key] = until
+        if until != FOREVER:
+            heapq.heappush(self._expiries, (until, key))
+            self._bound_blocks()
         if mirrored:
             return
         if new:
             self.bans_total += 1
         log.warn(
             "blocked {address} for {duration} after repeated authentication failures",
-            address=address,
+            address=key,
             duration="ever (AutoUnban = false)" if until == FOREVER else f"{seconds:.0f}s",
         )
 
     def has_blocks(self) -> bool:
-        """Whether any address is (or was until recently) blocked here."""
+        """Whether any client is blocked here (per request: O(1) unless blocks just ended)."""
+        if self._expiries:
+            self._prune_blocks(self.clock.seconds())
         return bool(self._blocked)
 
     def unblock(self, address: str) -> bool:
-        self._failures.pop(address, None)
-        return self._blocked.pop(address, None) is not None
+        key = ban_key(address)
+        self._failures.pop(key, None)
+        return self._blocked.pop(key, None) is not None
 
     def active(self) -> int:
-        now = self.clock.seconds()
-        return sum(1 for until in self._blocked.values() if until > now)
+        self._prune_blocks(self.clock.seconds())
+        return len(self._blocked)
 
-    def _prune(self, window_start: float) -> None:
-        # Keep memory bounded under a scan from many addresses.
-        if len(self._failures) > 10000:
-            for address in [a for a, ts in self._failures.items() if ts[-1] <= window_start]:
-                del self._failures[address]
+    def prune(self) -> None:
+        """Forget what has expired (the ban timer calls this, so an idle table shrinks too)."""
+        now = self.clock.seconds()
+        self._prune_failures(now - self.settings.auto_ban_time)
+        self._prune_blocks(now)
+
+    def _prune_failures(self, window_start: float) -> None:
+        # Oldest last failure first: stop at the first counter still inside the window.
+        failures = self._failures
+        while failures:
+            key = next(iter(failures))
+            if failures[key][-1] > window_start:
+                return
+            del failures[key]
+
+    def _prune_blocks(self, now: float) -> None:
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            until, key = heapq.heappop(expiries)
+            if self._blocked.get(key) == until:
+                del self._blocked[key]
+
+    def _bound_blocks(self) -> None:
+        expiries = self._expiries
+        while len(self._blocked) > self.max_entries and expiries:
+            # The timed block closest to its end goes first (blocks forever stay).
+            until, key = heapq.heappop(expiries)
+            if self._blocked.get(key) == until:
+                del self._blocked[key]
+        if len(expiries) > 2 * len(self._blocked) + 64:
+            # Entries of lifted or renewed blocks: rebuild (amortised over the pushes).
+            self._expiries = [(u, k) for k, u in self._blocked.items() if u != FOREVER]
+            heapq.heapify(self._expiries)
 
 
 def ban_check(bans: BanList, client_of: Callable[[object], str]) -> Callable[[object], Rejection | None]:
@@ -194,16 +280,17 @@ class SharedBans:
         if redis is None:
             return None
         settings = self.bans.settings
-        key = FAIL_PREFIX + address
+        client = ban_key(address)  # one counter per IPv4 address or IPv6 /64, as locally
+        key = FAIL_PREFIX + client
 
         async def count() -> None:
             failures = await redis.incr(key)  # type: ignore[attr-defined]
             if failures == 1:
                 await redis.expire(key, max(1, math.ceil(settings.auto_ban_time)))  # type: ignore[attr-defined]
-            if failures >= settings.block_after_fails and self.bans.retry_after(address) is None:
+            if failures >= settings.block_after_fails and self.bans.retry_after(client) is None:
                 seconds = settings.block_duration if settings.auto_unban else FOREVER
-                self.bans.block(address, seconds)
-                self.publish(address, seconds)
+                self.bans.block(client, seconds)
+                self.publish(client, seconds)
 
         return _background(count(), "counting a failure in Redis")
 
@@ -212,6 +299,7 @@ class SharedBans:
         redis = self.client()
         if redis is None:
             return None
+        address = ban_key(address)
         self._mirrored.add(address)
 
         async def write() -> None:
@@ -266,8 +354,11 @@ def _background(coroutine: Any, what: str) -> Deferred:
 
 
 async def unban_in_redis(redis: object, address: str) -> bool:
-    """What ``hmacfs unban`` does with a Redis backend: delete the block and the count."""
-    removed = await redis.delete(BAN_PREFIX + address, FAIL_PREFIX + address)  # type: ignore[attr-defined]
+    """What ``hmacfs unban`` does with a Redis backend: delete the block and the count
+    of the address's client (its /64 for IPv6; the address's own keys too, as older
+    versions wrote them)."""
+    names = {prefix + name for prefix in (BAN_PREFIX, FAIL_PREFIX) for name in (ban_key(address), address)}
+    removed = await redis.delete(*sorted(names))  # type: ignore[attr-defined]
     return bool(removed)
 
 
@@ -314,6 +405,7 @@ class BanSyncService(Service):
         if self.shared is not None:
             self.shared.sync()
         self.apply_unban_requests()
+        self.bans.prune()
 
     def apply_unban_requests(self) -> None:
         try:

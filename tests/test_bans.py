@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
+from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.bans import FOREVER, BanList, BanSettings
+from hmacfs.bans import FOREVER, BanList, BanSettings, ban_key
 from hmacfs.testing import SiteHarness, make_config, put_head
 
 UUID = "7a0e1f8e-9b7c-4c55-8a44-2b1d3c4e5f60"
@@ -56,6 +62,197 @@ class BanListTests(SynchronousTestCase):
         self.assertEqual((self.bans.active(), self.bans.bans_total), (1, 1))
         self.clock.advance(101)
         self.assertEqual((self.bans.active(), self.bans.bans_total), (0, 1))
+
+
+class CountingDict(OrderedDict):
+    """The failure table, counting every entry handed out by iteration (the work of a scan)."""
+
+    examined = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for key in super().__iter__():
+            CountingDict.examined += 1
+            yield key
+
+    def items(self) -> Any:
+        for item in super().items():
+            CountingDict.examined += 1
+            yield item
+
+    def values(self) -> Any:
+        for value in super().values():
+            CountingDict.examined += 1
+            yield value
+
+
+def v4(index: int) -> str:
+    return str(ipaddress.IPv4Address(0x0A000000 + index))
+
+
+class BanTableCostTests(SynchronousTestCase):
+    """
+    The ban table's work per failure does not grow with its size (counted, not timed),
+    its memory is capped, and blocks are forgotten when they end, looked up or not.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.settings = BanSettings(block_after_fails=3, block_duration=100, auto_ban_time=60)
+
+    def counting(self, bans: BanList) -> None:
+        bans._failures = CountingDict(bans._failures)
+        CountingDict.examined = 0
+
+    def test_recording_in_a_full_table_examines_few_entries(self) -> None:
+        """With 20,000 recent counters a failure looks at one or two of them, not all."""
+        bans = BanList(self.clock, self.settings)
+        for index in range(20_000):
+            bans.record_failure(v4(index))
+        self.assertEqual(len(bans._failures), 20_000)
+        self.counting(bans)
+        for index in range(20_000, 20_100):
+            self.assertFalse(bans.record_failure(v4(index)))
+        self.assertLessEqual(CountingDict.examined, 200)
+        self.assertEqual(len(bans._failures), 20_100)
+
+    def test_pruning_touches_only_expired_counters(self) -> None:
+        """Counters leave oldest first, exactly when their last failure leaves the window."""
+        bans = BanList(self.clock, self.settings)
+        for index in range(100):
+            bans.record_failure(v4(index))
+            self.clock.advance(1)
+        bans.record_failure(v4(5))  # its last failure is now the newest
+        self.clock.advance(30)  # now 130: failures at or before 70 are out of the window
+        self.counting(bans)
+        bans.record_failure(v4(1000))
+        kept = {v4(index) for index in range(71, 100)} | {v4(5), v4(1000)}
+        self.assertLessEqual(CountingDict.examined, 71 + 1)
+        self.assertEqual(set(bans._failures), kept)
+        self.counting(bans)
+        bans.record_failure(v4(1001))
+        self.assertLessEqual(CountingDict.examined, 2)
+
+    def test_counter_memory_is_capped(self) -> None:
+        """Beyond max_entries the counter whose last failure is oldest goes; the others still count."""
+        bans = BanList(self.clock, self.settings, max_entries=100)
+        for index in range(1000):
+            bans.record_failure(v4(index))
+            bans.record_failure(v4(index))
+        self.assertEqual(len(bans._failures), 100)
+        self.assertEqual(set(bans._failures), {v4(index) for index in range(900, 1000)})
+        self.assertTrue(bans.record_failure(v4(999)))
+        self.assertFalse(bans.record_failure(v4(0)))  # evicted: counting starts again
+
+    def test_block_memory_is_capped(self) -> None:
+        """Beyond max_entries the timed block closest to its end goes first; blocks forever stay."""
+        self.settings.block_after_fails = 1
+        bans = BanList(self.clock, self.settings, max_entries=10)
+        bans.block("192.0.2.1", FOREVER)
+        for index in range(30):
+            bans.record_failure(v4(index))
+            self.clock.advance(1)
+        self.assertEqual(len(bans._blocked), 10)
+        self.assertEqual(bans.retry_after("192.0.2.1"), FOREVER)
+        self.assertIsNotNone(bans.retry_after(v4(29)))
+        self.assertIsNone(bans.retry_after(v4(0)))
+        self.assertLessEqual(len(bans._expiries), 2 * 10 + 64)
+
+    def test_blocks_are_forgotten_when_they_end(self) -> None:
+        """Ended blocks leave the table without a lookup of their address, only the ended ones."""
+        bans = BanList(self.clock, self.settings)
+        for index in range(50):
+            bans.block(v4(index), 10 + index)
+        bans.block("192.0.2.1", FOREVER)
+        self.clock.advance(30)  # blocks of 10..30 s have ended: v4(0)..v4(20)
+        self.assertTrue(bans.has_blocks())
+        self.assertEqual(len(bans._blocked), 50 - 21 + 1)
+        self.assertEqual(len(bans._expiries), 50 - 21)
+        self.assertEqual(bans.active(), 30)
+        self.assertTrue(bans.unblock("192.0.2.1"))
+        self.clock.advance(100)
+        self.assertFalse(bans.has_blocks())
+        self.assertEqual((bans._blocked, bans._expiries), ({}, []))
+
+    def test_sync_timer_prunes_an_idle_table(self) -> None:
+        """Without further failures the ban timer still frees expired counters and blocks."""
+        from hmacfs.bans import BanSyncService
+
+        bans = BanList(self.clock, self.settings)
+        bans.record_failure("198.51.100.1")
+        bans.block("198.51.100.2", 5)
+        service = BanSyncService(clock=self.clock, bans=bans, store_dir=Path(self.mktemp()))
+        service.startService()
+        self.addCleanup(service.stopService)
+        for _ in range(61):
+            self.clock.advance(1)
+        self.assertEqual((len(bans._failures), len(bans._blocked)), (0, 0))
+
+
+class ClientKeyTests(SynchronousTestCase):
+    """Who is one client for failure counting and blocks."""
+
+    def setUp(self) -> None:
+        self.bans = BanList(Clock(), BanSettings(block_after_fails=3, block_duration=100, auto_ban_time=60))
+
+    def test_one_ipv6_64_is_one_client(self) -> None:
+        """Two addresses in one /64 share a counter and a block; another /64 does not."""
+        self.bans.record_failure("2001:db8:1:2::1")
+        self.bans.record_failure("2001:db8:1:2:ffff:ffff:ffff:fffe")
+        self.bans.record_failure("2001:db8:1:3::1")  # the next /64: its own counter
+        self.assertTrue(self.bans.record_failure("2001:db8:1:2:a::b"))
+        self.assertEqual(self.bans.retry_after("2001:db8:1:2:1234::1"), 100)
+        self.assertIsNone(self.bans.retry_after("2001:db8:1:3::1"))
+        self.assertIsNone(self.bans.retry_after("2001:db8:1:1::1"))
+        self.assertTrue(self.bans.unblock("2001:db8:1:2::99"))
+        self.assertIsNone(self.bans.retry_after("2001:db8:1:2::1"))
+
+    def test_ipv4_stays_per_address(self) -> None:
+        """IPv4 addresses are counted one by one, IPv4-mapped IPv6 as the IPv4 address."""
+        self.bans.record_failure("198.51.100.1")
+        self.bans.record_failure("198.51.100.2")
+        self.bans.record_failure("::ffff:198.51.100.1")
+        self.assertIsNone(self.bans.retry_after("198.51.100.2"))
+        self.assertTrue(self.bans.record_failure("198.51.100.1"))
+        self.assertIsNotNone(self.bans.retry_after("::ffff:198.51.100.1"))
+        self.assertIsNone(self.bans.retry_after("198.51.100.2"))
+
+    @settings(derandomize=True, deadline=None, max_examples=300)
+    @given(value=st.integers(min_value=0, max_value=2**128 - 1), other=st.integers(min_value=0, max_value=2**64 - 1))
+    def test_ipv6_key(self, value: int, other: int) -> None:
+        """Every address of a /64 has that /64's key, written canonically; keys are their own keys."""
+        address = ipaddress.IPv6Address(value)
+        key = ban_key(str(address))
+        self.assertEqual(ban_key(key), key)
+        if address.ipv4_mapped is not None:
+            self.assertEqual(key, str(address.ipv4_mapped))
+            return
+        network = ipaddress.IPv6Network(key)
+        self.assertEqual(network.prefixlen, 64)
+        self.assertIn(address, network)
+        sibling = ipaddress.IPv6Address((value >> 64 << 64) | other)
+        if sibling.ipv4_mapped is None:
+            self.assertEqual(ban_key(sibling.exploded), key)
+            self.assertEqual(ban_key(sibling.exploded.upper()), key)
+
+    @settings(derandomize=True, deadline=None, max_examples=200)
+    @given(value=st.integers(min_value=0, max_value=2**32 - 1))
+    def test_ipv4_key(self, value: int) -> None:
+        """An IPv4 address is its own key, and its IPv4-mapped IPv6 form has the same key."""
+        address = ipaddress.IPv4Address(value)
+        self.assertEqual(ban_key(str(address)), str(address))
+        self.assertEqual(ban_key(f"::ffff:{address}"), str(address))
+
+    @settings(derandomize=True, deadline=None, max_examples=200)
+    @given(text=st.text(max_size=60))
+    def test_anything_else_is_kept(self, text: str) -> None:
+        """Text that is no address (``unix``, garbage) is a key of its own and never raises."""
+        key = ban_key(text)
+        self.assertEqual(ban_key(key), key)
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            if "/" not in text:
+                self.assertEqual(key, text)
 
 
 class SiteBanTests(SynchronousTestCase):

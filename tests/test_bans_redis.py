@@ -85,6 +85,26 @@ class SharedBansTests(TestCase):
         ttl = await self.redis_a.execute_command("PTTL", "hmacfs:ban:192.0.2.10")
         self.assertEqual(ttl, -1)
 
+    async def test_ipv6_64_is_one_shared_client(self) -> None:
+        """Failures from three addresses of one /64 on two nodes add up; the shared block is the
+        /64's, every node applies it to any of its addresses, and unban of any of them lifts it."""
+        await self.fail(self.node_a, self.shared_a, "2001:db8:5:6::1")
+        await self.fail(self.node_a, self.shared_a, "2001:db8:5:6:ffff::2")
+        await self.fail(self.node_b, self.shared_b, "2001:db8:5:7::1")  # another /64
+        self.assertIsNone(self.node_b.retry_after("2001:db8:5:6::3"))
+        await self.fail(self.node_b, self.shared_b, "2001:db8:5:6::3")
+        self.assertEqual(self.node_b.retry_after("2001:db8:5:6:1::9"), 300)
+        ttl = await self.redis_a.execute_command("PTTL", "hmacfs:ban:2001:db8:5:6::/64")
+        self.assertGreater(ttl, 290_000)
+        await self.shared_a.sync()
+        self.assertIsNotNone(self.node_a.retry_after("2001:db8:5:6::42"))
+        self.assertIsNone(self.node_a.retry_after("2001:db8:5:7::42"))
+        self.assertTrue(await unban_in_redis(self.redis_a, "2001:db8:5:6::77"))
+        await self.shared_a.sync()
+        await self.shared_b.sync()
+        self.assertIsNone(self.node_a.retry_after("2001:db8:5:6::42"))
+        self.assertIsNone(self.node_b.retry_after("2001:db8:5:6::42"))
+
     async def test_redis_gone_falls_back_to_local(self) -> None:
         """Without a Redis client the local list still blocks."""
         shared = SharedBans(bans=BanList(self.clock, BanSettings(block_after_fails=2)), client=lambda: None)
