@@ -288,6 +288,26 @@ class StreamingChannel(http.HTTPChannel):
         # caller (lineReceived) run allContentReceived a second time.
         self.length = None
 
+    def refuse_body(self, consumer: IBodyConsumer) -> None:
+        """
+        ``consumer`` cannot take the rest of its body (the disk is full): end the body
+        now, so its request is answered through the normal response path, and discard
+        what the client still sends, as after an early rejection.  On the next reactor
+        turn: the consumer may be calling from inside the body parser.
+        """
+        clock = self.site.reactor if self.site is not None else None
+        if clock is None:  # pragma: no cover - every site we build has a reactor
+            self._refuse_body_now(consumer)
+        else:
+            clock.callLater(0, self._refuse_body_now, consumer)
+
+    def _refuse_body_now(self, consumer: IBodyConsumer) -> None:
+        if self.transport is None or not self.requests or self._transferDecoder is None:
+            return  # gone, or the body ended meanwhile (the consumer answers then)
+        req = self.requests[-1]
+        if req.body_consumer is consumer and not req.finished:
+            self._reject_before_body(req)
+
     def loseConnection(self) -> None:
         if not self._rejected_early or self._lingering or self.requests or self.transport is None:
             return super().loseConnection()

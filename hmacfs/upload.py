@@ -566,11 +566,20 @@ class UploadPolicy:
     ) -> PartialUpload:
         try:
             if fresh:
-                self.store.check_free_space(record.size)
-                return self.store.open_partial(
-                    slot.segments, record.content_type, record.size,
-                    record=record.to_dict() if resumable else None, resumable=resumable,
-                )
+                # The space the whole upload needs is promised to it now (and counted by
+                # every later admission) until it ends: concurrent uploads cannot each
+                # count the same free bytes.
+                reservation = self.store.reserve(record.size)
+                try:
+                    opened = self.store.open_partial(
+                        slot.segments, record.content_type, record.size,
+                        record=record.to_dict() if resumable else None, resumable=resumable,
+                    )
+                except BaseException:
+                    reservation.release()
+                    raise
+                opened.reservation = reservation
+                return opened
             partial = self.store.resume_partial(slot.segments)
         except StorageError as error:
             if error.reason == "upload already in progress":
@@ -591,7 +600,8 @@ class UploadPolicy:
         if record != current:  # the resume announced a checksum the creation did not
             partial.record = record.to_dict()
         try:
-            self.store.check_free_space(length)
+            # What the rest of the upload needs, not only this request's part of it.
+            partial.reservation = self.store.reserve(record.size - first)
         except StorageError as error:
             partial.release()
             raise UploadFailed(error.status, error.reason) from None
@@ -694,6 +704,8 @@ class UploadReceiver:
         self._aborted = False
         self._finishing = False
         self._error: Failure | None = None
+        #: the answer to a request whose write failed mid-body (given at ``body_complete``)
+        self._answer: UploadFailed | None = None
         self.received = 0
         self.done: Deferred[StoredFile | Progress] = Deferred()
 
@@ -717,6 +729,10 @@ class UploadReceiver:
 
     def body_complete(self) -> None:
         self._complete = True
+        if self._answer is not None:
+            # A write failed mid-body and the channel ended the body early: answer it.
+            self._fail(self._answer)
+            return
         if not self._writing:
             self._next()
 
@@ -804,21 +820,44 @@ class UploadReceiver:
     def _write_failed(self, failure: Failure) -> None:
         self._writing = False
         self._error = failure
-        log.failure("writing upload {path} failed", failure, path=self.partial.target)
         self._pending = []
-        if failure.check(StorageError):
+        full = _is_full(failure)
+        if full:
+            # Expected in operation, not a bug: one line, no traceback.
+            log.warn(
+                "writing upload {path} failed: insufficient storage", path=self.partial.target
+            )
+            error = UploadFailed(507, "insufficient storage")
+        elif failure.check(StorageError):
+            log.warn(
+                "writing upload {path} failed: {reason}",
+                path=self.partial.target,
+                reason=failure.value.reason,
+            )
             error = UploadFailed(failure.value.status, failure.value.reason)
         else:
-            error = UploadFailed(507 if _is_enospc(failure) else 500, "could not write the file")
+            log.failure("writing upload {path} failed", failure, path=self.partial.target)
+            error = UploadFailed(500, "could not write the file")
         if self._complete:
             self._fail(error)
         else:
-            # Mid-body: no response can be written from here (the request is never
-            # rendered, so nobody waits for ``done``); drop the client.
-            abort = getattr(self._flow, "forceAbortClient", None)
-            if abort is not None and getattr(self._flow, "transport", None) is not None:
-                abort()
-        self._close(keep=self._keep_on_interrupt, clean=False)
+            # Mid-body: answer now through the normal response path (error page, CORS,
+            # access log) and discard the rest of the body, as after an early refusal;
+            # ``done`` fails when the channel ends the body (``body_complete``).
+            self._answer = error
+            if self._paused:
+                self._paused = False
+                self._flow.resume_body()
+            refuse = getattr(self._flow, "refuse_body", None)
+            if refuse is not None:
+                refuse(self)
+            else:  # pragma: no cover - a flow without it can only drop the client
+                abort = getattr(self._flow, "forceAbortClient", None)
+                if abort is not None and getattr(self._flow, "transport", None) is not None:
+                    abort()
+        # On a full disk the bytes written would only hold the space every later upload
+        # needs (until ResumeTTL): nobody could usefully resume them now, so drop them.
+        self._close(keep=self._keep_on_interrupt and not full, clean=False)
 
     def _interrupted(self) -> None:
         keep = self._keep_on_interrupt and (self.offset > 0 or self._keep_empty)
@@ -940,6 +979,13 @@ class UploadReceiver:
             error = failure.value
         elif failure.check(StorageError):
             error = UploadFailed(failure.value.status, failure.value.reason)
+        elif _is_enospc(failure):
+            # ``commit`` removed everything of this upload already.
+            log.warn("committing upload {path} failed: insufficient storage", path=self.partial.target)
+            self._run_blocking(self.partial.abort).addErrback(
+                lambda f: log.failure("removing partial upload failed", f)
+            )
+            error = UploadFailed(507, "insufficient storage")
         else:
             log.failure("committing upload {path} failed", failure, path=self.partial.target)
             self._run_blocking(self.partial.abort).addErrback(
@@ -963,3 +1009,10 @@ def _is_enospc(failure: Failure) -> bool:
 
     value = failure.value
     return isinstance(value, OSError) and value.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _is_full(failure: Failure) -> bool:
+    """A full disk or quota, raw or already translated by the store (507)."""
+    if failure.check(StorageError):
+        return failure.value.status == 507
+    return _is_enospc(failure)

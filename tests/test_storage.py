@@ -126,7 +126,7 @@ class CommitTests(StoreTestsMixin, SynchronousTestCase):
         partial = store.open_partial(SEGS, "text/plain", 3)
         partial.write([b"abc"])
 
-        def broken_rename(src, dst):
+        def broken_rename(src, dst, **kw):
             raise OSError(errno.EIO, "simulated")
 
         self.patch(storage.os, "rename", broken_rename)

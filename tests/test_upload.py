@@ -357,24 +357,69 @@ class WriteFailureTests(UploadTestsMixin, SynchronousTestCase):
 
         self.patch(storage.os, "writev", failing_writev)
 
-    def test_write_failure_keeps_what_was_written(self) -> None:
+    def test_disk_full_mid_body_is_507_and_frees_the_space(self) -> None:
         """
-        A disk error mid-body drops the client (no response can be written) but keeps the
-        bytes already in the partial file, so the upload can be resumed once space is back.
+        A full disk mid-body is answered 507 through the normal response path (CORS, an
+        access-log line, no critical traceback) and the partial file and its record are
+        removed: kept, they would hold the space every later upload needs until ResumeTTL.
         """
         self.disk_full_after_first_write()
+        logged: list[object] = []
+        self.harness.site._access_log = logged.append
         protocol, transport = self.harness.connect()
-        protocol.dataReceived(put_head(f"{UUID}/full.bin", 10_000))
+        protocol.dataReceived(
+            put_head(f"{UUID}/full.bin", 10_000, extra=("Origin: https://chat.example",))
+        )
         protocol.dataReceived(b"a" * 3000)
         protocol.dataReceived(b"b" * 3000)
-        self.assertTrue(transport.disconnecting)
+        self.harness.reactor.advance(0)
+        self.assertEqual(self.status(transport), 507)
+        self.assertIn(b"insufficient storage", transport.value())
+        self.assertIn(b"access-control-allow-origin", transport.value().lower())
+        self.assertEqual(len(logged), 1)
+        self.assertEqual(partials(self.store), [])
+        self.assertFalse((self.store / UUID / "full.bin").exists())
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(self.harness.site.body_policy.store.reserved_bytes, 0)
+        # The rest of the body is discarded, not parsed as a request.
+        protocol.dataReceived(b"GET / HTTP/1.1\r\n\r\n" + b"c" * 4000)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
+
+    def test_io_error_mid_body_answers_and_keeps_what_was_written(self) -> None:
+        """
+        Another disk error mid-body is answered too (500, not a reset) and keeps the bytes
+        already in the partial file, so a session-token upload can be resumed.
+        """
+        import errno
+
+        calls = []
+        real_writev = os.writev
+
+        def failing_writev(fd, buffers):
+            calls.append(1)
+            if len(calls) > 1:
+                raise OSError(errno.EIO, "Input/output error")
+            return real_writev(fd, buffers)
+
+        self.patch(storage.os, "writev", failing_writev)
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(
+            put_head(f"{UUID}/eio.bin", 10_000, extra=("X-Session-Token: tok-0123456789",))
+        )
+        protocol.dataReceived(b"a" * 3000)
+        protocol.dataReceived(b"b" * 3000)
+        self.harness.reactor.advance(0)
+        self.assertEqual(self.status(transport), 500)
         part = [name for name in partials(self.store) if name.endswith(".part")]
         self.assertEqual((self.store / ".hmacfs" / "partial" / part[0]).read_bytes(), b"a" * 3000)
-        self.assertFalse((self.store / UUID / "full.bin").exists())
-        self.assertEqual(len(self.flushLoggedErrors(storage.StorageError)), 1)
+        self.assertFalse((self.store / UUID / "eio.bin").exists())
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
     def test_disk_full_after_last_byte_is_507(self) -> None:
-        """A disk-full error on the body's last write is answered: 507, not a dropped connection."""
+        """
+        A disk-full error on the body's last write is answered: 507, not a dropped
+        connection, and (an upload of exactly the free bytes) no partial file is kept.
+        """
         self.runner.auto = False
         self.disk_full_after_first_write()
         protocol, transport = self.harness.connect()
@@ -384,7 +429,8 @@ class WriteFailureTests(UploadTestsMixin, SynchronousTestCase):
         self.runner.run_all()
         self.assertEqual(self.status(transport), 507)
         self.assertIn(b"insufficient storage", transport.value())
-        self.assertEqual(len(self.flushLoggedErrors(storage.StorageError)), 1)
+        self.assertEqual(partials(self.store), [])
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class OneDiskJobTests(UploadTestsMixin, SynchronousTestCase):
@@ -472,7 +518,7 @@ class OneDiskJobTests(UploadTestsMixin, SynchronousTestCase):
             real_fsync(fd)
 
         def link(src, dst, **kw) -> None:
-            st = os.stat(src)
+            st = os.stat(src, dir_fd=kw.get("src_dir_fd"), follow_symlinks=False)
             events.append(("link", (st.st_ino, st.st_dev)))
             real_link(src, dst, **kw)
 
