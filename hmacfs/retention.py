@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from hmacfs.logs import log_router
 from hmacfs.paths import PathError, parse_slot_path
 from hmacfs.request import Rejection
-from hmacfs.storage import PRIVATE_DIR, Store, path_key
+from hmacfs.storage import PRIVATE_DIR, PrivateDir, Store, _write_file, path_key
 
 log = Logger(observer=log_router)
 
@@ -142,26 +142,38 @@ def scan_store(root: Path) -> Iterator[FileEntry]:
 
 
 class Tombstones:
-    """Marks of deleted paths, so a never-expiring PUT URL cannot re-create them."""
+    """
+    Marks of deleted paths, so a never-expiring PUT URL cannot re-create them.
+
+    Kept in ``.hmacfs/tombstones``, reached through a descriptor (never a link) and
+    recreated if it is removed under a running server.
+    """
 
     def __init__(self, root: Path, now: Callable[[], float] = time.time) -> None:
-        self.directory = root / PRIVATE_DIR / "tombstones"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._prefix = f"{self.directory}{os.sep}"
+        self._dir = PrivateDir(root, "tombstones")
+        self.directory = self._dir.path
         self.now = now
 
     def add(self, segments: Sequence[str], until: float) -> None:
-        path = self.directory / path_key(segments)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(f"{until:.0f}\n")
-        os.replace(tmp, path)
+        key = path_key(segments)
+        data = f"{until:.0f}\n".encode("ascii")
+        handle = self._dir.handle
+        try:
+            _write_file(key + ".tmp", data, sync=False, dir_fd=handle.fd)
+        except FileNotFoundError:
+            handle = self._dir.reopen()
+            _write_file(key + ".tmp", data, sync=False, dir_fd=handle.fd)
+        os.replace(key + ".tmp", key, src_dir_fd=handle.fd, dst_dir_fd=handle.fd)
 
     def blocks(self, segments: Sequence[str]) -> bool:
         # Asked on every PUT, and almost always for a path with no tombstone:
-        # one failing open(2) on a string path, no pathlib or text layer.
+        # one failing openat(2), no pathlib or text layer.
+        handle = self._dir.handle
         try:
-            fd = os.open(self._prefix + path_key(segments), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd = os.open(
+                path_key(segments), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=handle.fd
+            )
+        except OSError:  # missing (or a link someone planted: not a tombstone of ours)
             return False
         try:
             until = float(os.read(fd, 64))
@@ -174,12 +186,18 @@ class Tombstones:
     def purge_expired(self) -> int:
         removed = 0
         now = self.now()
-        for entry in os.scandir(self.directory):
+        handle = self._dir.handle
+        for name in os.listdir(handle.fd):
             try:
-                if float(Path(entry.path).read_text()) <= now:
-                    os.unlink(entry.path)
+                fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=handle.fd)
+                try:
+                    until = float(os.read(fd, 64))
+                finally:
+                    os.close(fd)
+                if until <= now:
+                    os.unlink(name, dir_fd=handle.fd)
                     removed += 1
-            except (FileNotFoundError, ValueError):
+            except (OSError, ValueError):
                 continue
         return removed
 
@@ -220,7 +238,8 @@ class Sweeper:
         self.lock_path = store.root / PRIVATE_DIR / "sweep.lock"
 
     def sweep(self) -> SweepResult:
-        with open(self.lock_path, "a") as lock:
+        # Opened through the store's descriptor of .hmacfs: never through a link.
+        with os.fdopen(self.store.open_private_file(self.lock_path.name), "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
@@ -260,9 +279,8 @@ class Sweeper:
     def _prune_empty_dirs(self, parents: set[tuple[str, ...]]) -> None:
         for parent in sorted(parents, key=len, reverse=True):
             for depth in range(len(parent), 0, -1):
-                try:
-                    os.rmdir(self.store.root.joinpath(*parent[:depth]))
-                except OSError:
+                # Walked with openat like every store path: never rmdir through a link.
+                if not self.store.remove_empty_dir(parent[:depth]):
                     break  # not empty (or gone): stop climbing
 
 

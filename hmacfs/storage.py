@@ -255,6 +255,68 @@ def _identity(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+class _Handle:
+    """One directory descriptor, closed when the last user lets go of it (see ``_Dirs``)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __del__(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+class PrivateDir:
+    """
+    ``StoreDir/.hmacfs/<name>`` (tombstones), reached without following a link: a link or
+    a file in its place or in place of ``.hmacfs`` is refused (503); removed, it is
+    recreated on ``reopen`` with one warning.
+    """
+
+    def __init__(self, root: Path, name: str) -> None:
+        self._root = os.path.realpath(root)
+        self.name = name
+        self.path = Path(self._root) / PRIVATE_DIR / name
+        self._lock = threading.Lock()
+        self.handle = self._open(warn=False)
+
+    def _open(self, *, warn: bool) -> _Handle:
+        created: list[str] = []
+        fds: list[int] = []
+        try:
+            fds.append(os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            for name in (PRIVATE_DIR, self.name):
+                try:
+                    fds.append(_open_dir(name, fds[-1]))
+                except FileNotFoundError:
+                    try:
+                        os.mkdir(name, _DIR_MODE, dir_fd=fds[-1])
+                        created.append(name)
+                    except FileExistsError:
+                        pass
+                    fds.append(_open_dir(name, fds[-1]))
+        except OSError as e:
+            _close_all(fds)
+            if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                log.error("{path} is a symlink or not a directory", path=str(self.path))
+                raise StorageError(503, "store unavailable") from None
+            raise
+        if created and warn:
+            log.warn("recreated missing store directory {path}", path=str(self.path))
+        _close_all(fds[:-1])
+        return _Handle(fds[-1])
+
+    def reopen(self) -> _Handle:
+        """The directory was found missing: open it again (recreating it)."""
+        with self._lock:
+            self.handle = self._open(warn=True)
+            return self.handle
+
+
 class Reservation:
     """
     Free space promised to one upload in flight (``Store.reserve``): counted by every
@@ -398,6 +460,14 @@ class Store:
         except OSError:
             return False
         return found == dirs.ids and self._dirs_problem is None
+
+    def open_private_file(self, name: str) -> int:
+        """
+        Open (creating) ``StoreDir/.hmacfs/<name>`` for writing without following a link,
+        for a lock file; the caller closes the descriptor.
+        """
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+        return os.open(name, flags, _FILE_MODE, dir_fd=self._dirs(force=True).private)
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -799,7 +869,10 @@ class Store:
         """
         now = self._now()
         removed = 0
-        dirs = self._dirs(force=True)
+        try:
+            dirs = self._dirs(force=True)
+        except StorageError:
+            return 0  # a link or a file where our directory should be: logged, not touched
         directory = dirs.partial
         for name in os.listdir(directory):
             try:
@@ -902,6 +975,14 @@ class Store:
                 if create:
                     raise
                 return None
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                # Not ours: a link someone planted at a partial file's name.  Removing the
+                # link (never what it points to) gives the name back to the upload.
+                log.warn("removing a symlink in {dir}: {name}", dir=str(self.partial_dir), name=name)
+                _unlink_quietly(name, directory)
+                continue
             if not _try_lock(fd):
                 os.close(fd)
                 raise StorageError(409, "upload already in progress")
@@ -959,6 +1040,23 @@ class Store:
             return False
         _unlink_quietly(f"{path_key(segs)}.json", self._dirs().meta)
         log.info("deleted {path}", path="/".join(segs))
+        return True
+
+
+    def remove_empty_dir(self, segments: Sequence[str]) -> bool:
+        """``rmdir`` of a directory of the upload tree (reached by ``openat``); False if not."""
+        segs = _check_segments(segments)
+        try:
+            found = self._lookup(segs)
+            if found is None:
+                return False
+            dirs, fds = found
+            try:
+                os.rmdir(segs[-1], dir_fd=fds[-1] if fds else dirs.root)
+            finally:
+                _close_all(fds)
+        except (OSError, StorageError):
+            return False
         return True
 
 

@@ -156,3 +156,34 @@ def header_value(data: bytes, name: bytes) -> bytes | None:
 
     match = re.search(rb"\r\n" + name + rb": ([^\r]*)\r\n", data, re.IGNORECASE)
     return match.group(1) if match else None
+
+
+def small_filesystem(test: Any, size: str = "20m") -> Path:
+    """
+    A fresh tmpfs of ``size`` mounted on a directory removed after ``test``: a real
+    filesystem that fills up.  Needs root (CAP_SYS_ADMIN); without it the test is skipped,
+    except in CI (``CI`` set), where a missing capability is a failure.
+    """
+    import subprocess
+
+    from twisted.trial.unittest import SkipTest
+
+    directory = Path(tempfile.mkdtemp(prefix="hmacfs-tmpfs-"))
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(directory)],
+        capture_output=True,
+        text=True,
+    ) if shutil.which("mount") else None
+    if done is None or done.returncode != 0:
+        directory.rmdir()
+        reason = f"cannot mount a tmpfs: {done.stderr.strip() if done else 'no mount(8)'}"
+        if os.environ.get("CI"):
+            test.fail(reason)
+        raise SkipTest(reason)
+
+    def unmount() -> None:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+        directory.rmdir()
+
+    test.addCleanup(unmount)
+    return directory

@@ -19,7 +19,7 @@ from hmacfs.retention import (
     Tombstones,
     plan_deletions,
 )
-from hmacfs.storage import Store, path_key
+from hmacfs.storage import Store, StorageError, path_key
 from hmacfs.testing import ManualRunner, SiteHarness, make_config, put_head
 
 DAY = 86400.0
@@ -208,6 +208,67 @@ class ServiceTests(SynchronousTestCase):
         service.apply(RetentionSettings(interval=600))
         harness.reactor.advance(600)
         self.assertEqual(runner.run_all(), 0)
+
+
+class PrivateDirTests(SynchronousTestCase):
+    """Retention's state under .hmacfs is reached without links and survives its removal."""
+
+    def setUp(self) -> None:
+        self.root = Path(self.mktemp()).resolve()
+        self.root.mkdir()
+        self.store = Store(self.root)
+        self.tombstones = Tombstones(self.root, now=lambda: NOW)
+        self.outside = Path(self.mktemp()).resolve()
+        self.outside.mkdir()
+
+    def test_tombstones_removed_are_recreated(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.tombstones.directory)
+        self.tombstones.add(("a", "b"), NOW + 10)
+        self.assertTrue(self.tombstones.blocks(("a", "b")))
+        self.assertTrue(self.tombstones.directory.is_dir())
+
+    def test_tombstones_and_lock_never_through_a_link(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.tombstones.directory)
+        os.symlink(self.outside, self.tombstones.directory)
+        self.assertRaises(StorageError, self.tombstones.add, ("a", "b"), NOW + 10)
+        os.unlink(self.tombstones.directory)
+        os.symlink(self.outside / "lock", self.root / ".hmacfs" / "sweep.lock")
+        sweeper = Sweeper(
+            self.store, self.tombstones, RetentionSettings(), self.root.parent / "r.log",
+            now=lambda: NOW,
+        )
+        self.assertRaises(OSError, sweeper.sweep)
+        self.assertEqual(os.listdir(self.outside), [])
+
+    def test_prune_never_through_a_link(self) -> None:
+        """Emptied directories are removed by openat walk: an empty one behind a link stays."""
+        partial = self.store.open_partial(("d", "e", "f"), "text/plain", 1)
+        partial.write([b"x"])
+        partial.commit(None)
+        os.utime(self.root / "d" / "e" / "f", (NOW - 400 * DAY, NOW - 400 * DAY))
+        sweeper = Sweeper(
+            self.store, self.tombstones,
+            RetentionSettings(delete_files=True, delete_files_after=365 * DAY),
+            self.root.parent / "r.log", now=lambda: NOW,
+        )
+        real_delete = self.store.delete
+
+        def delete_then_swap(segments):
+            done = real_delete(segments)
+            (self.outside / "e").mkdir()
+            shutil.rmtree(self.root / "d")
+            os.symlink(self.outside, self.root / "d")
+            return done
+
+        import shutil
+
+        self.store.delete = delete_then_swap  # type: ignore[method-assign]
+        self.assertEqual(sweeper.sweep().deleted, {"age": 1})
+        self.assertTrue((self.outside / "e").is_dir())
 
 
 class TombstoneAdmissionTests(SynchronousTestCase):

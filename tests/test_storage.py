@@ -716,3 +716,261 @@ class MetaCacheTests(SynchronousTestCase):
         meta = store.meta_path(("c", "bare"))
         meta.write_text('{"content_type": "audio/ogg"}')
         self.assertEqual(store.stat(("c", "bare")).content_type, "audio/ogg")
+
+
+class ReservationTests(StoreTestsMixin, SynchronousTestCase):
+    """Space is promised to uploads in flight, so concurrent admissions cannot share it."""
+
+    MIB = 1024 * 1024
+
+    def fake_free(self, free: int) -> None:
+        self.patch(
+            storage.os, "statvfs", lambda path: SimpleNamespace(f_bavail=free // 4096, f_frsize=4096)
+        )
+
+    def test_two_uploads_cannot_share_the_free_space(self) -> None:
+        """On 20 MiB free, a 12 MiB upload in flight leaves no room for a second one."""
+        store = self.make_store()
+        self.fake_free(20 * self.MIB)
+        first = store.reserve(12 * self.MIB)
+        self.assertEqual(store.reserved_bytes, 12 * self.MIB)
+        e = self.assertRaises(StorageError, store.reserve, 12 * self.MIB)
+        self.assertEqual((e.status, e.reason), (507, "insufficient storage"))
+        self.assertRaises(StorageError, store.check_free_space, 12 * self.MIB)
+        store.reserve(8 * self.MIB).release()
+        first.release()
+        first.release()  # idempotent
+        self.assertEqual(store.reserved_bytes, 0)
+        store.reserve(12 * self.MIB).release()
+
+    def test_reservation_shrinks_as_bytes_land_and_ends_with_the_upload(self) -> None:
+        """Written bytes stop counting as promised (statvfs sees them); every end releases."""
+        store = self.make_store()
+        for end in ("commit", "abort", "release"):
+            partial = store.open_partial(("r", end), "text/plain", 10)
+            partial.reservation = store.reserve(10)
+            partial.write([b"abcd"])
+            self.assertEqual(store.reserved_bytes, 6)
+            if end == "commit":
+                partial.write([b"efghijklmn"])  # more than promised: never negative
+                self.assertEqual(store.reserved_bytes, 0)
+                partial.commit(None)
+            else:
+                getattr(partial, end)()
+            self.assertEqual(store.reserved_bytes, 0, end)
+
+    def test_failed_commit_releases(self) -> None:
+        store = self.make_store()
+        partial = store.open_partial(SEGS, "text/plain", 10)
+        partial.reservation = store.reserve(10)
+        store.target_path(SEGS).write_bytes(b"there first")
+        self.assertRaises(StorageError, partial.commit, None)
+        self.assertEqual(store.reserved_bytes, 0)
+
+
+class SidecarSpaceTests(StoreTestsMixin, SynchronousTestCase):
+    def test_enospc_writing_the_sidecar_leaves_nothing(self) -> None:
+        """A full disk while writing the record (.json.tmp): 507, no tmp, no partial file."""
+        store = self.make_store()
+
+        def full_write(fd, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(storage.os, "write", full_write)
+        e = self.assertRaises(StorageError, store.open_partial, SEGS, "text/plain", 10)
+        self.assertEqual(e.status, 507)
+        self.assertEqual(self.private_files(store), [])
+
+    def test_enospc_writing_metadata_leaves_nothing(self) -> None:
+        store = self.make_store()
+        partial = store.open_partial(SEGS, "text/plain", 2)
+        partial.write([b"hi"])
+
+        def full_write(fd, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(storage.os, "write", full_write)
+        e = self.assertRaises(StorageError, partial.commit, None)
+        self.assertEqual(e.status, 507)
+        self.assertEqual(self.private_files(store), [])
+        self.assertFalse(os.path.lexists(store.target_path(SEGS)))
+
+
+def captured_log(test) -> list[dict]:
+    """The store's log events during ``test``."""
+    from twisted.logger import Logger
+
+    events: list[dict] = []
+    test.patch(storage, "log", Logger(observer=events.append))
+    return events
+
+
+def levels(events: list[dict], level: str) -> list[dict]:
+    return [event for event in events if event["log_level"].name == level]
+
+
+class PrivateDirLinkTests(StoreTestsMixin, SynchronousTestCase):
+    """No link below StoreDir is ever followed: not in .hmacfs, not in the upload tree."""
+
+    def outside(self) -> Path:
+        outside = Path(self.mktemp()).absolute()
+        outside.mkdir()
+        # Files an abandoned-upload sweep would remove if it followed a link here.
+        for name in ("a" * 64 + ".json", "b" * 64 + ".tmp", "notes.json"):
+            (outside / name).write_text("{}")
+            os.utime(outside / name, (1000.0, 1000.0))
+        return outside
+
+    def assertUntouched(self, outside: Path) -> None:
+        self.assertEqual(
+            sorted(os.listdir(outside)), ["a" * 64 + ".json", "b" * 64 + ".tmp", "notes.json"]
+        )
+
+    def test_symlinked_private_dir_at_start_is_refused(self) -> None:
+        root = Path(self.mktemp()).absolute()
+        root.mkdir()
+        outside = self.outside()
+        os.symlink(outside, root / ".hmacfs")
+        events = captured_log(self)
+        e = self.assertRaises(StorageError, Store, root)
+        self.assertEqual(e.status, 503)
+        self.assertUntouched(outside)
+        self.assertEqual(len(levels(events, "error")), 1)
+
+    def test_partial_dir_replaced_by_symlink_while_running(self) -> None:
+        """Uploads get a clean 503 and the sweep deletes nothing through the link."""
+        store = self.make_store(now=lambda: 10_000_000.0)
+        outside = self.outside()
+        os.rmdir(store.partial_dir)
+        os.symlink(outside, store.partial_dir)
+        events = captured_log(self)
+        e = self.assertRaises(StorageError, store.open_partial, SEGS, "text/plain", 3)
+        self.assertEqual((e.status, e.reason), (503, "store unavailable"))
+        self.assertEqual(store.sweep_partials(1), 0)
+        self.assertUntouched(outside)
+        self.assertFalse(os.path.lexists(store.root / SEGS[0] / SEGS[1]))
+        self.assertEqual(len(levels(events, "error")), 1)  # once, not per request
+
+    def test_private_dir_replaced_by_symlink_while_running(self) -> None:
+        store = self.make_store(now=lambda: 10_000_000.0)
+        outside = self.outside()
+        (outside / "partial").mkdir()
+        (outside / "meta").mkdir()
+        for name in os.listdir(outside):
+            if name.endswith((".json", ".tmp")):
+                os.rename(outside / name, outside / "partial" / name)
+        import shutil
+
+        shutil.rmtree(store.root / ".hmacfs")
+        os.symlink(outside, store.root / ".hmacfs")
+        e = self.assertRaises(StorageError, store.open_partial, SEGS, "text/plain", 3)
+        self.assertEqual(e.status, 503)
+        self.assertEqual(store.sweep_partials(1), 0)
+        self.assertEqual(len(os.listdir(outside / "partial")), 3)
+        self.assertEqual(os.listdir(outside / "meta"), [])
+
+    def test_linked_partial_dir_moved_away_is_noticed_on_recheck(self) -> None:
+        """A directory renamed away and replaced by a link is caught at the next recheck."""
+        store = self.make_store()
+        outside = self.outside()
+        os.rename(store.partial_dir, store.root / "moved")
+        os.symlink(outside, store.partial_dir)
+        self.patch(storage, "DIR_RECHECK_SECONDS", 0.0)
+        e = self.assertRaises(StorageError, store.open_partial, SEGS, "text/plain", 3)
+        self.assertEqual(e.status, 503)
+        self.assertUntouched(outside)
+
+    def test_intermediate_directory_swapped_for_a_link_during_upload(self) -> None:
+        """
+        A directory of the upload path replaced by a link to elsewhere between open and
+        commit: the commit's openat walk refuses the link (403), nothing is written there.
+        """
+        store = self.make_store()
+        segs = ("dir", "sub", "f.txt")
+        partial = store.open_partial(segs, "text/plain", 3)
+        partial.write([b"abc"])
+        outside = Path(self.mktemp()).absolute()
+        (outside / "sub").mkdir(parents=True)
+        os.rename(store.root / "dir", store.root / "old")
+        os.symlink(outside, store.root / "dir")
+        e = self.assertRaises(StorageError, partial.commit, None)
+        self.assertEqual(e.status, 403)
+        self.assertEqual(os.listdir(outside / "sub"), [])
+        self.assertEqual(self.private_files(store), [])
+        # Reads never go through it either.
+        (outside / "sub" / "f.txt").write_bytes(b"secret")
+        self.assertIsNone(store.stat(segs))
+        self.assertIsNone(store.open_file(segs))
+        self.assertFalse(store.delete(segs))
+        self.assertTrue((outside / "sub" / "f.txt").exists())
+        self.flushLoggedErrors()
+
+    def test_symlinked_partial_file_is_not_followed(self) -> None:
+        """A link planted at a partial file's name is neither written through nor swept."""
+        store = self.make_store(now=lambda: 10_000_000.0)
+        outside = self.outside()
+        link = store.partial_path(SEGS)
+        os.symlink(outside / "notes.json", link)
+        os.utime(link, (1000.0, 1000.0), follow_symlinks=False)
+        self.assertEqual(store.sweep_partials(1), 0)
+        self.assertTrue(link.is_symlink())
+        record = store.record_path(SEGS)
+        os.symlink(outside / "notes.json", record)
+        partial = store.open_partial(SEGS, "text/plain", 3)  # the planted links are replaced
+        partial.write([b"abc"])
+        self.assertFalse(record.is_symlink())
+        partial.commit(None)
+        self.assertEqual(store.target_path(SEGS).read_bytes(), b"abc")
+        self.assertEqual((outside / "notes.json").read_text(), "{}")
+        self.assertUntouched(outside)
+
+
+class RecreateTests(StoreTestsMixin, SynchronousTestCase):
+    """Private directories removed under a running store come back (one warning)."""
+
+    def assertRecreated(self, store: Store, events: list[dict]) -> None:
+        self.upload(store, SEGS, b"after")
+        self.assertEqual(store.target_path(SEGS).read_bytes(), b"after")
+        self.assertEqual(store.stat(SEGS).content_type, "image/jpeg")
+        self.assertTrue(store.partial_dir.is_dir() and not store.partial_dir.is_symlink())
+        self.assertEqual(len(levels(events, "warn")), 1)
+        self.upload(store, ("x", "y"), b"again")
+        self.assertEqual(len(levels(events, "warn")), 1)
+        self.assertEqual(levels(events, "critical"), [])
+
+    def test_private_dir_removed(self) -> None:
+        import shutil
+
+        store = self.make_store()
+        self.upload(store, ("before", "f"), b"x")
+        events = captured_log(self)
+        shutil.rmtree(store.root / ".hmacfs")
+        self.assertRecreated(store, events)
+
+    def test_partial_dir_removed(self) -> None:
+        store = self.make_store()
+        events = captured_log(self)
+        os.rmdir(store.partial_dir)
+        self.assertRecreated(store, events)
+
+    def test_meta_dir_removed_during_upload(self) -> None:
+        import shutil
+
+        store = self.make_store()
+        partial = store.open_partial(SEGS, "image/jpeg", 3)
+        partial.write([b"abc"])
+        events = captured_log(self)
+        shutil.rmtree(store.meta_dir)
+        partial.commit(None)
+        self.assertEqual(store.stat(SEGS).content_type, "image/jpeg")
+        self.assertEqual(len(levels(events, "warn")), 1)
+
+    def test_sweep_recreates(self) -> None:
+        import shutil
+
+        store = self.make_store()
+        events = captured_log(self)
+        shutil.rmtree(store.root / ".hmacfs")
+        self.assertEqual(store.sweep_partials(1), 0)
+        self.assertTrue(store.partial_dir.is_dir())
+        self.assertEqual(len(levels(events, "warn")), 1)
