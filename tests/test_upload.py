@@ -595,3 +595,177 @@ class OneDiskJobTests(UploadTestsMixin, SynchronousTestCase):
         self.assertEqual(transport.value().count(b"201 Created\r\n"), 2)
         self.assertEqual(len(calls), 1)
         self.assertEqual(protocol.getHost(), real())
+
+
+class SpaceReservationTests(UploadTestsMixin, SynchronousTestCase):
+    """Uploads in flight hold the space they announced: admission refuses what cannot fit."""
+
+    MIB = 1024 * 1024
+
+    def overrides(self) -> dict:
+        return {"min_free_bytes": 0}
+
+    def test_two_uploads_started_together(self) -> None:
+        """On 20 MiB free, the second of two 12 MiB uploads is refused 507 at admission."""
+        self.patch(
+            storage.os, "statvfs",
+            lambda path: __import__("types").SimpleNamespace(f_bavail=20 * 256, f_frsize=4096),
+        )
+        size = 12 * self.MIB
+        first, first_t = self.harness.connect(port=40001)
+        second, second_t = self.harness.connect(port=40002)
+        first.dataReceived(put_head(f"{UUID}/one.bin", size) + b"a" * 1000)
+        second.dataReceived(put_head(f"{UUID}/two.bin", size, extra=("Expect: 100-continue",)))
+        self.assertEqual(self.status(second_t), 507)
+        self.assertIn(b"insufficient storage", second_t.value())
+        self.assertEqual(first_t.value(), b"")
+        first.dataReceived(b"a" * (size - 1000))
+        self.assertEqual(self.status(first_t), 201)
+        self.assertEqual(self.harness.site.body_policy.store.reserved_bytes, 0)
+
+    def test_interrupted_upload_gives_its_space_back(self) -> None:
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/gone.bin", 5000) + b"a" * 100)
+        store = self.harness.site.body_policy.store
+        self.assertEqual(store.reserved_bytes, 4900)
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(store.reserved_bytes, 0)
+
+
+class PrivateDirUploadTests(UploadTestsMixin, SynchronousTestCase):
+    """Through the site: a link in place of .hmacfs/partial, .hmacfs removed under it."""
+
+    def test_symlinked_partial_dir_is_a_clean_503(self) -> None:
+        outside = Path(self.mktemp()).absolute()
+        outside.mkdir()
+        os.rmdir(self.store / ".hmacfs" / "partial")
+        os.symlink(outside, self.store / ".hmacfs" / "partial")
+        body = b"x" * 100
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/l.bin", len(body)) + body)
+        self.assertEqual(self.status(transport), 503)
+        self.assertNotIn(b"Traceback", transport.value())
+        self.assertEqual(os.listdir(outside), [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_private_dir_removed_under_a_running_server(self) -> None:
+        import shutil
+
+        body = b"y" * 100
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/first.bin", len(body)) + body)
+        self.assertEqual(self.status(transport), 201)
+        shutil.rmtree(self.store / ".hmacfs")
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/second.bin", len(body)) + body)
+        self.assertEqual(self.status(transport), 201)
+        self.assertEqual((self.store / UUID / "second.bin").read_bytes(), body)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+def fill_disk(path: Path) -> None:
+    """Write zeros to ``path`` until the filesystem is full."""
+    import errno
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1024 * 1024, 4096, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError as error:
+                    if error.errno != errno.ENOSPC:
+                        raise
+                    break
+    finally:
+        os.close(fd)
+
+
+class SmallFilesystemTests(SynchronousTestCase):
+    """A real 20 MiB tmpfs that fills up (root; skipped elsewhere, a failure in CI)."""
+
+    MIB = 1024 * 1024
+
+    def setUp(self) -> None:
+        from hmacfs.testing import small_filesystem
+
+        self.store = small_filesystem(self, "20m") / "store"
+        self.store.mkdir()
+        self.runner = ManualRunner(auto=True)
+        self.harness = SiteHarness(make_config(self.store, min_free_bytes=0), self.runner)
+        self.site_store = self.harness.site.body_policy.store
+
+    def tearDown(self) -> None:
+        del self.harness, self.site_store  # close the store's directory descriptors
+        import gc
+
+        gc.collect()
+
+    def status(self, transport) -> int:
+        return status_of(transport.value())
+
+    def test_two_12_mib_uploads_on_20_mib(self) -> None:
+        size = 12 * self.MIB
+        first, first_t = self.harness.connect(port=40001)
+        second, second_t = self.harness.connect(port=40002)
+        first.dataReceived(put_head(f"{UUID}/one.bin", size))
+        second.dataReceived(put_head(f"{UUID}/two.bin", size))
+        self.assertEqual(self.status(second_t), 507)
+        for _ in range(12):
+            first.dataReceived(b"a" * self.MIB)
+        self.assertEqual(self.status(first_t), 201)
+        self.assertEqual(os.path.getsize(self.store / UUID / "one.bin"), size)
+        self.assertEqual(partials(self.store), [])
+
+    def test_disk_full_mid_body(self) -> None:
+        """
+        The disk fills (another writer) after admission: 507 with an access-log line, the
+        partial file and its record are removed and the space is free again.
+        """
+        logged: list[object] = []
+        self.harness.site._access_log = logged.append
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(
+            put_head(f"{UUID}/big.bin", 8 * self.MIB, extra=("X-Session-Token: tok-0123456789",))
+        )
+        protocol.dataReceived(b"a" * self.MIB)
+        filler = self.store / "filler"
+        fill_disk(filler)
+        for _ in range(3):
+            protocol.dataReceived(b"b" * self.MIB)
+        self.harness.reactor.advance(0)
+        self.assertEqual(self.status(transport), 507)
+        self.assertEqual(len(logged), 1)
+        self.assertEqual(partials(self.store), [])
+        self.assertFalse((self.store / UUID / "big.bin").exists())
+        self.assertEqual(self.site_store.reserved_bytes, 0)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        os.unlink(filler)
+        self.assertGreater(self.site_store.free_bytes(), 19 * self.MIB)
+
+    def test_upload_of_exactly_the_free_bytes(self) -> None:
+        """It cannot fit with its metadata: 507, and no partial file stays behind."""
+        free = self.site_store.free_bytes()
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/exact.bin", free))
+        chunk = b"e" * self.MIB
+        sent = 0
+        while sent < free and not transport.value():
+            piece = chunk[: free - sent]
+            protocol.dataReceived(piece)
+            sent += len(piece)
+        self.harness.reactor.advance(0)
+        self.assertEqual(self.status(transport), 507)
+        self.assertEqual(partials(self.store), [])
+        self.assertFalse((self.store / UUID / "exact.bin").exists())
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_sidecar_on_a_full_disk(self) -> None:
+        """ENOSPC while writing the record leaves no .json.tmp (and no partial file)."""
+        filler = self.store / "filler"
+        fill_disk(filler)
+        e = self.assertRaises(
+            storage.StorageError, self.site_store.open_partial, (UUID, "s.bin"), "text/plain", 1
+        )
+        self.assertEqual(e.status, 507)
+        self.assertEqual(partials(self.store), [])
