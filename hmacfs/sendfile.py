@@ -1,0 +1,327 @@
+# -*- test-case-name: tests.test_download,tests.test_twisted_internals -*-
+"""
+The producer that pushes a stored file's bytes into a GET response.
+
+This module and ``hmacfs.request`` are the only ones that use Twisted
+internals (checked by ``tests/test_twisted_internals.py``; an unsupported
+Twisted is refused at import by ``hmacfs._twisted_compat``).
+
+On a plain TCP or UNIX transport a body of at least ``SENDFILE_MIN`` bytes goes
+out with ``os.sendfile``: the kernel moves page-cache pages to the socket, so
+Python neither reads nor copies the data.  Twisted has no public API for
+writing to a socket behind a transport's back, so the producer reads the
+transport's buffer state (``FileDescriptor.dataBuffer``, ``_tempDataLen``)
+to send only once the headers have left, and sets ``producerPaused`` before
+``startWriting`` to be resumed when the socket is writable again; a
+response encoder (``Request._encoder``, gzip) keeps a body on the ``pread``
+path, which writes through the request.  TLS,
+HTTP/2, response encoders and test transports keep the ``pread`` path, and so
+does a file system that refuses ``sendfile``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+import hmacfs._twisted_compat  # noqa: F401 - refuses an unsupported Twisted
+from hmacfs.logs import log_router
+
+__all__ = [
+    "CHUNKS_PER_TURN",
+    "SENDFILE_MIN",
+    "SENDFILE_PER_TURN",
+    "FileProducer",
+    "sendfile_transport",
+]
+
+log = Logger(observer=log_router)
+
+#: Chunks written in one reactor turn before yielding with ``callLater(0)``,
+#: for consumers that never push back, so one download cannot starve others.
+CHUNKS_PER_TURN = 8
+#: Bodies from this size on go out with ``os.sendfile`` where the transport
+#: allows it.  Below it the headers and body leave in one ``send`` through the
+#: transport's buffer, which costs less than a separate ``sendfile`` call.
+SENDFILE_MIN = 262144
+#: Bytes one download may ``sendfile`` per reactor turn before waiting for the
+#: next "writable" event, so one fast reader cannot starve other connections.
+SENDFILE_PER_TURN = 4 * 1024 * 1024
+
+# sendfile errors that mean "not on this file or socket": fall back to pread.
+_SENDFILE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+# sendfile errors that mean the client went away.
+_PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN})
+
+
+def _abort_connection(request: Any) -> None:
+    """
+    Drop the client without a clean end, so it sees a short body and can resume.
+
+    HTTP/1.x requests carry the TCP/TLS transport; an HTTP/2 request has no
+    transport and its channel (the stream) resets just this stream.
+    """
+    transport = getattr(request, "transport", None)
+    if transport is not None:
+        transport.abortConnection()
+        return
+    channel = getattr(request, "channel", None)
+    if channel is not None:
+        channel.abortConnection()
+
+
+def sendfile_transport(request: Any) -> FileDescriptor | None:
+    """
+    The socket transport under an HTTP/1.x ``request`` if ``os.sendfile`` may
+    write to it directly, else ``None``.
+
+    Only a plain ``FileDescriptor`` transport with a socket qualifies: TLS
+    wraps the transport in a protocol that must see every byte, an HTTP/2
+    stream shares its connection, and a response encoder (gzip) must see the
+    body.  The buffer attributes checked are the ones the producer relies on.
+    """
+    if getattr(request, "_encoder", None) is not None:
+        return None
+    transport = getattr(getattr(request, "channel", None), "transport", None)
+    if not isinstance(transport, FileDescriptor) or getattr(transport, "TLS", False):
+        return None
+    if getattr(transport, "socket", None) is None:
+        return None
+    if not all(hasattr(transport, name) for name in ("dataBuffer", "_tempDataLen", "producerPaused")):
+        return None
+    return transport
+
+
+@implementer(IPushProducer)
+class FileProducer:
+    """
+    Push ``length`` bytes of ``fd`` from ``offset`` into ``request``.
+
+    Owns ``fd`` and closes it on every way out: end of data, client gone
+    (``stopProducing`` or the ``notifyFinish`` errback), idle timeout, read
+    error.  Reads use ``os.pread``: the transport keeps a reference to each
+    written ``bytes`` until it is sent, so a reusable buffer would need a copy
+    anyway, and ``pread`` allocates exactly one object per chunk.
+
+    Given a ``transport`` (see ``sendfile_transport``) the body bypasses the
+    transport's buffer: the headers go through it, and each turn waits until
+    the transport has flushed and the socket is writable, then ``sendfile``s
+    until the socket is full.  The wait uses the transport's own machinery: a
+    transport whose producer is marked paused calls the channel's
+    ``resumeProducing`` (and so ours) once its buffer is empty and the socket
+    writable.
+    """
+
+    def __init__(
+        self,
+        request: Any,
+        fd: int,
+        *,
+        offset: int,
+        length: int,
+        clock: IReactorTime,
+        write_timeout: float,
+        chunk_size: int,
+        chunks_per_turn: int = CHUNKS_PER_TURN,
+        transport: FileDescriptor | None = None,
+    ) -> None:
+        self._request = request
+        self._transport = transport
+        self._fd: int | None = fd
+        self._offset = offset
+        self._remaining = length
+        self._clock = clock
+        self._write_timeout = write_timeout
+        self._chunk_size = chunk_size
+        self._chunks_per_turn = chunks_per_turn
+        self._paused = False
+        self._producing = False
+        self._done = False
+        self._turn_call: IDelayedCall | None = None
+        self._idle_call: IDelayedCall | None = None
+        self._last_progress = clock.seconds()
+
+    def start(self) -> None:
+        """Register with the request and write the first turn's chunks."""
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addErrback(self._connection_lost)
+        if self._write_timeout > 0:
+            self._idle_call = self._clock.callLater(self._write_timeout, self._check_idle)
+        if self._transport is not None:
+            # Headers into the transport's buffer; the body waits for them.
+            self._request.write(b"")
+            self._wait_for_socket()
+            return
+        self._produce()
+
+    # IPushProducer
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        # Inside our own write the running loop simply carries on; with a turn
+        # already scheduled, that turn carries on.
+        if not self._producing and self._turn_call is None:
+            self._produce()
+
+    def stopProducing(self) -> None:
+        self._close()
+
+    # internals
+
+    def _produce(self) -> None:
+        self._turn_call = None
+        if self._done or self._producing:
+            return
+        self._producing = True
+        try:
+            if self._transport is not None:
+                self._sendfile_turn()
+                return
+            written = 0
+            while not self._paused and not self._done:
+                if written == self._chunks_per_turn:
+                    self._turn_call = self._clock.callLater(0, self._produce)
+                    return
+                if not self._write_chunk():
+                    return
+                written += 1
+        finally:
+            self._producing = False
+
+    def _write_chunk(self) -> bool:
+        """Read and write one chunk; finish or abort at the end. False when done."""
+        assert self._fd is not None
+        try:
+            data = os.pread(self._fd, min(self._chunk_size, self._remaining), self._offset)
+        except OSError:
+            log.failure("reading {fd} at {offset} failed", fd=self._fd, offset=self._offset)
+            self._abort()
+            return False
+        if not data:
+            self._shrank()
+            return False
+        self._advance(len(data))
+        self._request.write(data)
+        if self._done:
+            # The write told us the client is gone.
+            return False
+        if self._remaining == 0:
+            # Finish even if that write filled the transport: all bytes are
+            # handed over, and the idle timer must not abort a complete answer.
+            self._finish()
+            return False
+        return True
+
+    def _advance(self, count: int) -> None:
+        self._offset += count
+        self._remaining -= count
+        self._last_progress = self._clock.seconds()
+
+    def _shrank(self) -> None:
+        log.warn(
+            "stored file shrank while serving it: {remaining} bytes missing at {offset}",
+            remaining=self._remaining,
+            offset=self._offset,
+        )
+        self._abort()
+
+    def _finish(self) -> None:
+        self._close()
+        self._request.unregisterProducer()
+        self._request.finish()
+
+    def _wait_for_socket(self) -> None:
+        """Be resumed once the transport's buffer is empty and the socket writable."""
+        assert self._transport is not None
+        self._paused = True
+        self._transport.producerPaused = True
+        self._transport.startWriting()
+
+    def _sendfile_turn(self) -> None:
+        """``sendfile`` until the socket is full, the turn's quota is used, or the end."""
+        assert self._fd is not None and self._transport is not None
+        if self._transport.dataBuffer or self._transport._tempDataLen:
+            self._wait_for_socket()
+            return
+        out = self._transport.fileno()
+        budget = SENDFILE_PER_TURN
+        while self._remaining and budget:
+            try:
+                sent = os.sendfile(out, self._fd, self._offset, min(self._remaining, budget))
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError as error:
+                self._sendfile_failed(error)
+                return
+            if not sent:
+                self._shrank()
+                return
+            self._advance(sent)
+            # request.write() counts what goes through it; the access log and
+            # metrics read this count.
+            self._request.sentLength += sent
+            budget -= sent
+        if self._remaining == 0:
+            self._finish()
+            return
+        self._wait_for_socket()
+
+    def _sendfile_failed(self, error: OSError) -> None:
+        if error.errno in _SENDFILE_UNSUPPORTED and self._request.sentLength == 0:
+            # Nothing of the body left yet: carry on with pread and write().
+            log.info("sendfile refused ({error}); serving with read and write", error=error)
+            self._transport = None
+            self._paused = False
+            self._turn_call = self._clock.callLater(0, self._produce)
+            return
+        if error.errno not in _PEER_GONE:
+            log.failure("sendfile at {offset} failed", offset=self._offset)
+        self._abort()
+
+    def _check_idle(self) -> None:
+        self._idle_call = None
+        if self._done:
+            return
+        idle = self._clock.seconds() - self._last_progress
+        if idle >= self._write_timeout:
+            log.info(
+                "download stalled for {idle:.1f}s with {remaining} bytes left: aborting",
+                idle=idle,
+                remaining=self._remaining,
+            )
+            self._abort()
+        else:
+            self._idle_call = self._clock.callLater(
+                self._write_timeout - idle, self._check_idle
+            )
+
+    def _abort(self) -> None:
+        self._close()
+        self._request.unregisterProducer()
+        _abort_connection(self._request)
+
+    def _connection_lost(self, reason: Failure) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        """Stop for good: cancel timers and close the file. Idempotent."""
+        self._done = True
+        for call in (self._turn_call, self._idle_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._turn_call = self._idle_call = None
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
