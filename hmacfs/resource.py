@@ -236,13 +236,19 @@ class UploadResource(Resource):
             if request.method != b"PUT":
                 return error_page(request, 405, "method not allowed", ((b"Allow", ALLOW),))
             return error_page(request, 500, "uploads are not configured")
+        # notifyFinish fails when the client leaves: then there is nobody to answer.
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
         receiver.done.addCallbacks(
-            self._created, self._not_created, callbackArgs=(request,), errbackArgs=(request,)
+            self._created,
+            self._not_created,
+            callbackArgs=(request, gone),
+            errbackArgs=(request, gone),
         )
         return NOT_DONE_YET
 
-    def _created(self, result: StoredFile | Progress, request: Any) -> None:
-        if request._disconnected:
+    def _created(self, result: StoredFile | Progress, request: Any, gone: list[Failure]) -> None:
+        if gone:
             return
         kind = getattr(request, "upload_kind", "put")
         stored = not isinstance(result, Progress)
@@ -274,7 +280,7 @@ class UploadResource(Resource):
         request.write(body)
         request.finish()
 
-    def _not_created(self, failure: Failure, request: Any) -> None:
+    def _not_created(self, failure: Failure, request: Any, gone: list[Failure]) -> None:
         headers: tuple = ()
         if failure.check(Refusal):
             status, reason = failure.value.status, failure.value.reason
@@ -282,7 +288,7 @@ class UploadResource(Resource):
         else:
             log.failure("upload failed", failure)
             status, reason = 500, "internal error"
-        if request._disconnected:
+        if gone:
             return
         body = error_page(request, status, reason, headers)
         request.write(body)

@@ -304,6 +304,27 @@ class FlowControlTests(UploadTestsMixin, SynchronousTestCase):
         self.assertEqual((self.store / ".hmacfs" / "partial" / part[0]).read_bytes(), b"q" * 5000)
         self.assertFalse((self.store / UUID / "gone.bin").exists())
 
+    def test_disconnect_while_commit_in_flight_answers_nobody(self) -> None:
+        """
+        A client that leaves after its whole body, while the disk still commits it, gets
+        no answer written after it left (the resource learns of it from notifyFinish),
+        and the upload is still stored.
+        """
+        body = b"c" * 3000
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(put_head(f"{UUID}/late.bin", len(body)) + body)
+        [request] = protocol.requests
+        answered: list[object] = []
+        request.body_consumer.done.addBoth(answered.append)
+        protocol.connectionLost(Failure(ConnectionLost()))
+        sent = transport.value()
+        self.runner.run_all()
+        # Answering would have raised (Request.finish after the connection was lost).
+        self.assertEqual(answered, [None])
+        self.assertEqual(transport.value(), sent)
+        self.assertNotIn(b"201", sent)
+        self.assertEqual((self.store / UUID / "late.bin").read_bytes(), body)
+
 
 class ChecksumTests(UploadTestsMixin, SynchronousTestCase):
     def overrides(self) -> dict:
