@@ -16,10 +16,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -314,10 +313,10 @@ def assemble_server(
 def _add_metrics_listener(
     top: MultiService, config: Config, reactor: Any, metrics: Any, health: HealthResource
 ) -> None:
-    listener = StreamServerEndpointService(
-        serverFromString(reactor, config.metrics_listen), metrics_site(metrics, reactor, health)
+    # strports.service: a port that cannot be bound fails twistd's start, not a log line.
+    listener = strports.service(
+        config.metrics_listen, metrics_site(metrics, reactor, health), reactor
     )
-    listener._raiseSynchronously = True
     listener.setServiceParent(top)
 
 
@@ -364,8 +363,9 @@ def make_service_from_config(
         reload=top.reload,  # type: ignore[attr-defined]
         redis=site.resumable.state_service.client if config.redis_addr else None,  # type: ignore[attr-defined]
     )
-    listener = StreamServerEndpointService(serverFromString(reactor, config.listen), site)
-    listener._raiseSynchronously = True
+    # strports.service raises a bind error from privilegedStartService, so twistd
+    # exits with it instead of running (and logging that it is up) without a port.
+    listener = strports.service(config.listen, site, reactor)
     listener.setServiceParent(top)
     top.listener = listener  # type: ignore[attr-defined]
     return add_component(top, config, reactor)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.application.service import IServiceMaker
@@ -69,6 +70,35 @@ class AssemblyTests(SynchronousTestCase):
         self.assertEqual(reactor.tcpServers[0][0], 8123)
         self.assertEqual(reactor.tcpServers[0][3], "127.0.0.1")
         service.stopService()
+
+    def assertBindFailureRaised(self, **overrides: object) -> None:
+        store = Path(self.mktemp()).resolve()
+        store.mkdir()
+        reactor = RefusingReactor()
+        service = make_service_from_config(make_config(store, **overrides), reactor)
+        self.assertRaises(CannotListenError, service.privilegedStartService)
+
+    def test_bind_failure_is_raised_at_start(self) -> None:
+        """
+        A ListenPort that cannot be bound raises from privilegedStartService, so twistd
+        exits with the error instead of running (and saying it started) without a port.
+        """
+        self.assertBindFailureRaised(listen="tcp:port=8123:interface=127.0.0.1")
+
+    def test_metrics_bind_failure_is_raised_at_start(self) -> None:
+        """The same for MetricsPort."""
+        self.assertBindFailureRaised(
+            metrics_enabled=True,
+            listen="unix:/nonexistent/never-bound.sock",
+            metrics_listen="tcp:port=9123:interface=127.0.0.1",
+        )
+
+
+class RefusingReactor(MemoryReactorClock):
+    """Every TCP port is taken."""
+
+    def listenTCP(self, port: int, *args: object, **kwargs: object) -> object:
+        raise CannotListenError("127.0.0.1", port, OSError(98, "Address already in use"))
 
 
 class FakeLibc:
