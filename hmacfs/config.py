@@ -28,7 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.endpoints import (
+    SSL4ServerEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    clientFromString,
+    serverFromString,
+)
+from twisted.internet.interfaces import IReactorPluggableNameResolver, IReactorSSL, IReactorTCP
+from twisted.internet.protocol import Factory
+from zope.interface import implementer
 
 
 class _Shown:
@@ -252,23 +261,50 @@ def _unix_endpoint(value: str, text: str, mode: int, key: str, base_dir: Path) -
     return f"unix:{_quote(str(path))}:mode={mode:o}:lockfile=1:backlog={LISTEN_BACKLOG}"
 
 
-def _parse_only_reactor() -> Any:
+@implementer(IReactorTCP, IReactorSSL, IReactorPluggableNameResolver)
+class _DryRunReactor:
     """
-    A reactor that endpoint parsers may hold but never run.
+    What the endpoint parsers get instead of a reactor: it notes the ports a
+    listen would bind and binds nothing.
 
-    Imported here, not at the top: ``twisted.internet.testing`` pulls in
-    twisted.trial and unittest (about 5 MiB and 15 ms per process), and only
-    an explicit endpoint description needs it.
+    A description is checked with public API only (``serverFromString``,
+    ``clientFromString``, ``IStreamServerEndpoint.listen``) and without side
+    effects: the global reactor is not imported (that would install the
+    default one under an application that embeds hmacfs and wants another),
+    no socket is opened, and ``twisted.internet.testing`` (a test fake that
+    pulls in trial and unittest) stays out of the daemon.  The parsers only
+    store the reactor; HostnameEndpoint (``tls:``) also asks for its
+    ``nameResolver``.
     """
-    from twisted.internet.testing import MemoryReactor
 
-    return MemoryReactor()
+    nameResolver: Any = None
+
+    def __init__(self) -> None:
+        self.ports: list[int] = []
+
+    def installNameResolver(self, resolver: Any) -> Any:
+        previous, self.nameResolver = self.nameResolver, resolver
+        return previous
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> None:
+        self.ports.append(port)
+
+    def listenSSL(
+        self, port: int, factory: Any, contextFactory: Any, backlog: int = 50, interface: str = ""
+    ) -> None:
+        self.ports.append(port)
+
+    def connectTCP(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - never connects
+        raise NotImplementedError("a dry run connects nowhere")
+
+    connectSSL = connectTCP
 
 
 def _check_endpoint(text: str, key: str) -> None:
     allowed = "a Twisted server endpoint description, e.g. tcp:port=8080:interface=127.0.0.1"
+    reactor = _DryRunReactor()
     try:
-        endpoint = serverFromString(_parse_only_reactor(), text)
+        endpoint = serverFromString(reactor, text)
     except Exception as exc:
         if text.startswith("systemd:") and isinstance(exc, (IndexError, KeyError)):
             # Twisted looks the descriptor up in this process's LISTEN_FDS; a config
@@ -277,10 +313,16 @@ def _check_endpoint(text: str, key: str) -> None:
             return
         reason = str(exc) or type(exc).__name__
         raise ConfigError(key, text, allowed, f"cannot be parsed by Twisted ({reason})") from exc
-    # TCP endpoints keep the port privately; Twisted only notices 70000 when binding.
-    port = getattr(endpoint, "_port", None)
-    if isinstance(port, int) and not 0 <= port <= 65535:
-        raise ConfigError(key, text, allowed, "has a port outside 0..65535")
+    # Twisted only notices port 70000 when binding: listen on the dry run to see
+    # the port.  Only on the TCP endpoints, whose listen merely calls the reactor
+    # (an adopted systemd endpoint closes its descriptor when it listens).
+    if isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint, SSL4ServerEndpoint)):
+        failures: list[Any] = []
+        endpoint.listen(Factory()).addErrback(failures.append)
+        if failures:  # pragma: no cover - the dry run's listen cannot fail
+            failures[0].raiseException()
+        if any(not 0 <= port <= 65535 for port in reactor.ports):
+            raise ConfigError(key, text, allowed, "has a port outside 0..65535")
 
 
 def _check_systemd_domain(text: str, key: str, allowed: str) -> None:
@@ -635,7 +677,7 @@ def _component_server(value: object, key: str, ctx: _Context) -> str:
     text = _text(value, key, COMPONENT_SERVER_FORMS).strip()
     if text.startswith(("tcp:", "unix:", "ssl:", "tls:")):
         try:
-            clientFromString(_parse_only_reactor(), text)
+            clientFromString(_DryRunReactor(), text)
         except Exception as exc:
             reason = str(exc) or type(exc).__name__
             raise ConfigError(

@@ -389,6 +389,33 @@ class ListenToEndpointTests(SynchronousTestCase):
             self.assertEqual(error.key, "ListenPort")
             self.assertIn(repr(description), str(error))
 
+    def test_endpoint_check_uses_no_test_fake_and_no_global_reactor(self) -> None:
+        """
+        Checking an explicit description (port range included) neither imports
+        twisted.internet.testing (a test fake, with trial and unittest) nor installs
+        the global reactor, which an application embedding hmacfs may choose later.
+        """
+        import subprocess
+        import sys
+
+        script = (
+            "import sys\n"
+            "from hmacfs.config import ConfigError, listen_to_endpoint\n"
+            "options = dict(unix_socket=False, socket_mode=0o660, key='ListenPort')\n"
+            "listen_to_endpoint('tcp:port=8080:interface=127.0.0.1', **options)\n"
+            "try:\n"
+            "    listen_to_endpoint('tcp:port=70000', **options)\n"
+            "except ConfigError as error:\n"
+            "    print('refused' if 'outside 0..65535' in str(error) else error)\n"
+            "modules = ('twisted.internet.testing', 'twisted.trial', 'twisted.internet.reactor')\n"
+            "print(sorted(m for m in modules if m in sys.modules))\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.split("\n")[:2], ["refused", "[]"])
+
     def test_bad_addresses(self) -> None:
         """Out-of-range ports, host names, bare IPv6 and stray paths are errors with a fitting hint."""
         cases = {
