@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 # Before anything slow: a SIGHUP forwarded while this process is still
@@ -26,8 +27,8 @@ _early_sighup: list[int] = []
 signal.signal(signal.SIGHUP, lambda signum, frame: _early_sighup.append(signum))
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import fdesc
-from twisted.internet.abstract import FileDescriptor
+from twisted.internet.protocol import Protocol
+from twisted.internet.stdio import StandardIO
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
 FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "unix": socket.AF_UNIX}
@@ -54,7 +55,7 @@ class AdoptedPortService(Service):
     def stopService(self) -> None:
         super().stopService()
         if self.port is not None:
-            self.port.stopReading()
+            self.reactor.removeReader(self.port)
 
 
 def die_with_parent() -> None:
@@ -70,36 +71,38 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-class SupervisorPipe(FileDescriptor):
+class SupervisorMessages(Protocol):
     """
-    Reads the supervisor's messages from stdin (JSON lines: the current
-    secrets).  End of file means the supervisor is gone: stop serving.
+    The supervisor's messages on stdin (JSON lines: the current secrets).
+    End of file means the supervisor is gone: stop serving.
     """
 
-    def __init__(self, reactor: Any, fd: int, on_message: Any, on_eof: Any) -> None:
-        super().__init__(reactor)
-        self.fd = fd
+    def __init__(self, on_message: Callable[[dict[str, Any]], None], on_eof: Callable[[], None]) -> None:
         self.on_message = on_message
         self.on_eof = on_eof
         self._buffer = b""
-        fdesc.setNonBlocking(fd)
 
-    def fileno(self) -> int:
-        return self.fd
-
-    def doRead(self) -> Any:
-        return fdesc.readFromFD(self.fd, self._received)
-
-    def _received(self, data: bytes) -> None:
+    def dataReceived(self, data: bytes) -> None:
         self._buffer += data
         while b"\n" in self._buffer:
             line, self._buffer = self._buffer.split(b"\n", 1)
             if line.strip():
                 self.on_message(json.loads(line))
 
-    def connectionLost(self, reason: Any) -> None:
-        super().connectionLost(reason)
+    def connectionLost(self, reason: Any = None) -> None:
         self.on_eof()
+
+
+def connect_supervisor(reactor: Any, messages: SupervisorMessages, stdin: int = 0) -> StandardIO:
+    """
+    Read ``messages`` from ``stdin`` with Twisted's StandardIO.
+
+    Nothing is written back, and fd 1 is the supervisor's own stdout, shared by
+    every worker: StandardIO would make it non-blocking for all of them, so its
+    writing half gets a descriptor of its own on /dev/null.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    return StandardIO(messages, stdin=stdin, stdout=devnull, reactor=reactor)
 
 
 def build_worker(config_path: str, fd: int, family: int, index: int, reactor: Any) -> MultiService:
@@ -120,8 +123,7 @@ def build_worker(config_path: str, fd: int, family: int, index: int, reactor: An
         if reactor.running:
             reactor.stop()
 
-    pipe = SupervisorPipe(reactor, 0, on_message, on_eof)
-    top.pipe = pipe  # type: ignore[attr-defined]
+    top.supervisor_messages = SupervisorMessages(on_message, on_eof)  # type: ignore[attr-defined]
     return top
 
 
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     top = build_worker(args.config, args.fd, FAMILIES[args.family], args.index, reactor)
     def start() -> None:
         top.startService()
-        top.pipe.startReading()
+        connect_supervisor(reactor, top.supervisor_messages)
         if _early_sighup:
             top.reload.reload()
 

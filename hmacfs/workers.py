@@ -26,6 +26,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import protocol
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -47,6 +48,17 @@ class _NoConnections(protocol.Factory):
 
     def buildProtocol(self, addr: Any) -> None:  # pragma: no cover - never reading
         return None
+
+
+def address_family(address: Any) -> int:
+    """The socket family of a listening port's ``getHost()`` address."""
+    if isinstance(address, IPv6Address):
+        return socket.AF_INET6
+    if isinstance(address, UNIXAddress):
+        return socket.AF_UNIX
+    if isinstance(address, IPv4Address):
+        return socket.AF_INET
+    raise ValueError(f"NumCores > 1 needs a TCP or UNIX listen socket, not {address!r}")
 
 
 def socket_family_name(family: int) -> str:
@@ -115,8 +127,9 @@ class WorkerSupervisor(Service):
         if failures:
             failures[0].raiseException()
         self.port = ports[0]
-        self.port.stopReading()
-        self.family = self.port.socket.family
+        # The workers accept; this process only keeps the socket open for them.
+        self.reactor.removeReader(self.port)
+        self.family = address_family(self.port.getHost())
 
     def startService(self) -> None:
         if self.port is None:
