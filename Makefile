@@ -4,17 +4,29 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TRIAL := $(VENV)/bin/trial
 STAMP := $(VENV)/.installed
+# `make test` also runs the fast suite on the oldest Twisted pyproject.toml allows (the
+# newest comes with .venv), in its own virtualenv: hmacfs uses Twisted internals that
+# tests/test_twisted_internals.py pins on both.
+TWISTED_OLDEST := 24.11.0
+OLDEST_VENV ?= .venv-oldest
+OLDEST_STAMP := $(OLDEST_VENV)/.installed
 # The slow suites start real servers (twistd, redis-server, nginx); `make test-fast` skips them.
 SLOW_TESTS := tests.test_integration tests.test_workers tests.test_operations tests.test_nginx tests.test_prosody tests.test_ejabberd tests.test_resume_integration tests.test_state tests.test_bans_redis tests.test_retention_redis
 FAST_TESTS := $(filter-out $(SLOW_TESTS),$(basename $(subst /,.,$(wildcard tests/test_*.py))))
 
-.PHONY: run test test-fast test-slow bench lint clean system-deps
+.PHONY: run test test-fast test-slow test-twisted-oldest bench lint clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $(STAMP)
+
+$(OLDEST_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install -q -e '.[test]' 'twisted[tls]==$(TWISTED_OLDEST)' --config-settings editable_mode=compat
+	touch $(OLDEST_STAMP)
 
 run: $(STAMP)
 	@$(PY) -m hmacfs.cli demo --config config.local.toml
@@ -24,8 +36,12 @@ run: $(STAMP)
 system-deps:
 	./scripts/install-system-deps.sh
 
-test: $(STAMP) system-deps
+test: $(STAMP) $(OLDEST_STAMP) system-deps
+	$(OLDEST_VENV)/bin/trial --jobs=2 $(FAST_TESTS)
 	$(TRIAL) --jobs=2 tests
+
+test-twisted-oldest: $(OLDEST_STAMP)
+	$(OLDEST_VENV)/bin/trial --jobs=2 $(FAST_TESTS)
 
 test-fast: $(STAMP)
 	$(TRIAL) --jobs=2 $(FAST_TESTS)
@@ -37,4 +53,4 @@ bench: $(STAMP) system-deps
 	$(PY) bench/bench.py --venv $(VENV)
 
 clean:
-	rm -rf $(VENV) _trial_temp* build *.egg-info bench-out
+	rm -rf $(VENV) $(OLDEST_VENV) _trial_temp* build *.egg-info bench-out

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
+import hmacfs._twisted_compat  # noqa: F401 - refuses an unsupported Twisted
 from hmacfs.logs import log_router
 
 log = Logger(observer=log_router)
