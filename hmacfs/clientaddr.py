@@ -44,6 +44,24 @@ class ClientAddressResolver:
     def _is_trusted(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(address in network for network in self.trusted)
 
+    def connection_key(self, peer: Any) -> str | None:
+        """
+        What a connection from ``peer`` counts against for MaxConnectionsPerClient:
+        the IP address (an IPv6 client's /64, which one subscriber usually holds
+        whole), or None for a peer that is not counted: a trusted proxy or a
+        UNIX-socket peer carries many clients, which the proxy must limit.
+        """
+        if not isinstance(peer, (IPv4Address, IPv6Address)):
+            return None
+        address = _parse_ip(peer.host)
+        if address is None:
+            return peer.host
+        if self._is_trusted(address):
+            return None
+        if isinstance(address, ipaddress.IPv6Address):
+            return str(ipaddress.IPv6Network((address, 64), strict=False))
+        return str(address)
+
     def resolve(self, peer: Any, headers: Any) -> str:
         """The client address as text: the peer, or what a trusted proxy says."""
         if isinstance(peer, (IPv4Address, IPv6Address)):

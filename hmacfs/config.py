@@ -826,6 +826,8 @@ _KEYS: tuple[_Key, ...] = (
     _Key("ResumeTTL", "resume_ttl", "600s", _duration(1)),
     _Key("ReadTimeout", "read_timeout", "2m", _duration(0, exclusive=True)),
     _Key("WriteTimeout", "write_timeout", "2m", _duration(0, exclusive=True)),
+    _Key("HeaderTimeout", "header_timeout", "30s", _duration()),
+    _Key("MaxConnectionsPerClient", "max_connections_per_client", 64, _integer(0)),
     _Key("BufferSize", "buffer_size", 65536, _size(4 * 1024, 16 * 1024**2)),
     _Key("MaxUploadSize", "max_upload_size", 0, _size()),
     _Key("MinFreeBytes", "min_free_bytes", "100MiB", _size()),
@@ -914,6 +916,8 @@ class Config:
     resume_ttl: float
     read_timeout: float
     write_timeout: float
+    header_timeout: float
+    max_connections_per_client: int
     buffer_size: int
     max_upload_size: int
     min_free_bytes: int

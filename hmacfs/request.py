@@ -7,9 +7,20 @@ Twisted's own Request spools a body to memory or a temporary file and calls
 ``100 Continue`` unconditionally.  An upload server must decide from the
 request line and headers alone, before reading a byte of the body, and then
 stream the body to disk.  This module is the only place that touches Twisted
-internals to make that possible (``HTTPChannel.allHeadersReceived``, the
-channel's ``_command``/``_path``/``_version`` and ``Request.gotLength``); it is
-pinned to the Twisted versions in ``SUPPORTED_TWISTED`` and tested against them.
+internals to make that possible (``HTTPChannel.allHeadersReceived``,
+``Request.gotLength`` and the names in ``TWISTED_INTERNALS``); it is pinned to
+the Twisted versions in ``SUPPORTED_TWISTED`` and tests.test_request checks
+each internal against the installed Twisted.
+
+The channel is the one owner of its socket's reading.  The disk lagging
+(``pause_body``), an admission decision waiting for I/O and HTTPChannel's own
+flow control (pipelining, a full send buffer) each hold a pause *reason*; the
+socket is read only while none holds, so no party can undo another's pause.
+Only a disk pause stops the client's idle clock, and the clock always comes
+back.  The channel also bounds a request head in time (``HeaderTimeout``),
+caps connections per client (``MaxConnectionsPerClient``), refuses an absurd
+Content-Length, and after an early refusal sends every body byte, however it
+arrives, to the discard.
 
 The decision itself is not made here: the site's ``body_policy`` (an
 ``IBodyPolicy``) looks at the request and either attaches a body consumer
@@ -34,6 +45,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 
 import hmacfs._twisted_compat  # noqa: F401 - refuses an unsupported Twisted
+from hmacfs.clientaddr import ClientAddressResolver
 from hmacfs.logs import log_router
 
 log = Logger(observer=log_router)
@@ -188,11 +200,106 @@ class StreamingRequest(server.Request):
         return super().processingFailed(reason)
 
 
+#: Why a channel is not reading its socket.  The socket is read only while no
+#: reason holds, so one party resuming never undoes another party's pause.
+DISK = "disk"  #: a body consumer waits for the disk (``pause_body``/``resume_body``)
+ADMISSION = "admission"  #: the admission decision waits for I/O (``request.admission``)
+#: HTTPChannel's own flow control, through ``_networkProducer``: pipelined data
+#: buffered while a request is answered (``rawDataReceived``, undone by
+#: ``requestDone``) and a full send buffer (``pauseProducing``/``resumeProducing``,
+#: called by the transport).  Twisted keeps these two in one bit of its own
+#: (``_waitingForTransport``), so they are one reason here.
+TWISTED = "twisted"
+DISCARD = "discard"  #: a refused body went over LINGER_BYTES before the answer was written
+
+#: The longest Content-Length we parse: 19 digits hold every size up to 2**63.
+#: Twisted would int() any run of digits, and Python refuses more than 4,300.
+MAX_LENGTH_DIGITS = 19
+
+#: The HTTPChannel (and LineReceiver, TimeoutMixin) internals this module relies
+#: on; tests.test_request pins each of them against the installed Twisted.
+TWISTED_INTERNALS = (
+    # allHeadersReceived: the request line is kept on the channel
+    "_command",
+    "_path",
+    "_version",
+    # LineReceiver's unparsed bytes: the body that came with the headers
+    "_buffer",
+    # whether a request is being answered (set by allContentReceived)
+    "_handlingRequest",
+    # bytes buffered while a request is answered (replayed by requestDone)
+    "_dataBuffer",
+    # the transport as seen by Twisted's own pause/resume calls (the arbiter wraps it)
+    "_networkProducer",
+    # dropped when a refusal is answered before its body
+    "_transferDecoder",
+    # Content-Length parsing, overridden to refuse absurd lengths
+    "_maybeChooseTransferDecoder",
+    "_send100Continue",
+)
+
+
+class _TwistedPauses:
+    """
+    Takes the transport's place as ``HTTPChannel._networkProducer``, so that
+    Twisted's own ``pauseProducing``/``resumeProducing`` of the transport become
+    the ``TWISTED`` reason of the channel's arbiter instead of acting directly.
+    """
+
+    __slots__ = ("_channel", "_transport")
+
+    def __init__(self, channel: StreamingChannel, transport: Any) -> None:
+        self._channel = channel
+        self._transport = transport
+
+    def pauseProducing(self) -> None:
+        self._channel._pause(TWISTED)
+
+    def resumeProducing(self) -> None:
+        self._channel._resume(TWISTED)
+
+    def stopProducing(self) -> None:
+        self._transport.stopProducing()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._transport.unregisterProducer()
+
+
+def _plain_answer(status: int, phrase: str, reason: str) -> bytes:
+    """A complete, closing response written by the channel itself (no request object)."""
+    body = reason.encode("ascii") + b"\n"
+    return (
+        f"HTTP/1.1 {status} {phrase}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Access-Control-Allow-Origin: *\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode("ascii") + body
+
+
+_BAD_LENGTH = _plain_answer(400, "Bad Request", "bad Content-Length")
+_HEAD_TIMEOUT = _plain_answer(408, "Request Timeout", "request headers not received in time")
+_TOO_MANY = _plain_answer(429, "Too Many Requests", "too many connections from your address")
+
+
+def _ignore(data: bytes) -> None:
+    """dataReceived of a refused connection: nothing it sends is parsed."""
+
+
 class StreamingChannel(http.HTTPChannel):
     """
     HTTP/1.1 channel that lets the site's policy accept or refuse a request
     from its headers, sends ``100 Continue`` only to accepted requests, reads
     bodies in ``read_size`` pieces and closes refused ones politely.
+
+    It is also the one owner of the transport's reading: every pause has a
+    reason (``DISK``, ``ADMISSION``, ``TWISTED``, ``DISCARD``) and the socket is
+    read only while none holds.  It bounds the request head in time
+    (``site.header_timeout``) and counts connections per client address
+    (``site.max_connections_per_client``).
     """
 
     read_size: int = 65536
@@ -200,14 +307,31 @@ class StreamingChannel(http.HTTPChannel):
     _lingering: bool = False
     _linger_bytes: int = 0
     _linger_call: Any = None
+    _pauses: set[str] | frozenset[str] = frozenset()
+    #: the idle timer is stopped for a DISK pause (the disk is slow, not the client)
+    _idle_stopped: bool = False
+    _header_timeout: float = 0.0
+    _head_call: Any = None
+    #: a request was answered on a persistent connection; the next byte starts a head
+    _head_pending: bool = False
+    #: the address this connection counts against (site.max_connections_per_client)
+    _client_key: str | None = None
 
     def connectionMade(self) -> None:
+        site = self.site
+        if not self._claim_client_slot(site):
+            return
         super().connectionMade()
-        read_size = getattr(self.site, "read_size", None)
+        self._pauses = set()
+        if self._networkProducer is self.transport:
+            self._networkProducer = _TwistedPauses(self, self.transport)
+        read_size = getattr(site, "read_size", None)
         if read_size and hasattr(self.transport, "bufferSize"):
             # One recv() per read_size bytes instead of per 64 KiB: fewer
             # trips through the parser for big uploads.
             self.transport.bufferSize = read_size
+        self._header_timeout = getattr(site, "header_timeout", 0.0) or 0.0
+        self._arm_head_deadline()
 
     _host: Any = None
 
@@ -219,7 +343,144 @@ class StreamingChannel(http.HTTPChannel):
             host = self._host = self.transport.getHost()
         return host
 
+    # The one owner of the transport's reading.  Called on pause/resume only,
+    # never per chunk.
+
+    def _pause(self, reason: str) -> None:
+        pauses = self._pauses
+        if reason in pauses or self._lingering or self.transport is None:
+            return
+        pauses.add(reason)  # type: ignore[union-attr]
+        if len(pauses) == 1:
+            self.transport.pauseProducing()
+
+    def _resume(self, reason: str) -> None:
+        pauses = self._pauses
+        if reason not in pauses:
+            return
+        pauses.discard(reason)  # type: ignore[union-attr]
+        if not pauses and self.transport is not None:
+            self.transport.resumeProducing()
+
+    @property
+    def pause_reasons(self) -> frozenset[str]:
+        """Why the socket is not being read now (empty: it is)."""
+        return frozenset(self._pauses)
+
+    # Flow control used by body consumers: stop reading while the disk lags,
+    # and do not count that pause against the client's idle timeout.
+
+    def pause_body(self) -> None:
+        """Stop reading the socket (and the client's idle clock) until ``resume_body``."""
+        self._pause(DISK)
+        period = self.timeOut
+        if period is not None and not self._idle_stopped:
+            # setTimeout(None) cancels the timer but also forgets the period
+            # (TimeoutMixin keeps it in timeOut); put it back, with no timer
+            # running, so resume_body and HTTPChannel's save/restore around a
+            # request being answered (allContentReceived/requestDone) see it.
+            self.setTimeout(None)
+            self.timeOut = period
+            self._idle_stopped = True
+
+    def resume_body(self) -> None:
+        """Read the socket again and restart the client's idle timeout."""
+        self._resume(DISK)
+        self._restart_idle_clock()
+
+    def _restart_idle_clock(self) -> None:
+        if self._idle_stopped:
+            self._idle_stopped = False
+            # None while a request is being answered: requestDone restores it.
+            if self.timeOut is not None and self.transport is not None:
+                self.setTimeout(self.timeOut)
+
+    # The request head: a deadline from its first byte to its end.
+
+    def _arm_head_deadline(self) -> None:
+        self._head_pending = False
+        if self._header_timeout and self._head_call is None:
+            self._head_call = self.callLater(self._header_timeout, self._head_timed_out)
+
+    def _cancel_head_deadline(self) -> None:
+        self._head_pending = False
+        call, self._head_call = self._head_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _head_timed_out(self) -> None:
+        self._head_call = None
+        if self.transport is None:
+            return
+        started = bool(self.requests or self._buffer)
+        log.info(
+            "closing a connection from {peer}: no complete request head within {seconds}s",
+            peer=str(self.transport.getPeer()),
+            seconds=self._header_timeout,
+        )
+        self.persistent = False
+        if started:
+            self.transport.write(_HEAD_TIMEOUT)
+        # timeoutConnection closes, and aborts after abortTimeout a client that
+        # does not even take the answer.
+        self.timeoutConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._head_pending:
+            self._arm_head_deadline()
+        http.HTTPChannel.dataReceived(self, data)
+
+    # The per-client connection cap.
+
+    def _claim_client_slot(self, site: Any) -> bool:
+        """Count this connection against its client; False (and answered 429) beyond the cap."""
+        limit = getattr(site, "max_connections_per_client", 0)
+        if not limit:
+            return True
+        key = site.connection_key(self.transport.getPeer())
+        if key is None:
+            return True
+        counts = site.connections_by_client
+        count = counts.get(key, 0)
+        if count >= limit:
+            log.info(
+                "refusing a connection from {client}: {count} already open",
+                client=key,
+                count=count,
+            )
+            self.dataReceived = _ignore  # type: ignore[method-assign]
+            self.transport.write(_TOO_MANY)
+            self.transport.loseConnection()
+            return False
+        counts[key] = count + 1
+        self._client_key = key
+        return True
+
+    def _release_client_slot(self) -> None:
+        key, self._client_key = self._client_key, None
+        if key is None:
+            return
+        counts = self.site.connections_by_client
+        left = counts.get(key, 0) - 1
+        if left > 0:
+            counts[key] = left
+        else:
+            counts.pop(key, None)
+
+    # Headers, admission and early refusal.
+
+    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+        # Twisted checks isdigit() and then int()s any length of digits, which
+        # raises beyond 4,300 of them (an unhandled error, no response).
+        if header == b"Content-Length" and (len(data) > MAX_LENGTH_DIGITS or not data.isdigit()):
+            self.transport.write(_BAD_LENGTH)
+            self.loseConnection()
+            self.length = None
+            return False
+        return bool(super()._maybeChooseTransferDecoder(header, data))
+
     def allHeadersReceived(self) -> None:
+        self._cancel_head_deadline()
         req = self.requests[-1]
         req.parseCookies()
         self.persistent = self.checkPersistence(req, self._version)
@@ -233,7 +494,7 @@ class StreamingChannel(http.HTTPChannel):
         if admission is not None and not admission.called:
             # The decision needs I/O: read nothing more until it is made.
             req.hold_body()
-            self.transport.pauseProducing()
+            self._pause(ADMISSION)
             admission.addBoth(self._admitted, req, self._version)
             return
         if req.rejection is not None and self.length != 0:
@@ -261,15 +522,15 @@ class StreamingChannel(http.HTTPChannel):
         received = req.body_received
         if req.rejection is not None and not req._complete_while_held:
             req._held = None
-            self.transport.resumeProducing()
+            self._resume(ADMISSION)
             self._reject_before_body(req)
             return
         if req.admit_held():
-            self.transport.resumeProducing()
+            self._resume(ADMISSION)
             return
         if not received:
             self._maybe_continue(req, version)
-        self.transport.resumeProducing()
+        self._resume(ADMISSION)
 
     def _reject_before_body(self, req: StreamingRequest) -> None:
         """
@@ -284,6 +545,12 @@ class StreamingChannel(http.HTTPChannel):
         self._rejected_early = True
         req.responseHeaders.setRawHeaders(b"Connection", [b"close"])
         self._transferDecoder = None
+        # From now on every byte is the refused body, whichever way it comes:
+        # LineReceiver hands the rest of the current read to rawDataReceived,
+        # later reads go through dataReceived into the same.  (An instance
+        # attribute, as Twisted does for a closed connection, so accepted
+        # bodies pay nothing for it.)
+        self.rawDataReceived = self._discard  # type: ignore[method-assign]
         self.allContentReceived()
         # allContentReceived reset ``length`` to 0, which would make our
         # caller (lineReceived) run allContentReceived a second time.
@@ -308,16 +575,46 @@ class StreamingChannel(http.HTTPChannel):
         req = self.requests[-1]
         if req.body_consumer is consumer and not req.finished:
             self._reject_before_body(req)
+    def _discard(self, data: bytes) -> None:
+        """The body of a refused request: count it and drop it."""
+        self._linger_bytes += len(data)
+        if self._linger_bytes > LINGER_BYTES:
+            if self._lingering:
+                if self._linger_call is not None:
+                    self._linger_call.cancel()
+                self._stop_lingering()
+            else:
+                # The answer is not written yet: stop reading until it is.
+                self._pause(DISCARD)
+
+    def requestDone(self, request: Any) -> None:
+        # The body is over, whatever path it took (the last batch may have been
+        # written and committed in one disk job that never resumed the body):
+        # its pauses end with it.  Twisted restores the idle timer it saved.
+        self._idle_stopped = False
+        self._resume(DISK)
+        self._resume(ADMISSION)
+        if self.persistent:
+            if self._buffer or any(self._dataBuffer):
+                self._arm_head_deadline()  # the next request's head is already here
+            else:
+                self._head_pending = True
+        super().requestDone(request)
 
     def loseConnection(self) -> None:
         if not self._rejected_early or self._lingering or self.requests or self.transport is None:
             return super().loseConnection()
+        if self._linger_bytes > LINGER_BYTES:
+            return super().loseConnection()
         # The response to an early rejection is written; the client may still
         # be sending its body.  Half-close and discard what comes for a little
         # while so the client reads our status instead of a reset.
-        self._lingering = True
         self._networkProducer.unregisterProducer()
-        self.transport.resumeProducing()
+        self._lingering = True
+        # Whatever paused the socket, the discard must read it now.
+        if self._pauses:
+            self._pauses.clear()
+            self.transport.resumeProducing()
         self.setTimeout(None)
         clock: IReactorTime = self.site.reactor if self.site is not None else None
         if hasattr(self.transport, "loseWriteConnection"):
@@ -332,36 +629,13 @@ class StreamingChannel(http.HTTPChannel):
         if self.transport is not None:
             self.transport.loseConnection()
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._lingering:
-            self._linger_bytes += len(data)
-            if self._linger_bytes > LINGER_BYTES:
-                if self._linger_call is not None:
-                    self._linger_call.cancel()
-                self._stop_lingering()
-            return
-        super().dataReceived(data)
-
     def connectionLost(self, reason: Any) -> None:
+        self._release_client_slot()
+        self._cancel_head_deadline()
         if self._linger_call is not None:
             self._linger_call.cancel()
             self._linger_call = None
         super().connectionLost(reason)
-
-    # Flow control used by body consumers: stop reading while the disk lags,
-    # and do not count that pause against the client's idle timeout.
-
-    def pause_body(self) -> None:
-        """Stop reading the socket until ``resume_body``."""
-        if self.transport is not None:
-            self.transport.pauseProducing()
-            self.setTimeout(None)
-
-    def resume_body(self) -> None:
-        """Read the socket again and restart the client's idle timeout."""
-        if self.transport is not None:
-            self.transport.resumeProducing()
-            self.setTimeout(self.timeOut)
 
 
 class StreamingSite(server.Site):
@@ -381,6 +655,14 @@ class StreamingSite(server.Site):
     #: called with each request at header time, before the body policy; the
     #: first Rejection returned wins (bans, tombstones: "before any other work")
     admission_checks: list[Callable[[StreamingRequest], Rejection | None]]
+    #: seconds from a request head's first byte to its end (0: no deadline)
+    header_timeout: float = 0.0
+    #: open connections allowed per client (0: unlimited), counted by
+    #: ``connection_key``: None for a peer that is not counted
+    max_connections_per_client: int = 0
+    connection_key: Callable[[Any], str | None]
+    #: open connections by ``connection_key``
+    connections_by_client: dict[str, int]
 
     def __init__(
         self,
@@ -391,11 +673,18 @@ class StreamingSite(server.Site):
         read_timeout: float = 120.0,
         read_size: int = 65536,
         access_log: Any = None,
+        header_timeout: float = 0.0,
+        max_connections_per_client: int = 0,
+        connection_key: Callable[[Any], str | None] | None = None,
     ) -> None:
         super().__init__(resource, timeout=read_timeout, reactor=reactor)
         self.body_policy = body_policy
         self.read_size = read_size
         self.admission_checks = []
+        self.header_timeout = header_timeout
+        self.max_connections_per_client = max_connections_per_client
+        self.connection_key = connection_key or ClientAddressResolver(()).connection_key
+        self.connections_by_client = {}
         self._access_log = access_log
         self.displayTracebacks = False
 

@@ -244,6 +244,9 @@ def build_site(
         read_timeout=config.read_timeout,
         read_size=config.buffer_size,
         access_log=make_access_logger(resolver) if config.log_access else None,
+        header_timeout=config.header_timeout,
+        max_connections_per_client=config.max_connections_per_client,
+        connection_key=resolver.connection_key,
     )
     site.metrics = metrics
     site.store = store  # type: ignore[attr-defined]

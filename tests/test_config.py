@@ -474,6 +474,8 @@ class DefaultsTests(ConfigTestCase):
             "resume_ttl": 600.0,
             "read_timeout": 120.0,
             "write_timeout": 120.0,
+            "header_timeout": 30.0,
+            "max_connections_per_client": 64,
             "buffer_size": 65536,
             "max_upload_size": 0,
             "min_free_bytes": 100 * 1024**2,
@@ -509,7 +511,7 @@ class DefaultsTests(ConfigTestCase):
     def test_known_keys(self) -> None:
         """KNOWN_KEYS lists every current key once, and none of the obsolete ones."""
         self.assertEqual(len(KNOWN_KEYS), len(set(KNOWN_KEYS)))
-        self.assertEqual(len(KNOWN_KEYS), 51)
+        self.assertEqual(len(KNOWN_KEYS), 53)
         self.assertEqual(set(KNOWN_KEYS) & set(OBSOLETE_KEYS), set())
         self.assertIn("TrustedProxies", KNOWN_KEYS)
 
@@ -564,6 +566,8 @@ BAD_VALUES: dict[str, tuple[object, str]] = {
     "ResumeTTL": ("0s", "'0s'"),
     "ReadTimeout": (0, "0"),
     "WriteTimeout": ("0s", "'0s'"),
+    "HeaderTimeout": ("-1s", "'-1s'"),
+    "MaxConnectionsPerClient": (-1, "-1"),
     "BufferSize": ("1KiB", "'1KiB'"),
     "MaxUploadSize": (-1, "-1"),
     "MinFreeBytes": (1.5, "1.5"),
