@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import http.client
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ from urllib.parse import quote
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from hmacfs.auth import sign_slot
-from hmacfs.testing import SECRET, free_port, in_ci, v1_mac
+from hmacfs.testing import SECRET, free_port, in_ci, v1_mac, wait_for
 
 VENV_BIN = Path(sys.executable).parent
 TWISTD = str(VENV_BIN / "twistd")
@@ -408,6 +409,80 @@ class TCPDaemonTests(SynchronousTestCase):
             self.assertTrue(answer.startswith(b"HTTP/1.1 201 "), answer)
         finally:
             sock.close()
+
+    def http_connection(self) -> http.client.HTTPConnection:
+        """An http.client connection to the daemon, over TCP or its UNIX socket."""
+        daemon = self.daemon
+
+        class Connection(http.client.HTTPConnection):
+            def connect(self) -> None:
+                self.sock = daemon.raw_connect()
+                self.sock.settimeout(30)
+
+        return Connection("localhost", timeout=30)
+
+    def session_offset(self, path: str, token: str) -> int | None:
+        """The Upload-Offset a HEAD with the session token reports, or None."""
+        connection = self.http_connection()
+        try:
+            connection.request("HEAD", path, headers={"X-Session-Token": token})
+            response = connection.getresponse()
+            response.read()
+            value = response.getheader("Upload-Offset")
+            return int(value) if value is not None else None
+        finally:
+            connection.close()
+
+    def test_early_409_reaches_a_client_that_sends_the_whole_body_first(self) -> None:
+        """
+        Issue 9 defect 2: an 8 MiB upload cut after 3 MiB, then a resume of the
+        rest at the wrong offset sent whole before reading (as http.client,
+        requests and many mobile stacks do).  The client reads the 409 with the
+        Upload-Offset, every time, six times on one server (the discard keeps
+        reading instead of stalling into EPIPE).
+        """
+        total = 8 * 1024 * 1024
+        sent = 3 * 1024 * 1024
+        body = os.urandom(total)
+        for attempt in range(6):
+            slot = f"{uuid.uuid4()}/early.bin"
+            token = f"early-{attempt}-{uuid.uuid4().hex}"
+            path = f"/upload/{quote(slot)}?v={v1_mac(slot, total)}"
+            sock = self.daemon.raw_connect()
+            try:
+                sock.sendall(
+                    f"PUT {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {total}\r\n"
+                    f"X-Session-Token: {token}\r\n\r\n".encode() + body[:sent]
+                )
+            finally:
+                sock.close()
+            # What reached the disk before the server saw the close (queued
+            # chunks are dropped), once the server has let go of the upload.
+            seen: list[int | None] = [None]
+
+            def settled() -> bool:
+                before, seen[0] = seen[0], self.session_offset(path, token)
+                return seen[0] is not None and seen[0] == before
+
+            self.assertTrue(wait_for(settled, interval=0.2), (attempt, seen))
+            offset = seen[0]
+            assert offset is not None
+            start = offset + 1
+            connection = self.http_connection()
+            try:
+                connection.request(
+                    "PUT", path, body=body[start:],
+                    headers={
+                        "Content-Range": f"bytes {start}-{total - 1}/{total}",
+                        "X-Session-Token": token,
+                    },
+                )
+                response = connection.getresponse()
+                response.read()
+            finally:
+                connection.close()
+            self.assertEqual(response.status, 409, attempt)
+            self.assertEqual(response.getheader("Upload-Offset"), str(offset), attempt)
 
     def test_access_log_has_no_mac(self) -> None:
         """The access log names method, path and status but never the query (the MAC)."""
