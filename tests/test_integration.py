@@ -646,6 +646,58 @@ class SignalTests(SynchronousTestCase):
         self.assertEqual(put(b"never-the-secret-0123456789"), 403)
 
 
+class SlowClientTests(SynchronousTestCase):
+    """HeaderTimeout and MaxConnectionsPerClient on the real daemon (issue 9 defect 11)."""
+
+    def test_head_deadline_and_connection_cap(self) -> None:
+        """
+        With MaxConnectionsPerClient = 3, a fourth connection from 127.0.0.1 (not a
+        trusted proxy here) gets 429 and closing one frees a slot; a head trickled
+        past HeaderTimeout gets 408.
+        """
+        daemon = Daemon(
+            extra='NumCores = 1\nHeaderTimeout = "1s"\nMaxConnectionsPerClient = 3\nTrustedProxies = []\n'
+        )
+        self.addCleanup(daemon.stop)
+        options = b"OPTIONS /upload/a/b HTTP/1.1\r\nHost: x\r\n\r\n"
+
+        def keep_alive() -> socket.socket:
+            sock = daemon.raw_connect()
+            sock.sendall(options)
+            self.assertIn(b" 204 ", sock.recv(4096))
+            return sock
+
+        open_sockets = [keep_alive() for _ in range(3)]
+        self.addCleanup(lambda: [sock.close() for sock in open_sockets])
+        extra = daemon.raw_connect()
+        answer = extra.recv(4096)
+        extra.close()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 429 "), answer)
+        open_sockets.pop().close()
+
+        def slot_free() -> bool:
+            try:
+                open_sockets.append(keep_alive())
+                return True
+            except (AssertionError, OSError):
+                return False
+
+        self.assertTrue(wait_for(slot_free))
+        while open_sockets:
+            open_sockets.pop().close()
+
+        # A byte every 0.2 s (well within ReadTimeout) for a while, then waiting.
+        sock = daemon.raw_connect()
+        try:
+            for byte in b"PUT":
+                sock.sendall(bytes([byte]))
+                time.sleep(0.2)
+            answer = sock.recv(4096)
+        finally:
+            sock.close()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+
+
 class IPv6DaemonTests(SynchronousTestCase):
     """The daemon listens on IPv6 loopback ("[::1]:port") too."""
 
