@@ -12,7 +12,6 @@ import inspect
 import itertools
 import os
 from pathlib import Path
-from typing import Any
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -25,8 +24,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http
 
 from hmacfs import request as channel_module
-from hmacfs.request import ADMISSION, DISK, LINGER_SECONDS, TWISTED, StreamingChannel
-from hmacfs.testing import ManualRunner, SiteHarness, make_config, put_head, status_of, header_value, v1_mac
+from hmacfs.request import ADMISSION, LINGER_BYTES, LINGER_SECONDS, TWISTED, StreamingChannel
+from hmacfs.testing import ManualRunner, SiteHarness, header_value, make_config, put_head, status_of
 from tests.test_resume import TOKEN, HeldState, head
 
 UUID = "3d6f0c9e-7a41-4c2b-9e8d-5f1a2b3c4d5e"
@@ -293,6 +292,19 @@ class EarlyAnswerTests(ChannelTestsMixin, SynchronousTestCase):
         self.assertTrue(transport.write_closed)
         self.assertFalse(transport.disconnecting)
         self.clock.advance(LINGER_SECONDS)
+        self.assertTrue(transport.disconnecting)
+
+    def test_discard_is_bounded(self) -> None:
+        """The discard reads at most LINGER_BYTES, then closes."""
+        protocol, transport = self.connect()
+        size = LINGER_BYTES + 2 * 65536
+        protocol.dataReceived(put_head(f"{UUID}/big.bin", size, mac="1" * 64) + b"z" * 20_000)
+        chunk = b"z" * 65536
+        sent = 20_000
+        while sent <= LINGER_BYTES:
+            self.assertFalse(transport.disconnecting)
+            protocol.dataReceived(chunk)
+            sent += len(chunk)
         self.assertTrue(transport.disconnecting)
 
     def test_refused_body_never_parsed_even_in_the_same_read(self) -> None:
