@@ -9,8 +9,8 @@ request line and headers alone, before reading a byte of the body, and then
 stream the body to disk.  This module is the only place that touches Twisted
 internals to make that possible (``HTTPChannel.allHeadersReceived``,
 ``Request.gotLength`` and the names in ``TWISTED_INTERNALS``); it is pinned to
-the Twisted versions in ``SUPPORTED_TWISTED`` and tests.test_request checks
-each internal against the installed Twisted.
+the Twisted versions in ``SUPPORTED_TWISTED`` (checked at import) and
+tests.test_twisted_internals pins each internal against the tested releases.
 
 The channel is the one owner of its socket's reading.  The disk lagging
 (``pause_body``), an admission decision waiting for I/O and HTTPChannel's own
@@ -44,14 +44,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
-import hmacfs._twisted_compat  # noqa: F401 - refuses an unsupported Twisted
+from hmacfs._twisted_compat import SUPPORTED_TWISTED  # noqa: F401 - checks the installed Twisted at import
 from hmacfs.clientaddr import ClientAddressResolver
 from hmacfs.logs import log_router
 
 log = Logger(observer=log_router)
 
-#: Twisted releases whose HTTPChannel internals this module was checked against.
-SUPPORTED_TWISTED = ((24, 11), (26, 99))
 
 #: After an early rejection, how long (seconds) and how much (bytes) of an
 #: unwanted body we keep reading and discarding so that the client reads our

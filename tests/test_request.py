@@ -8,7 +8,6 @@ connection cap; and the Twisted internals the channel relies on.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import os
 from pathlib import Path
@@ -18,12 +17,9 @@ from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import StringTransport
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web import http
 
-from hmacfs import request as channel_module
 from hmacfs.request import ADMISSION, LINGER_BYTES, LINGER_SECONDS, TWISTED, StreamingChannel
 from hmacfs.testing import ManualRunner, SiteHarness, header_value, make_config, put_head, status_of
 from tests.test_resume import TOKEN, HeldState, head
@@ -532,69 +528,3 @@ class UnlimitedConnectionsTests(ChannelTestsMixin, SynchronousTestCase):
             _protocol, transport = self.connect("203.0.113.9", port)
             self.assertFalse(transport.disconnecting)
         self.assertEqual(self.harness.site.connections_by_client, {})
-
-
-class TwistedInternalsTests(SynchronousTestCase):
-    """
-    The HTTPChannel internals the channel relies on are there and behave as
-    assumed, so a Twisted upgrade that moves them fails here, not in production.
-    """
-
-    def test_internals_exist(self) -> None:
-        """Every name in TWISTED_INTERNALS is on a connected HTTPChannel."""
-        channel = http.HTTPChannel()
-        channel.makeConnection(StringTransport())
-        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x")
-        for name in channel_module.TWISTED_INTERNALS:
-            self.assertTrue(hasattr(channel, name), name)
-        self.assertIsInstance(channel._buffer, bytes)
-        self.assertIsInstance(channel._dataBuffer, list)
-        self.assertIsInstance(channel._handlingRequest, bool)
-
-    def test_network_producer_callers(self) -> None:
-        """
-        Twisted pauses and resumes the transport only through _networkProducer,
-        from these methods; the arbiter wraps that attribute.
-        """
-        callers = {
-            name
-            for name, method in inspect.getmembers(http.HTTPChannel, inspect.isfunction)
-            if "_networkProducer" in inspect.getsource(method)
-        }
-        self.assertEqual(
-            callers,
-            {"connectionMade", "rawDataReceived", "requestDone", "loseConnection",
-             "pauseProducing", "resumeProducing"},
-        )
-        for name in ("rawDataReceived", "requestDone", "pauseProducing", "resumeProducing",
-                     "allContentReceived", "_send100Continue", "allHeadersReceived"):
-            source = inspect.getsource(getattr(http.HTTPChannel, name))
-            self.assertNotIn("transport.pauseProducing", source, name)
-            self.assertNotIn("transport.resumeProducing", source, name)
-
-    def test_timeout_save_and_restore(self) -> None:
-        """
-        TimeoutMixin forgets the period on setTimeout(None), and HTTPChannel saves
-        it around a request being answered only while it is set (pause_body relies on both).
-        """
-        mixin = TimeoutMixin()
-        mixin.timeOut = 5
-        mixin.setTimeout(None)
-        self.assertIsNone(mixin.timeOut)
-        self.assertIn("if self.timeOut:", inspect.getsource(http.HTTPChannel.allContentReceived))
-        self.assertIn("self._savedTimeOut = self.setTimeout(None)",
-                      inspect.getsource(http.HTTPChannel.allContentReceived))
-        self.assertIn("self.setTimeout(self._savedTimeOut)", inspect.getsource(http.HTTPChannel.requestDone))
-
-    def test_content_length_parsing(self) -> None:
-        """Twisted's Content-Length parsing is the method overridden (it int()s the digits)."""
-        source = inspect.getsource(http.HTTPChannel._maybeChooseTransferDecoder)
-        self.assertIn('header == b"Content-Length"', source)
-        self.assertIn("int(data)", source)
-
-    def test_supported_version(self) -> None:
-        """The installed Twisted is in SUPPORTED_TWISTED."""
-        from twisted import version
-
-        low, high = channel_module.SUPPORTED_TWISTED
-        self.assertTrue(low <= (version.major, version.minor) <= high, version.short())
