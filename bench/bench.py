@@ -138,20 +138,45 @@ def tree_rss_bytes(root: int) -> int:
     return total
 
 
-class RssSampler:
-    """Samples the tree's RSS every 50 ms in a thread and keeps the peak."""
+def tree_pss_bytes(root: int) -> int:
+    """
+    Sum of Pss over the tree, from /proc/PID/smaps_rollup: a page shared by a
+    supervisor and its forked workers counts once in total, not once per process.
+    """
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Pss:"):
+                        total += int(line.split()[1]) * KiB
+                        break
+        except OSError:
+            pass
+    return total
 
-    def __init__(self, root: int, interval: float = 0.05) -> None:
+
+class RssSampler:
+    """Samples the tree's RSS (and with pss=True its PSS) every 50 ms in a thread; keeps peaks."""
+
+    def __init__(self, root: int, interval: float = 0.05, pss: bool = False) -> None:
         self.root = root
         self.interval = interval
+        self.pss = pss
         self.peak = tree_rss_bytes(root)
+        self.peak_pss = tree_pss_bytes(root) if pss else 0
         self.samples = 1
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
+    def _sample(self) -> None:
+        self.peak = max(self.peak, tree_rss_bytes(self.root))
+        if self.pss:
+            self.peak_pss = max(self.peak_pss, tree_pss_bytes(self.root))
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, tree_rss_bytes(self.root))
+            self._sample()
             self.samples += 1
 
     def __enter__(self) -> Self:
@@ -161,7 +186,7 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self.peak = max(self.peak, tree_rss_bytes(self.root))
+        self._sample()
 
 
 def listen_overflows() -> dict[str, int]:
@@ -371,10 +396,7 @@ class HmacfsServer(Server):
     name = "hmacfs"
 
     def command(self) -> tuple[list[str], dict[str, str], Path]:
-        venv = Path(self.options.venv)
-        if not venv.is_absolute():
-            venv = REPO / venv
-        twistd = venv / "bin" / "twistd"
+        twistd = venv_path(self.options) / "bin" / "twistd"
         missing = [
             str(p)
             for p in (
@@ -416,6 +438,52 @@ class HmacfsServer(Server):
         return [self.store / "upload" / a / b, self.store / a / b]
 
 
+def venv_path(options: argparse.Namespace) -> Path:
+    venv = Path(options.venv)
+    return venv if venv.is_absolute() else REPO / venv
+
+
+class PlainTwistedServer(Server):
+    """bench/plain_twisted.py on the venv's interpreter and Twisted: the floor of hmacfs's stack."""
+
+    name = "plain"
+
+    def command(self) -> tuple[list[str], dict[str, str], Path]:
+        python = venv_path(self.options) / "bin" / "python"
+        if not python.exists():
+            raise BenchError(f"plain twisted.web needs {python}")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # Twisted spools bodies over 100 kB to a temp file: keep it on the tmpfs too.
+        env["TMPDIR"] = str(self.workdir)
+        argv = [str(python), str(BENCH_DIR / "plain_twisted.py"), str(self.port), str(self.store)]
+        return argv, env, self.workdir / "plain.out"
+
+    def stored_candidates(self, a: str, b: str) -> list[Path]:
+        return [self.store / a / b]
+
+
+class ProsodyFilerServer(Server):
+    """prosody-filer (Go), built by `make bench-peers`; it checks Prosody's v1 HMAC in ?v=."""
+
+    name = "prosody-filer"
+
+    def command(self) -> tuple[list[str], dict[str, str], Path]:
+        binary = Path(self.options.prosody_filer)
+        config_path = self.workdir / "config.toml"
+        config_path.write_text(
+            "# written by bench/bench.py\n"
+            f"listenport = {toml_value(f'{LOOPBACK}:{self.port}')}\n"
+            f"secret = {toml_value(self.secret)}\n"
+            f"storeDir = {toml_value(str(self.store) + '/')}\n"
+            'uploadSubDir = "upload/"\n'
+        )
+        # It logs every request to stderr/stdout; the log file lives on the tmpfs.
+        return [str(binary), "-config", str(config_path)], dict(os.environ), self.workdir / "filer.out"
+
+    def stored_candidates(self, a: str, b: str) -> list[Path]:
+        return [self.store / a / b]
+
+
 def toml_value(value: object) -> str:
     """The few TOML scalars our config needs."""
     if isinstance(value, bool):
@@ -426,6 +494,42 @@ def toml_value(value: object) -> str:
 
 
 _STARTED: list[Server] = []
+
+SERVER_CLASSES: dict[str, type[Server]] = {
+    "hmacfs": HmacfsServer,
+    "nginx": NginxServer,
+    "plain": PlainTwistedServer,
+    "prosody-filer": ProsodyFilerServer,
+}
+DEFAULT_PROSODY_FILER = REPO / "bench-out" / "peers" / "prosody-filer"
+
+
+def parse_servers(options: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The servers to run, in SERVER_CLASSES order, and a line for each optional one skipped."""
+    spec = options.server.strip()
+    optional = spec == "all"
+    if spec == "all":
+        names = set(SERVER_CLASSES)
+    elif spec == "both":
+        names = {"hmacfs", "nginx"}
+    else:
+        names = {n.strip() for n in spec.split(",") if n.strip()}
+        unknown = names - set(SERVER_CLASSES)
+        if unknown or not names:
+            raise SystemExit(
+                f"--server: unknown {', '.join(sorted(unknown)) or '(empty)'}; "
+                f"choose from {', '.join(SERVER_CLASSES)}, all or both"
+            )
+    skipped = []
+    binary = Path(options.prosody_filer)
+    if "prosody-filer" in names and not os.access(binary, os.X_OK):
+        if not optional:
+            raise SystemExit(f"prosody-filer: {binary} is not built (run `make bench-peers`)")
+        names.discard("prosody-filer")
+        skipped.append(
+            f"prosody-filer: skipped, not built ({binary} missing; `make bench-peers` builds it)"
+        )
+    return [n for n in SERVER_CLASSES if n in names], skipped
 
 
 # --------------------------------------------------------------------------------------------
@@ -670,6 +774,20 @@ class Bench:
             "client_cpu_s": gen1 - gen0,
         }
 
+    # f. memory of the freshly started, idle deployment (every process of the server's tree)
+    def idle(self, server: Server, deadline: Deadline) -> dict[str, Any]:
+        rss, pss = [], []
+        for _ in range(5):
+            deadline.remaining()
+            rss.append(tree_rss_bytes(server.pid))
+            pss.append(tree_pss_bytes(server.pid))
+            time.sleep(0.2)
+        return {
+            "rss_mib": statistics.median(rss) / MiB,
+            "pss_mib": statistics.median(pss) / MiB,
+            "processes": len(tree_pids(server.pid)),
+        }
+
     # b. many 4 KiB PUTs through wrk, each signed URL used once
     def put_small(self, server: Server, run: int, deadline: Deadline) -> dict[str, Any]:
         n, size, conns = self.small_count, 4 * KiB, self.options.connections
@@ -726,6 +844,7 @@ class Bench:
             "p99_ms": summary["p99_us"] / 1000,
             "max_ms": summary["max_us"] / 1000,
             "server_cpu_s": cpu1 - cpu0,
+            "cpu_ms_per_req": (cpu1 - cpu0) * 1000 / n,
             "wrk_cpu_s": gen1 - gen0,
             "verified": checked,
         }
@@ -822,6 +941,7 @@ class Bench:
             "p50_ms": summary["p50_us"] / 1000,
             "p99_ms": summary["p99_us"] / 1000,
             "server_cpu_s": cpu1 - cpu0,
+            "cpu_ms_per_req": (cpu1 - cpu0) * 1000 / summary["requests"],
             "wrk_cpu_s": gen1 - gen0,
             "requests": summary["requests"],
         }
@@ -830,10 +950,10 @@ class Bench:
     def put_slow(self, server: Server, run: int, deadline: Deadline) -> dict[str, Any]:
         n, seconds = self.slow_count, self.slow_seconds
         a = f"slow-{self.token}-{run}"
-        rss0 = tree_rss_bytes(server.pid)
+        rss0, pss0 = tree_rss_bytes(server.pid), tree_pss_bytes(server.pid)
         cpu0, self0 = tree_cpu_seconds(server.pid), self_cpu_seconds()
         net0 = listen_overflows()
-        with RssSampler(server.pid) as sampler:
+        with RssSampler(server.pid, pss=True) as sampler:
             statuses, errors, elapsed = trickle_uploads(
                 server, a, n, MiB, seconds, self.slow_pattern, deadline
             )
@@ -843,7 +963,9 @@ class Bench:
         result = {
             "ok": ok,
             "peak_rss_mib": sampler.peak / MiB,
+            "peak_pss_mib": sampler.peak_pss / MiB,
             "rss_before_mib": rss0 / MiB,
+            "pss_before_mib": pss0 / MiB,
             "rss_added_mib": (sampler.peak - rss0) / MiB,
             "seconds": elapsed,
             "server_cpu_s": cpu1 - cpu0,
@@ -1073,18 +1195,62 @@ def trickle_uploads(
 
 
 ROWS: list[tuple[str, str, str, str, str]] = [
-    # (workload, metric, label template, better, target for hmacfs)
+    # (workload, metric, label template, better, target for hmacfs; "a | b": the first
+    # alternative whose peer has a figure, as issue 12 words its targets)
     ("put_big", "mib_s", "{big} PUT (curl -T): MiB/s", "higher", ""),
-    ("put_big", "cpu_s_per_gib", "{big} PUT: server CPU s per GiB", "lower", "<= 1.0"),
+    (
+        "put_big",
+        "cpu_s_per_gib",
+        "{big} PUT: server CPU s per GiB",
+        "lower",
+        "<= 1.2 x prosody-filer | <= 0.85 x nginx",
+    ),
     ("put_big", "rss_added_mib", "{big} PUT: RSS added MiB", "lower", "<= 5"),
-    ("put_small", "rps", "{small} x 4 KiB PUTs, {conns} conns: req/s", "higher", ">= 16000"),
+    (
+        "put_small",
+        "rps",
+        "{small} x 4 KiB PUTs, {conns} conns: req/s",
+        "higher",
+        ">= 1.0 x prosody-filer | >= 2 x plain",
+    ),
+    (
+        "put_small",
+        "cpu_ms_per_req",
+        "4 KiB PUT: server CPU ms per request",
+        "lower",
+        "<= 1.5 x plain",
+    ),
     ("put_small", "p50_ms", "4 KiB PUTs: p50 latency ms", "lower", ""),
-    ("put_small", "p99_ms", "4 KiB PUTs: p99 latency ms", "lower", "<= 25"),
-    ("get_big", "mib_s", "{big} GET (curl): MiB/s", "higher", ">= 0.8 x nginx"),
-    ("get_small", "rps", "64 KiB GETs, {conns} conns, {get_s} s: req/s", "higher", ">= 31000"),
-    ("put_slow", "peak_rss_mib", "{slow} slow 1 MiB PUTs: server peak RSS MiB", "lower", "<= 40"),
+    ("put_small", "p99_ms", "4 KiB PUTs: p99 latency ms", "lower", ""),
+    ("get_big", "mib_s", "{big} GET (curl): MiB/s", "higher", ">= 0.9 x nginx"),
+    (
+        "get_small",
+        "rps",
+        "64 KiB GETs, {conns} conns, {get_s} s: req/s",
+        "higher",
+        ">= 1.0 x prosody-filer",
+    ),
+    ("get_small", "cpu_ms_per_req", "64 KiB GET: server CPU ms per request", "lower", ""),
+    ("get_small", "p99_ms", "64 KiB GETs: p99 latency ms", "lower", "<= 2 x plain"),
+    (
+        "put_slow",
+        "peak_pss_mib",
+        "{slow} slow 1 MiB PUTs: server peak PSS MiB",
+        "lower",
+        "<= 100",
+    ),
+    ("put_slow", "peak_rss_mib", "{slow} slow 1 MiB PUTs: server peak RSS MiB", "lower", ""),
     ("put_slow", "ok", "{slow} slow 1 MiB PUTs: stored", "higher", "= {slow}"),
+    ("idle", "pss_mib", "idle, whole deployment: PSS MiB", "lower", "<= 60"),
+    ("idle", "rss_mib", "idle, whole deployment: RSS MiB", "lower", ""),
 ]
+
+# The peers, in table order, with their column titles.
+PEERS = {"nginx": "nginx", "plain": "plain twisted.web", "prosody-filer": "prosody-filer"}
+RATIO_TITLES = {"nginx": "h/nginx", "plain": "h/plain", "prosody-filer": "h/filer"}
+# Cells with a figure that is not comparable with hmacfs's (no ratio, marked with a dagger):
+# the plain server has Twisted spool the whole body to a temp file before it stores it.
+NOT_COMPARABLE = {("plain", "put_big"): "plain twisted.web spools the body to a temp file first"}
 
 
 def aggregate(runs: list[dict[str, Any]], metric: str) -> tuple[float | None, str | None]:
@@ -1100,17 +1266,27 @@ def aggregate(runs: list[dict[str, Any]], metric: str) -> tuple[float | None, st
     return statistics.median(values), None
 
 
-def meets(target: str, value: float | None, nginx: float | None) -> str:
+def choose_target(target: str, refs: dict[str, float | None]) -> str:
+    """The first alternative of "a | b" whose peer has a figure (or that names no peer)."""
+    for alt in (t.strip() for t in target.split("|")):
+        m = re.search(r" x ([a-z-]+)$", alt)
+        if m is None or refs.get(m.group(1)) is not None:
+            return alt
+    return ""
+
+
+def meets(target: str, value: float | None, refs: dict[str, float | None]) -> str:
     if value is None or not target:
         return ""
-    m = re.match(r"(<=|>=|=) ([\d.]+)( x nginx)?$", target)
+    m = re.match(r"(<=|>=|=) ([\d.]+)(?: x ([a-z-]+))?$", target)
     if not m:
         return ""
     op, bound = m.group(1), float(m.group(2))
     if m.group(3):
-        if nginx is None:
+        ref = refs.get(m.group(3))
+        if ref is None:
             return ""
-        bound *= nginx
+        bound *= ref
     ok = {"<=": value <= bound, ">=": value >= bound, "=": value == bound}[op]
     return "ok" if ok else "MISS"
 
@@ -1125,8 +1301,24 @@ def fmt(value: float | None) -> str:
     return f"{value:.2f}"
 
 
+def server_figure(
+    results: dict[str, dict[str, list[dict[str, Any]]]], server: str, workload: str, metric: str
+) -> tuple[float | None, str | None]:
+    value, error = aggregate(results.get(server, {}).get(workload, []), metric)
+    if workload == "put_slow" and metric == "ok" and error:
+        # The count is the point of this row: show it even when some uploads failed.
+        runs = results.get(server, {}).get(workload, [])
+        counts = [r.get("ok") for r in runs if isinstance(r.get("ok"), int)]
+        if counts:
+            value = float(min(counts))
+    return value, error
+
+
 def build_rows(
-    bench: Bench, results: dict[str, dict[str, list[dict[str, Any]]]]
+    bench: Bench,
+    results: dict[str, dict[str, list[dict[str, Any]]]],
+    servers: list[str],
+    rows_spec: list[tuple[str, str, str, str, str]] = ROWS,
 ) -> list[dict[str, Any]]:
     names = {
         "big": f"{bench.big_size // MiB} MiB"
@@ -1138,7 +1330,7 @@ def build_rows(
         "slow": bench.slow_count,
     }
     rows = []
-    for workload, metric, label, better, target in ROWS:
+    for workload, metric, label, better, target in rows_spec:
         if workload not in bench.only:
             continue
         row: dict[str, Any] = {
@@ -1146,58 +1338,123 @@ def build_rows(
             "metric": metric,
             "label": label.format(**names),
             "better": better,
-            "target": target.format(**names),
         }
-        for server in ("hmacfs", "nginx"):
-            value, error = aggregate(results.get(server, {}).get(workload, []), metric)
-            if workload == "put_slow" and metric == "ok" and error:
-                # The count is the point of this row: show it even when some uploads failed.
-                runs = results.get(server, {}).get(workload, [])
-                counts = [r.get("ok") for r in runs if isinstance(r.get("ok"), int)]
-                if counts:
-                    value = float(min(counts))
-            row[server] = value
-            row[f"{server}_error"] = error
-        h, x = row["hmacfs"], row["nginx"]
-        row["ratio"] = h / x if h is not None and x else None
-        row["meets_target"] = meets(row["target"], h, x)
+        for server in servers:
+            row[server], row[f"{server}_error"] = server_figure(results, server, workload, metric)
+        h = row.get("hmacfs")
+        refs: dict[str, float | None] = {}
+        for peer in servers:
+            if peer == "hmacfs" or (peer, workload) in NOT_COMPARABLE:
+                continue
+            x = row[peer] if not row[f"{peer}_error"] else None
+            refs[peer] = x
+            row[f"ratio_{peer}"] = h / x if h is not None and x else None
+        row["ratio"] = row.get("ratio_nginx")  # hmacfs/nginx, as before the other peers
+        row["target"] = choose_target(target.format(**names), refs)
+        row["meets_target"] = meets(row["target"], h, refs)
         rows.append(row)
     return rows
 
 
-def render_table(rows: list[dict[str, Any]], servers: list[str]) -> str:
-    def cell(row: dict[str, Any], server: str) -> str:
-        if server not in servers:
-            return "(not run)"
-        if row[server] is not None and not row[f"{server}_error"]:
-            return fmt(row[server])
-        err = row[f"{server}_error"] or "?"
-        shown = fmt(row[server]) + " " if row[server] is not None else ""
-        return f"{shown}FAIL: {err.splitlines()[0][:60]}"
-
-    header = ["workload", "hmacfs", "nginx", "ratio h/n", "better", "hmacfs target"]
-    lines = [header]
-    for row in rows:
-        target = row["target"]
-        if target and row["meets_target"]:
-            target += f" ({row['meets_target']})"
-        lines.append(
-            [
-                row["label"],
-                cell(row, "hmacfs"),
-                cell(row, "nginx"),
-                f"{row['ratio']:.2f}" if row["ratio"] is not None else "-",
-                f"{row['better']} is better",
-                target,
-            ]
-        )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+def markdown(lines: list[list[str]]) -> str:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     out = []
     for k, line in enumerate(lines):
         out.append("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |")
         if k == 0:
             out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(out)
+
+
+def cell(row: dict[str, Any], server: str) -> str:
+    if server not in row:
+        return "(not run)"
+    mark = " †" if (server, row["workload"]) in NOT_COMPARABLE else ""
+    if row[server] is not None and not row[f"{server}_error"]:
+        return fmt(row[server]) + mark
+    err = row[f"{server}_error"] or "?"
+    shown = fmt(row[server]) + " " if row[server] is not None else ""
+    return f"{shown}FAIL: {err.splitlines()[0][:60]}"
+
+
+def ratio_cell(row: dict[str, Any], peer: str) -> str:
+    if (peer, row["workload"]) in NOT_COMPARABLE:
+        return "—"
+    ratio = row.get(f"ratio_{peer}")
+    return f"{ratio:.2f}" if ratio is not None else "-"
+
+
+def render_table(rows: list[dict[str, Any]], servers: list[str], hmacfs_title: str) -> str:
+    peers = [p for p in PEERS if p in servers]
+    header = ["workload", hmacfs_title]
+    for peer in peers:
+        header += [PEERS[peer], RATIO_TITLES[peer]]
+    header += ["better", "hmacfs target"]
+    lines = [header]
+    for row in rows:
+        target = row["target"]
+        if target and row["meets_target"]:
+            target += f" ({row['meets_target']})"
+        line = [row["label"], cell(row, "hmacfs")]
+        for peer in peers:
+            line += [cell(row, peer), ratio_cell(row, peer)]
+        lines.append(line + [f"{row['better']} is better", target])
+    return markdown(lines)
+
+
+# Single process against single process: hmacfs with NumCores=1 (and NumCores=auto beside it)
+# against the plain twisted.web server, which is always one process.
+SINGLE_ROWS: list[tuple[str, str, str, str, str]] = [
+    ("put_small", "rps", "4 KiB PUTs: req/s", "higher", ""),
+    ("put_small", "cpu_ms_per_req", "4 KiB PUT: server CPU ms per request", "lower", "<= 1.5"),
+    ("get_small", "rps", "64 KiB GETs: req/s", "higher", ">= 1.0"),
+    ("get_small", "cpu_ms_per_req", "64 KiB GET: server CPU ms per request", "lower", ""),
+    ("get_small", "p99_ms", "64 KiB GETs: p99 latency ms", "lower", "<= 2"),
+    ("idle", "pss_mib", "idle, whole deployment: PSS MiB", "lower", "<= 40 MiB"),
+    ("idle", "rss_mib", "idle, whole deployment: RSS MiB", "lower", ""),
+]
+
+
+def render_single_table(
+    bench: Bench, results: dict[str, dict[str, list[dict[str, Any]]]], variants: dict[str, str]
+) -> tuple[str, list[dict[str, Any]]]:
+    """
+    variants maps a NumCores value ("1", "auto", ...) to the results key of that hmacfs.
+    The ratio column is NumCores=1 over the plain server; its target is the issue 12 one.
+    """
+    order = sorted(variants, key=lambda c: (c != "auto", c))
+    header = ["workload", *(f"hmacfs NumCores={c}" for c in order), "plain twisted.web"]
+    header += ["ratio h1/plain", "target (NumCores=1)"]
+    lines, data = [header], []
+    for workload, metric, label, better, target in SINGLE_ROWS:
+        if workload not in bench.only:
+            continue
+        figures = {c: server_figure(results, variants[c], workload, metric) for c in order}
+        plain, plain_error = server_figure(results, "plain", workload, metric)
+        one, one_error = figures.get("1", (None, "not run"))
+        ratio = None
+        if one is not None and not one_error and plain and not plain_error:
+            ratio = one / plain
+        verdict = ""
+        if target.endswith("MiB") and one is not None and not one_error:
+            verdict = "ok" if one <= float(target.split()[1]) else "MISS"
+        elif target and ratio is not None:
+            verdict = meets(target, ratio, {}) or ""
+        shown = [fmt(v) if not e else "FAIL" for v, e in figures.values()]
+        lines.append(
+            [
+                label,
+                *shown,
+                fmt(plain) if not plain_error else "FAIL",
+                f"{ratio:.2f}" if ratio is not None else "-",
+                f"{target} ({verdict})" if verdict else target,
+            ]
+        )
+        data.append(
+            {"workload": workload, "metric": metric, "hmacfs": {c: v for c, (v, _) in figures.items()},
+             "plain": plain, "ratio_1_over_plain": ratio, "target": target, "meets": verdict}
+        )
+    return markdown(lines), data
 
 
 # --------------------------------------------------------------------------------------------
@@ -1218,7 +1475,7 @@ def run_workload(
     elif not server.alive():
         entry = {"error": "server is not running (crashed earlier)"}
     else:
-        label = f"[{time.strftime('%H:%M:%S')}] {server.name:6} {workload:9} run {len(slot) + 1}"
+        label = f"[{time.strftime('%H:%M:%S')}] {server.name:13} {workload:9} run {len(slot) + 1}"
         print(label + " ...", end="", flush=True)
         try:
             entry = fn(Deadline(bench.options.timeout))
@@ -1397,7 +1654,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="smoke check: 256 MiB, 1 run, 500 small PUTs, 5 s GET load, 100 slow uploads over 5 s",
     )
-    parser.add_argument("--server", choices=("hmacfs", "nginx", "both"), default="both")
+    parser.add_argument(
+        "--server",
+        default="all",
+        help="comma-separated servers out of hmacfs,nginx,plain,prosody-filer; "
+        '"all" (the default: prosody-filer only if built) or "both" (hmacfs,nginx)',
+    )
+    parser.add_argument(
+        "--prosody-filer",
+        default=str(DEFAULT_PROSODY_FILER),
+        help="the prosody-filer binary `make bench-peers` builds (default bench-out/peers/)",
+    )
     parser.add_argument(
         "--venv", default=".venv", help="virtualenv holding twistd (relative to the repo root)"
     )
@@ -1425,7 +1692,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--no-scaling", action="store_true",
-        help="skip the second hmacfs (the other NumCores) used to show worker scaling",
+        help="skip the second hmacfs (the other NumCores, run beside the first on put_small, "
+        "get_small and idle) that shows worker scaling and single-process figures",
     )
     parser.add_argument(
         "--small-puts", type=int, help="number of 4 KiB PUTs (default 2000, quick 500)"
@@ -1439,7 +1707,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        default="put_big,get_big,put_small,get_small,put_slow",
+        default="put_big,get_big,put_small,get_small,put_slow,idle",
         help="comma-separated workloads to run",
     )
     parser.add_argument(
@@ -1451,7 +1719,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "bench-out" / "results.json"))
     options = parser.parse_args(argv)
 
-    servers_wanted = ["hmacfs", "nginx"] if options.server == "both" else [options.server]
+    servers_wanted, skipped = parse_servers(options)
+    for line in skipped:
+        print(line, flush=True)
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
     started_at = datetime.datetime.now(datetime.UTC).astimezone()
     ensure_tools(need_nginx="nginx" in servers_wanted)
@@ -1470,6 +1740,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp_root = Path(tempfile.gettempdir())
     tmp = Path(tempfile.mkdtemp(prefix="hmacfs-bench-", dir=tmp_root))
     servers: list[Server] = []
+    with_alt: list[Server] = []
 
     def cleanup() -> None:
         for s in _STARTED:
@@ -1489,7 +1760,6 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, interrupted)
 
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    scaling_results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     resume_results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     resume_cost: dict[str, Any] = {}
     scaling_cores: dict[str, Any] = {}
@@ -1522,8 +1792,17 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         for name in servers_wanted:
-            cls = HmacfsServer if name == "hmacfs" else NginxServer
-            servers.append(cls(tmp / name, secret, options))
+            servers.append(SERVER_CLASSES[name](tmp / name, secret, options))
+        alt: Server | None = None
+        if only & {"put_small", "get_small", "idle"} and "hmacfs" in servers_wanted and not options.no_scaling:
+            # The other NumCores setting (1 vs all cores) in the same run, interleaved with
+            # the others: worker scaling, and hmacfs single process against the plain server.
+            alt_cores = 1 if options.hmacfs_cores != 1 else "auto"
+            alt = HmacfsServer(tmp / "hmacfs-alt", secret, argparse.Namespace(
+                **{**vars(options), "hmacfs_cores": alt_cores}))
+            alt.name = "hmacfs-alt"
+            scaling_cores = {"main": options.hmacfs_cores, "alt": alt_cores}
+        with_alt = servers + ([alt] if alt else [])
         print(
             f"{command}\n{started_at:%Y-%m-%d %H:%M:%S %z}; temp dir {tmp}; "
             f"{bench.runs} run(s) per repeated workload"
@@ -1533,12 +1812,16 @@ def main(argv: list[str] | None = None) -> int:
             bench.big = BigFile(tmp / "big.bin", bench.big_size)
             print(f"test file {bench.big_size // MiB} MiB written in {time.monotonic() - t0:.1f} s")
         warm_up_memory(tmp, 2 * bench.big_size if only & {"put_big", "get_big"} else GiB // 4)
-        for s in servers:
+        for s in with_alt:
             start_server(s)
+        if "idle" in only:
+            # Fresh and settled, before any request: the deployment's resting footprint.
+            for s in with_alt:
+                run_workload(bench, results, s, "idle", lambda d, s=s: bench.idle(s, d))
 
-        def order(run: int) -> list[Server]:
-            # Alternate who goes first, so neither server always meets a cold cache or page pool.
-            return servers if run % 2 == 0 else servers[::-1]
+        def order(run: int, among: list[Server] = servers) -> list[Server]:
+            # Alternate who goes first, so no server always meets a cold cache or page pool.
+            return among if run % 2 == 0 else among[::-1]
 
         for run in range(bench.runs):
             if "put_big" in only:
@@ -1570,7 +1853,7 @@ def main(argv: list[str] | None = None) -> int:
             resume_cost = measure_resume_cost(bench, tmp, secret, options, resume_results)
         for run in range(bench.runs):
             if "put_small" in only:
-                for s in order(run):
+                for s in order(run, with_alt):
                     run_workload(
                         bench,
                         results,
@@ -1578,24 +1861,9 @@ def main(argv: list[str] | None = None) -> int:
                         "put_small",
                         lambda d, s=s, run=run: bench.put_small(s, run, d),
                     )
-        if "put_small" in only and "hmacfs" in servers_wanted and not options.no_scaling:
-            # The scaling of worker processes: the same small-PUT workload on an hmacfs
-            # with the other NumCores setting (1 vs all cores), in this same run.
-            alt_cores = 1 if options.hmacfs_cores != 1 else "auto"
-            alt = HmacfsServer(tmp / "hmacfs-alt", secret, argparse.Namespace(
-                **{**vars(options), "hmacfs_cores": alt_cores}))
-            alt.name = "hmacfs-alt"
-            start_server(alt)
-            try:
-                for run in range(bench.runs):
-                    run_workload(bench, scaling_results, alt, "put_small",
-                                 lambda d, run=run: bench.put_small(alt, run, d))
-            finally:
-                alt.stop()
-            scaling_cores = {"main": options.hmacfs_cores, "alt": alt_cores}
         for run in range(bench.runs):
             if "get_small" in only:
-                for s in order(run):
+                for s in order(run, with_alt):
                     run_workload(
                         bench,
                         results,
@@ -1603,6 +1871,8 @@ def main(argv: list[str] | None = None) -> int:
                         "get_small",
                         lambda d, s=s, run=run: bench.get_small(s, run, d),
                     )
+        if alt is not None:
+            alt.stop()
         if "put_slow" in only:
             # Fresh processes: the peak reflects this workload, not what earlier ones left behind.
             for s in servers:
@@ -1611,12 +1881,12 @@ def main(argv: list[str] | None = None) -> int:
             for s in servers:
                 run_workload(bench, results, s, "put_slow", lambda d, s=s: bench.put_slow(s, 0, d))
     finally:
-        for s in servers:
+        for s in with_alt:
             s.stop()
-        keep_logs(servers, Path(options.out).parent / "logs")
+        keep_logs(with_alt, Path(options.out).parent / "logs")
 
-    rows = build_rows(bench, results)
-    table = render_table(rows, servers_wanted)
+    rows = build_rows(bench, results, servers_wanted)
+    table = render_table(rows, servers_wanted, f"hmacfs NumCores={options.hmacfs_cores}")
     print()
     print(f"command: {command}")
     print(f"date:    {started_at:%Y-%m-%d %H:%M:%S %z}")
@@ -1626,21 +1896,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table)
     print(
-        "ratio = hmacfs / nginx; a FAIL cell means the workload errored or lost data (no figure)."
+        "h/X = hmacfs / X, median of the runs; a FAIL cell means the workload errored or lost "
+        "data (no figure)."
     )
+    for (peer, workload), why in NOT_COMPARABLE.items():
+        if peer in servers_wanted and workload in bench.only:
+            print(f"† {workload}: {why}; no ratio.")
+    for line in skipped:
+        print(line)
+    single_table, single_rows = "", []
+    variants = {str(options.hmacfs_cores): "hmacfs"} if "hmacfs" in servers_wanted else {}
+    if scaling_cores:
+        variants[str(scaling_cores["alt"])] = "hmacfs-alt"
+    if "1" in variants and "plain" in servers_wanted:
+        single_table, single_rows = render_single_table(bench, results, variants)
+        if single_rows:
+            print("\nsingle process against single process (hmacfs NumCores=1 / plain twisted.web):")
+            print(single_table)
     if resume_cost:
         ratio = resume_cost.get("ratio")
         print(
-            "cost of resumability, 1 GiB PUT MiB/s: plain {plain}, X-Session-Token + Redis {redis}, "
+            "cost of resumability, big PUT MiB/s: hmacfs without a token {plain}, "
+            "with X-Session-Token + Redis {redis}, "
             "ratio {ratio} (target >= 0.95)".format(
                 plain=fmt(resume_cost.get("plain")), redis=fmt(resume_cost.get("redis")),
                 ratio=f"{ratio:.2f}" if ratio else "-",
             )
         )
     scaling: dict[str, Any] = {}
-    if scaling_cores:
+    if scaling_cores and "put_small" in bench.only:
         main_rps, _ = aggregate(results.get("hmacfs", {}).get("put_small", []), "rps")
-        alt_rps, alt_error = aggregate(scaling_results.get("hmacfs-alt", {}).get("put_small", []), "rps")
+        alt_rps, alt_error = aggregate(results.get("hmacfs-alt", {}).get("put_small", []), "rps")
         by_cores = {str(scaling_cores["main"]): main_rps, str(scaling_cores["alt"]): alt_rps}
         one, many = by_cores.get("1"), by_cores.get("auto") or next(
             (v for k, v in by_cores.items() if k != "1"), None)
@@ -1692,7 +1978,9 @@ def main(argv: list[str] | None = None) -> int:
             "get_seconds": bench.get_seconds,
             "slow_count": bench.slow_count,
             "slow_seconds": bench.slow_seconds,
+            "servers": servers_wanted,
             "hmacfs_cores": options.hmacfs_cores,
+            "hmacfs_alt_cores": scaling_cores.get("alt"),
             "nginx_workers": options.nginx_workers,
             "nginx_body_buffer": options.nginx_body_buffer,
             "workloads": sorted(bench.only),
@@ -1705,8 +1993,10 @@ def main(argv: list[str] | None = None) -> int:
         "scaling": scaling,
         "resume_cost": resume_cost,
         "resume_runs": resume_results,
-        "scaling_runs": scaling_results,
+        "scaling_runs": results.get("hmacfs-alt", {}),
+        "single_process": single_rows,
         "table": table,
+        "single_process_table": single_table,
     }
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
