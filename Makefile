@@ -14,7 +14,7 @@ OLDEST_STAMP := $(OLDEST_VENV)/.installed
 SLOW_TESTS := tests.test_integration tests.test_workers tests.test_operations tests.test_nginx tests.test_prosody tests.test_ejabberd tests.test_resume_integration tests.test_state tests.test_bans_redis tests.test_retention_redis
 FAST_TESTS := $(filter-out $(SLOW_TESTS),$(basename $(subst /,.,$(wildcard tests/test_*.py))))
 
-.PHONY: run test test-fast test-slow test-twisted-oldest bench lint clean system-deps
+.PHONY: run test test-fast test-slow test-twisted-oldest bench bench-peers lint clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,14 @@ test-slow: $(STAMP) system-deps
 
 bench: $(STAMP) system-deps
 	$(PY) bench/bench.py --venv $(VENV)
+
+# prosody-filer (Go), an optional peer of `make bench`: its source and build script are not
+# part of this repository (set PEERS to where they are); the binary goes to bench-out/peers/,
+# which is not committed. Needs: apt-get install golang-go golang-github-burntsushi-toml-dev
+PEERS ?= $(CURDIR)/../shared/peers
+bench-peers:
+	@test -f $(PEERS)/build-prosody-filer.sh || { echo "no $(PEERS)/build-prosody-filer.sh: set PEERS=DIR"; exit 1; }
+	bash $(PEERS)/build-prosody-filer.sh $(CURDIR)/bench-out/peers
 
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) _trial_temp* build *.egg-info bench-out
