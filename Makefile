@@ -29,7 +29,7 @@ $(OLDEST_STAMP): pyproject.toml
 	touch $(OLDEST_STAMP)
 
 run: $(STAMP)
-	@$(PY) -m hmacfs.cli demo --config config.local.toml
+	@$(PY) -m hmacfs.service.cli demo --config config.local.toml
 	@mkdir -p data
 	exec $(VENV)/bin/twistd --nodaemon --pidfile= hmacfs --config config.local.toml
 

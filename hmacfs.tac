@@ -10,7 +10,7 @@ import sys
 from twisted.application.service import Application
 
 from hmacfs.config import ConfigError, load_config
-from hmacfs.tap import make_service_from_config, tune_allocator
+from hmacfs.service.tap import make_service_from_config, tune_allocator
 
 _path = os.environ.get("HMACFS_CONFIG", "config.toml")
 try:

@@ -402,7 +402,7 @@ class HmacfsServer(Server):
             for p in (
                 twistd,
                 REPO / "twisted" / "plugins" / "hmacfs_plugin.py",
-                REPO / "hmacfs" / "tap.py",
+                REPO / "hmacfs" / "service" / "tap.py",
             )
             if not p.exists()
         ]

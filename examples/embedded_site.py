@@ -29,7 +29,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.web.resource import Resource
 
 from hmacfs.embed import EmbeddedUpload, embed
-from hmacfs.slots import SlotError, expiring_slot
+from hmacfs.signing.slots import SlotError, expiring_slot
 
 INDEX = b"""<!doctype html>
 <title>Example chat</title>

@@ -23,7 +23,7 @@ Why a special Site: Twisted's own ``Site`` reads a whole request body (into
 memory or a temporary file) before any resource sees the request, and always
 answers ``100 Continue``.  hmacfs must accept or refuse an upload from its
 headers and then stream the body to disk, which needs
-``hmacfs.request.StreamingSite`` with its ``StreamingChannel`` and
+``hmacfs.http.channel.StreamingSite`` with its ``StreamingChannel`` and
 ``StreamingRequest``.  So the host serves its pages *through* that Site:
 
 * ``site_for(root)`` (preferred) mounts the upload tree into the host's root
@@ -60,8 +60,9 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from hmacfs.config import Config, default_config
-from hmacfs.request import Rejection, StreamingChannel, StreamingRequest, StreamingSite
-from hmacfs.tap import make_service_from_config
+from hmacfs.errors import Refusal
+from hmacfs.http.channel import StreamingChannel, StreamingRequest, StreamingSite
+from hmacfs.service.tap import make_service_from_config
 
 __all__ = ["DEFAULT_HOST_BODY_LIMIT", "EmbeddedUpload", "HostBodyPolicy", "embed"]
 
@@ -140,7 +141,7 @@ class HostBodyPolicy:
         if length == 0:
             return
         if length is not None and length > self.limit:
-            request.rejection = Rejection(413, f"request body too large (maximum {self.limit} bytes)")
+            request.rejection = Refusal(413, f"request body too large (maximum {self.limit} bytes)")
             return
         request.body_consumer = _HostBody(request, self.limit)
 

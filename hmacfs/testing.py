@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from hmacfs.config import Config, default_config
-from hmacfs.tap import build_site
+from hmacfs.service.tap import build_site
 
 SECRET = b"test-secret-0123456789abcdef"
 

@@ -1,5 +1,5 @@
 """
-Tests for hmacfs.auth: the HMAC schemes and the URL signer.
+Tests for hmacfs.signing.auth: the HMAC schemes and the URL signer.
 
 Expected MACs are computed here with hmac/hashlib from the message formats in
 REFERENCE.md A.3 and B, independently of the code under test.
@@ -17,17 +17,17 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.auth import (
+from hmacfs.signing.auth import (
+    Authenticator,
     AuthError,
     AuthResult,
-    Authenticator,
     SignedSlot,
     ejabberd_quote,
     mac_for,
     prosody_quote,
     sign_slot,
 )
-from hmacfs.paths import SlotPath, parse_slot_path
+from hmacfs.signing.paths import SlotPath, parse_slot_path
 from tests.test_paths import segment_lists
 
 PROFILE = settings(derandomize=True, deadline=None, max_examples=200)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.bans import FOREVER, BanList, BanSettings, ban_key
+from hmacfs.state.bans import FOREVER, BanList, BanSettings, ban_key
 from hmacfs.testing import SiteHarness, make_config, put_head
 
 UUID = "7a0e1f8e-9b7c-4c55-8a44-2b1d3c4e5f60"
@@ -175,7 +175,7 @@ class BanTableCostTests(SynchronousTestCase):
 
     def test_sync_timer_prunes_an_idle_table(self) -> None:
         """Without further failures the ban timer still frees expired counters and blocks."""
-        from hmacfs.bans import BanSyncService
+        from hmacfs.state.bans import BanSyncService
 
         bans = BanList(self.clock, self.settings)
         bans.record_failure("198.51.100.1")
@@ -308,7 +308,7 @@ class SiteBanTests(SynchronousTestCase):
 class UnbanRequestTests(SynchronousTestCase):
     def test_unban_request_lifts_block_in_every_process(self) -> None:
         """`hmacfs unban` drops a request file that each process's ban timer applies once."""
-        from hmacfs.bans import BanSyncService, request_unban
+        from hmacfs.state.bans import BanSyncService, request_unban
 
         store = Path(self.mktemp()).resolve()
         store.mkdir()
@@ -332,7 +332,7 @@ class UnbanRequestTests(SynchronousTestCase):
 
     def test_unban_rejects_non_addresses(self) -> None:
         """Only IP addresses become request files (no path tricks)."""
-        from hmacfs.bans import request_unban
+        from hmacfs.state.bans import request_unban
 
         store = Path(self.mktemp()).resolve()
         store.mkdir()

@@ -7,7 +7,7 @@ import txredisapi
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from hmacfs.bans import BanList, BanSettings, SharedBans, unban_in_redis
+from hmacfs.state.bans import BanList, BanSettings, SharedBans, unban_in_redis
 from tests.redis_server import RedisServer
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import io
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from urllib.parse import urlsplit, parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.auth import Authenticator
-from hmacfs.cli import main
-from hmacfs.paths import parse_slot_path
+from hmacfs.service.cli import main
+from hmacfs.signing.auth import Authenticator
+from hmacfs.signing.paths import parse_slot_path
 
 
 class CLITests(SynchronousTestCase):

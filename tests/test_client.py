@@ -19,9 +19,9 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from hmacfs.auth import sign_slot
 from hmacfs.client import TerminalProgress, UploadError, upload_file
-from hmacfs.tap import build_site
+from hmacfs.service.tap import build_site
+from hmacfs.signing.auth import sign_slot
 from hmacfs.testing import SECRET, make_config
 
 

@@ -23,8 +23,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from hmacfs.auth import AuthError, Authenticator
-from hmacfs.component import (
+from hmacfs.config import ConfigError, parse_config
+from hmacfs.signing.auth import Authenticator, AuthError
+from hmacfs.signing.paths import parse_slot_path
+from hmacfs.xmpp.component import (
     NS_UPLOAD,
     NS_UPLOAD_LEGACY,
     ComponentService,
@@ -37,8 +39,6 @@ from hmacfs.component import (
     component_from_config,
     default_access,
 )
-from hmacfs.config import ConfigError, parse_config
-from hmacfs.paths import parse_slot_path
 
 SECRET = b"upload-secret-0123456789"
 PASSWORD = "component-password"
@@ -544,7 +544,7 @@ class ServiceWiringTests(SynchronousTestCase):
         """make_service_from_config adds one ComponentService signing with the ring's current secret."""
         from twisted.internet.testing import MemoryReactorClock
 
-        from hmacfs.tap import make_service_from_config
+        from hmacfs.service.tap import make_service_from_config
 
         top = make_service_from_config(self.config(), MemoryReactorClock())
         components = [child for child in top if isinstance(child, ComponentService)]
@@ -558,7 +558,7 @@ class ServiceWiringTests(SynchronousTestCase):
         """Without ComponentJID there is no component service."""
         from twisted.internet.testing import MemoryReactorClock
 
-        from hmacfs.tap import make_service_from_config
+        from hmacfs.service.tap import make_service_from_config
 
         top = make_service_from_config(self.config(component_jid=""), MemoryReactorClock())
         self.assertFalse(any(isinstance(child, ComponentService) for child in top))

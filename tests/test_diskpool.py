@@ -1,5 +1,5 @@
 """
-Tests for hmacfs.diskpool: the disk threads.
+Tests for hmacfs.service.diskpool: the disk threads.
 
 They run real threads with the real reactor (the point of the pool is how
 results cross from its threads to the reactor thread), each bounded by a
@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 
-from hmacfs.diskpool import DiskThreadPoolService
+from hmacfs.service.diskpool import DiskThreadPoolService
 
 
 class DiskPoolTests(TestCase):

@@ -42,10 +42,10 @@ class ReadmeTests(SynchronousTestCase):
         self.assertIn("make test", first_block)
 
     def test_sighup_keys_match_reload(self) -> None:
-        """The SIGHUP section lists exactly the keys hmacfs.reload applies."""
+        """The SIGHUP section lists exactly the keys hmacfs.service.reload applies."""
         import re
 
-        from hmacfs.reload import APPLIED_ON_RELOAD
+        from hmacfs.service.reload import APPLIED_ON_RELOAD
 
         text = README.read_text()
         section = text[text.index("SIGHUP (``systemctl reload``") : text.index("every other key takes effect")]

@@ -1,5 +1,5 @@
 """
-Tests for hmacfs.download: GET/HEAD of a stored upload.
+Tests for hmacfs.http.download: GET/HEAD of a stored upload.
 
 Most tests drive ``render_download`` with a ``DummyRequest`` subclass that
 treats a push producer the way ``twisted.web.http.Request`` does (registering
@@ -34,7 +34,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.test.requesthelper import DummyRequest
 
-from hmacfs.download import (
+from hmacfs.http.download import (
     CHUNKS_PER_TURN,
     CONTENT_SECURITY_POLICY,
     DEFAULT_CHUNK_SIZE,
@@ -53,7 +53,7 @@ SMALL_CHUNK = 1000
 
 @attrs.frozen
 class FakeStoredFile:
-    """Same fields as hmacfs.storage.StoredFile (duck-typed by render_download)."""
+    """Same fields as hmacfs.storage.filesystem.StoredFile (duck-typed by render_download)."""
 
     path: Path
     size: int

@@ -19,17 +19,17 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.task import deferLater
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import server
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.static import Data
 
-from hmacfs.auth import sign_slot
 from hmacfs.embed import EmbeddedUpload, embed
-from hmacfs.resource import UploadResource
+from hmacfs.http.resource import UploadResource
+from hmacfs.signing.auth import sign_slot
 from hmacfs.testing import SECRET, make_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,8 +12,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
-from hmacfs.health import HealthCheck, HealthReport, HealthResource, probe_store
-from hmacfs.metrics import Metrics, MetricsResource
+from hmacfs.http.health import HealthCheck, HealthReport, HealthResource, probe_store
+from hmacfs.service.metrics import Metrics, MetricsResource
 from hmacfs.testing import ManualRunner, SiteHarness, make_config, status_of
 
 

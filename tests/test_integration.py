@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from hmacfs.auth import sign_slot
+from hmacfs.signing.auth import sign_slot
 from hmacfs.testing import SECRET, free_port, in_ci, v1_mac, wait_for
 
 VENV_BIN = Path(sys.executable).parent

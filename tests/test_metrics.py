@@ -7,7 +7,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from hmacfs.metrics import GaugeService, Metrics, MetricsResource
+from hmacfs.service.metrics import GaugeService, Metrics, MetricsResource
 from hmacfs.testing import SiteHarness, make_config, put_head
 
 UUID = "1b2c3d4e-5f60-4a7b-8c9d-0e1f2a3b4c5d"

@@ -765,7 +765,7 @@ class InstallTests(SynchronousTestCase):
         (wheel,) = wheels.glob("hmacfs-*.whl")
         names = set(zipfile.ZipFile(wheel).namelist())
         self.assertIn("twisted/plugins/hmacfs_plugin.py", names)
-        self.assertIn("hmacfs/tap.py", names)
+        self.assertIn("hmacfs/service/tap.py", names)
         self.assertNotIn("twisted/__init__.py", names)
         self.assertNotIn("twisted/plugins/__init__.py", names)
         self.assertFalse([name for name in names if name.endswith("dropin.cache")])

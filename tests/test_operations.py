@@ -18,7 +18,6 @@ from hmacfs.testing import SECRET, v1_mac, wait_for
 from tests.test_integration import Daemon, make_file, require_curl
 
 
-
 class RetentionDaemonTests(SynchronousTestCase):
     def test_sweep_enforces_size_cap_report_and_tombstones(self) -> None:
         """With a 250 KiB cap, a sweep deletes the oldest files until the store fits,

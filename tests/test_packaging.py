@@ -23,8 +23,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from hmacfs.cli import main as cli_main
 from hmacfs.config import _KEYS, KNOWN_KEYS, load_config, parse_duration, parse_size
+from hmacfs.service.cli import main as cli_main
 from hmacfs.testing import in_ci, short_tempdir
 
 ROOT = Path(__file__).resolve().parent.parent

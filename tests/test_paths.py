@@ -1,7 +1,7 @@
 """
-Tests for hmacfs.paths: request path -> validated slot path.
+Tests for hmacfs.signing.paths: request path -> validated slot path.
 
-The encoders below are written out here, independently of hmacfs.auth, from
+The encoders below are written out here, independently of hmacfs.signing.auth, from
 the Prosody and ejabberd sources (REFERENCE.md A.2 and B).
 """
 
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.paths import (
+from hmacfs.signing.paths import (
     MAX_PATH_BYTES,
     MAX_SEGMENT_BYTES,
     MAX_SEGMENTS,

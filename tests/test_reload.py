@@ -11,8 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from hmacfs.config import KEY_ATTRIBUTES, KNOWN_KEYS, load_config
 from hmacfs.logs import log_router
-from hmacfs.reload import APPLIED_ON_RELOAD, RESTART_ONLY, ReloadService
-from hmacfs.rotation import SecretRing
+from hmacfs.service.reload import APPLIED_ON_RELOAD, RESTART_ONLY, ReloadService
+from hmacfs.signing.rotation import SecretRing
 
 
 class ReloadTests(SynchronousTestCase):

@@ -1,5 +1,5 @@
 """
-The streaming channel (hmacfs.request) on StringTransports and a
+The streaming channel (hmacfs.http.channel) on StringTransports and a
 MemoryReactorClock: the idle timeout across flow-control pauses, the one
 arbiter of the transport's reading, the discard after an early refusal,
 absurd Content-Lengths, the request-head deadline and the per-client
@@ -20,7 +20,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.request import ADMISSION, LINGER_BYTES, LINGER_SECONDS, TWISTED, StreamingChannel
+from hmacfs.http.channel import ADMISSION, LINGER_BYTES, LINGER_SECONDS, TWISTED, StreamingChannel
 from hmacfs.testing import ManualRunner, SiteHarness, header_value, make_config, put_head, status_of
 from tests.test_resume import TOKEN, HeldState, head
 

@@ -76,7 +76,7 @@ class CORSTests(HarnessMixin, SynchronousTestCase):
         Generated tokens come from batches of random bytes: across several batches no
         token repeats, and each has the shape of secrets.token_urlsafe(24).
         """
-        from hmacfs import resource
+        from hmacfs.http import resource
 
         source = resource._TokenSource()
         tokens = [source.token() for _ in range(3 * source.BATCH + 5)]
@@ -86,7 +86,7 @@ class CORSTests(HarnessMixin, SynchronousTestCase):
 
     def test_session_token_batch_dropped_after_fork(self) -> None:
         """A forked child never hands out the tokens its parent read (the batch is dropped)."""
-        from hmacfs import resource
+        from hmacfs.http import resource
 
         source = resource._TokenSource()
         source.token()
@@ -290,9 +290,9 @@ class StorageFailureTests(HarnessMixin, SynchronousTestCase):
 
     def test_open_error(self) -> None:
         """Opening the file for the body failing with EIO is 503, not a 500."""
-        import hmacfs.download
+        import hmacfs.http.download
 
-        self.patch(hmacfs.download, "_open_stored", self.failing(errno.EIO))
+        self.patch(hmacfs.http.download, "_open_stored", self.failing(errno.EIO))
         self.assert_clean(self.get(), 503)
         self.assertEqual(status_of(self.get("HEAD")), 200)
 
@@ -310,7 +310,7 @@ class StorageFailureTests(HarnessMixin, SynchronousTestCase):
 
     def test_storage_refusal(self) -> None:
         """A StorageError from the store (its own path checks) is answered with its status."""
-        from hmacfs.storage import StorageError
+        from hmacfs.storage.filesystem import StorageError
 
         def refuse(*_args: Any) -> None:
             raise StorageError(403, "forbidden path")

@@ -1,6 +1,6 @@
 """
-Resumable uploads with X-Session-Token (hmacfs.resume and the resume paths of
-hmacfs.upload), driven through the real Site on StringTransports: interrupt,
+Resumable uploads with X-Session-Token (hmacfs.upload.resume and the resume paths of
+hmacfs.upload.policy), driven through the real Site on StringTransports: interrupt,
 ask the offset with HEAD, resume with Content-Range; the bindings that keep a
 token or a URL out of someone else's upload; one writer at a time; checksums
 across resumes; deferred admission; progress checkpoints; the sweep.
@@ -21,15 +21,15 @@ from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.resume import (
+from hmacfs.state.store import EmbeddedState
+from hmacfs.storage.filesystem import Store, path_key
+from hmacfs.testing import ManualRunner, SiteHarness, header_value, make_config, status_of, v1_mac
+from hmacfs.upload.resume import (
     PartialSweeper,
     UploadRecord,
     mac_fingerprint,
     parse_content_range,
 )
-from hmacfs.state import EmbeddedState
-from hmacfs.storage import Store, path_key
-from hmacfs.testing import ManualRunner, SiteHarness, make_config, v1_mac, header_value, status_of
 
 UUID = "9b2e4f0a-1c3d-4e5f-8a7b-6c5d4e3f2a10"
 TOKEN = "session-token-0001"

@@ -24,8 +24,8 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from hmacfs.auth import sign_slot
 from hmacfs.client import upload_file
+from hmacfs.signing.auth import sign_slot
 from hmacfs.testing import SECRET, free_port, in_ci, wait_for
 from tests.redis_server import RedisServer
 from tests.test_integration import Daemon, die_with_parent, require_curl

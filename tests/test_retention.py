@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.metrics import Metrics
-from hmacfs.retention import (
+from hmacfs.service.metrics import Metrics
+from hmacfs.storage.filesystem import StorageError, Store, path_key
+from hmacfs.storage.retention import (
     FileEntry,
     RetentionService,
     RetentionSettings,
@@ -19,7 +20,6 @@ from hmacfs.retention import (
     Tombstones,
     plan_deletions,
 )
-from hmacfs.storage import Store, StorageError, path_key
 from hmacfs.testing import ManualRunner, SiteHarness, make_config, put_head
 
 DAY = 86400.0

@@ -8,8 +8,8 @@ import txredisapi
 from twisted.internet.defer import maybeDeferred
 from twisted.trial.unittest import TestCase
 
-from hmacfs.retention import RetentionService, RetentionSettings, Sweeper, Tombstones
-from hmacfs.storage import Store
+from hmacfs.storage.filesystem import Store
+from hmacfs.storage.retention import RetentionService, RetentionSettings, Sweeper, Tombstones
 from tests.redis_server import RedisServer
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.rotation import SecretRing, fingerprint
+from hmacfs.signing.rotation import SecretRing, fingerprint
 
 
 class SecretRingTests(SynchronousTestCase):

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.auth import AuthError, Authenticator
-from hmacfs.paths import parse_slot_path
-from hmacfs.slots import (
+from hmacfs.signing.auth import Authenticator, AuthError
+from hmacfs.signing.paths import parse_slot_path
+from hmacfs.signing.slots import (
     SlotError,
     ejabberd_file_string,
     ejabberd_slot,

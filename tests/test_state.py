@@ -18,7 +18,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from hmacfs.state import (
+from hmacfs.state.store import (
     SLOW_RETRY,
     EmbeddedState,
     IUploadState,
@@ -315,7 +315,7 @@ class AddressTests(SynchronousTestCase):
         from twisted.internet import ssl
         from twisted.internet.testing import MemoryReactor
 
-        from hmacfs.state import redis_endpoint
+        from hmacfs.state.store import redis_endpoint
 
         names: list[str] = []
         real = ssl.optionsForClientTLS

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_storage -*-
-"""Tests for hmacfs.storage: path safety, partial files, atomic commit, metadata."""
+"""Tests for hmacfs.storage.filesystem: path safety, partial files, atomic commit, metadata."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs import storage
-from hmacfs.storage import DEFAULT_CONTENT_TYPE, Store, StorageError, path_key
+from hmacfs.storage import filesystem as storage
+from hmacfs.storage.filesystem import DEFAULT_CONTENT_TYPE, StorageError, Store, path_key
 
 SEGS = ("0123abcd", "photo.jpg")
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IServiceMaker
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
-from twisted.application.service import IServiceMaker
 from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from hmacfs.tap import Options, make_service_from_config, tune_allocator
+from hmacfs.service.tap import Options, make_service_from_config, tune_allocator
 from hmacfs.testing import make_config
 
 
@@ -148,7 +148,7 @@ class ImportFootprintTests(SynchronousTestCase):
             "import sys, tempfile\n"
             "from twisted.internet import reactor\n"
             "from hmacfs.config import default_config\n"
-            "from hmacfs.tap import assemble_server\n"
+            "from hmacfs.service.tap import assemble_server\n"
             "assemble_server(default_config(tempfile.mkdtemp(), b'secret-secret-secret-1234'),"
             " reactor, config_path=None)\n"
             "print(sorted(m for m in ('twisted.trial', 'unittest', 'pdb') if m in sys.modules))\n"

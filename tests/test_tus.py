@@ -1,6 +1,6 @@
 """
-tus 1.0.0 on the signed upload URLs (hmacfs.tus and the tus paths of
-hmacfs.upload), through the real Site on StringTransports: OPTIONS, creation
+tus 1.0.0 on the signed upload URLs (hmacfs.upload.tus and the tus paths of
+hmacfs.upload.policy), through the real Site on StringTransports: OPTIONS, creation
 (with and without upload), HEAD, PATCH, checksums, termination, expiration,
 CORS; and the header parsers.
 """
@@ -18,11 +18,19 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http import stringToDatetime
 
-from hmacfs import tus
-from hmacfs.auth import mac_for
-from hmacfs.resume import Refusal
-from hmacfs.storage import path_key
-from hmacfs.testing import SECRET, ManualRunner, SiteHarness, make_config, v1_mac, header_value, status_of
+from hmacfs.errors import Refusal
+from hmacfs.signing.auth import mac_for
+from hmacfs.storage.filesystem import path_key
+from hmacfs.testing import (
+    SECRET,
+    ManualRunner,
+    SiteHarness,
+    header_value,
+    make_config,
+    status_of,
+    v1_mac,
+)
+from hmacfs.upload import tus
 
 UUID = "1f2e3d4c-5b6a-4978-8695-a4b3c2d1e0f9"
 TUS = "Tus-Resumable: 1.0.0"

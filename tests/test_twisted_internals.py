@@ -1,7 +1,7 @@
 """
 Every Twisted internal hmacfs uses, pinned, and confined to its two modules.
 
-``hmacfs.request`` (the streaming channel) and ``hmacfs.sendfile`` (the
+``hmacfs.http.channel`` (the streaming channel) and ``hmacfs.http.sendfile`` (the
 sendfile producer) use private attributes of Twisted's classes and replace
 some of its methods with edited copies.  A Twisted release that renames such
 an attribute or changes such a method must fail here, naming the internal,
@@ -10,7 +10,7 @@ the newest Twisted that pyproject.toml allows (``make test``).
 
 When a test here fails after a Twisted upgrade: read the upstream change, adapt
 the hmacfs module named in the message, then add the new fingerprint for that
-release to ``UPSTREAM`` (and widen SUPPORTED_TWISTED in hmacfs/_twisted_compat.py
+release to ``UPSTREAM`` (and widen SUPPORTED_TWISTED in hmacfs/http/_twisted_compat.py
 and the bounds in pyproject.toml).
 """
 
@@ -27,7 +27,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import twisted
 from twisted.internet import abstract, tcp, unix
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import TimeoutMixin
@@ -35,12 +34,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from hmacfs import _twisted_compat, request
-from hmacfs._twisted_compat import SUPPORTED_TWISTED, UnsupportedTwisted, check_twisted_version
+import twisted
+from hmacfs.http import _twisted_compat
+from hmacfs.http import channel as request
+from hmacfs.http._twisted_compat import SUPPORTED_TWISTED, UnsupportedTwisted, check_twisted_version
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The only modules allowed to use Twisted internals (and the version check they import).
-INTERNALS_MODULES = {"request.py", "sendfile.py", "_twisted_compat.py"}
+INTERNALS_MODULES = {"http/channel.py", "http/sendfile.py", "http/_twisted_compat.py"}
 #: Shared test helpers shipped in the package (StringTransport, MemoryReactorClock); never
 #: imported by the daemon (tests/test_tap.py checks its import footprint).
 TEST_HELPERS = {"testing.py"}
@@ -63,7 +64,7 @@ def fingerprint(function: Callable[..., Any]) -> str:
 UPSTREAM: dict[str, tuple[Callable[..., Any], str, dict[str, str]]] = {
     "HTTPChannel.allHeadersReceived": (
         http.HTTPChannel.allHeadersReceived,
-        "hmacfs.request.StreamingChannel.allHeadersReceived is an edited copy of it",
+        "hmacfs.http.channel.StreamingChannel.allHeadersReceived is an edited copy of it",
         {"24.11.0": "1d6a1bf08fe1fbe6", "26.10.0": "1d6a1bf08fe1fbe6"},
     ),
     "HTTPChannel.lineReceived": (
@@ -84,12 +85,12 @@ UPSTREAM: dict[str, tuple[Callable[..., Any], str, dict[str, str]]] = {
     ),
     "Request.gotLength": (
         http.Request.gotLength,
-        "hmacfs.request.StreamingRequest.gotLength replaces it (no spool file)",
+        "hmacfs.http.channel.StreamingRequest.gotLength replaces it (no spool file)",
         {"24.11.0": "8b015a9b64053f40", "26.10.0": "8b015a9b64053f40"},
     ),
     "Request.requestReceived": (
         http.Request.requestReceived,
-        "hmacfs.request.StreamingRequest.requestReceived replaces it without calling it "
+        "hmacfs.http.channel.StreamingRequest.requestReceived replaces it without calling it "
         "(method, URI and args are set at header time)",
         {"24.11.0": "b05881ecafffedbb", "26.10.0": "30057b85dd68b4ed"},
     ),
@@ -128,7 +129,7 @@ UPSTREAM: dict[str, tuple[Callable[..., Any], str, dict[str, str]]] = {
     ),
     "FileDescriptor.doWrite": (
         abstract.FileDescriptor.doWrite,
-        "hmacfs.sendfile waits for dataBuffer/_tempDataLen to drain and is resumed "
+        "hmacfs.http.sendfile waits for dataBuffer/_tempDataLen to drain and is resumed "
         "through producerPaused once the socket is writable",
         {"24.11.0": "261157599206c334", "26.10.0": "261157599206c334"},
     ),
@@ -149,7 +150,7 @@ class VersionCheckTests(SynchronousTestCase):
 
     def test_internals_modules_refuse_unsupported_twisted_at_import(self) -> None:
         """Importing either internals module under an unsupported Twisted stops with that error."""
-        for module in ("hmacfs.request", "hmacfs.sendfile"):
+        for module in ("hmacfs.http.channel", "hmacfs.http.sendfile"):
             script = f"import twisted\ntwisted.__version__ = '27.1.0'\nimport {module}\n"
             result = subprocess.run(
                 [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
@@ -230,7 +231,7 @@ class AttributeTests(SynchronousTestCase):
             "setTimeout",
             "requests",
         )
-        self.assertEqual(self.missing(channel, used), [], "used by hmacfs.request")
+        self.assertEqual(self.missing(channel, used), [], "used by hmacfs.http.channel")
         self.assertTrue(hasattr(channel._networkProducer, "unregisterProducer"))
 
     def test_request_attributes(self) -> None:
@@ -238,14 +239,14 @@ class AttributeTests(SynchronousTestCase):
         channel.site = server.Site(Resource())
         channel.makeConnection(StringTransport())
         req = server.Request(channel)
-        self.assertIs(req._disconnected, False)  # hmacfs.request: the client left
-        self.assertIsNone(req._encoder)  # hmacfs.sendfile: gzip keeps the pread path
-        self.assertEqual(req.sentLength, 0)  # hmacfs.sendfile counts sendfile'd bytes
+        self.assertIs(req._disconnected, False)  # hmacfs.http.channel: the client left
+        self.assertIsNone(req._encoder)  # hmacfs.http.sendfile: gzip keeps the pread path
+        self.assertEqual(req.sentLength, 0)  # hmacfs.http.sendfile counts sendfile'd bytes
         used = ("parseCookies", "gotLength", "handleContentChunk", "requestReceived", "processingFailed")
-        self.assertEqual(self.missing(req, used), [], "used by hmacfs.request")
+        self.assertEqual(self.missing(req, used), [], "used by hmacfs.http.channel")
 
     def test_file_descriptor_attributes(self) -> None:
-        """The socket transports are FileDescriptors with the buffer state hmacfs.sendfile reads."""
+        """The socket transports are FileDescriptors with the buffer state hmacfs.http.sendfile reads."""
         self.assertTrue(issubclass(tcp.Server, abstract.FileDescriptor))
         self.assertTrue(issubclass(unix.Server, abstract.FileDescriptor))
         descriptor = abstract.FileDescriptor()
@@ -294,7 +295,7 @@ class ContainmentTests(SynchronousTestCase):
     maxDiff = None
 
     #: FileDescriptor machinery that is public by name but not part of any interface
-    #: hmacfs may rely on outside hmacfs.sendfile.
+    #: hmacfs may rely on outside hmacfs.http.sendfile.
     DESCRIPTOR_NAMES = {"startReading", "stopReading", "startWriting", "stopWriting",
                         "producerPaused", "dataBuffer"}
     #: namedtuple's public API
@@ -304,7 +305,13 @@ class ContainmentTests(SynchronousTestCase):
 
     def modules(self) -> dict[str, ast.Module]:
         package = ROOT / "hmacfs"
-        return {path.name: ast.parse(path.read_text(), str(path)) for path in sorted(package.glob("*.py"))}
+        trees = {
+            path.relative_to(package).as_posix(): ast.parse(path.read_text(), str(path))
+            for path in sorted(package.rglob("*.py"))
+        }
+        # the whole package, folders included (a scan of the top level alone would pass anything)
+        self.assertIn("http/resource.py", trees)
+        return trees
 
     def own_private_names(self, trees: dict[str, ast.Module]) -> set[str]:
         """Private names hmacfs defines itself (functions, classes, attributes it assigns)."""
@@ -369,18 +376,18 @@ class ContainmentTests(SynchronousTestCase):
                         if isinstance(base, ast.Name) and base.id == "FileDescriptor":
                             found.append(f"{where}: subclasses FileDescriptor")
         self.assertEqual(
-            found, [], "Twisted internals outside hmacfs/request.py and hmacfs/sendfile.py"
+            found, [], "Twisted internals outside hmacfs/http/channel.py and hmacfs/http/sendfile.py"
         )
 
     def test_internals_modules_check_the_version(self) -> None:
         """Both internals modules import the version check before using anything."""
-        for name in ("request.py", "sendfile.py"):
+        for name in ("http/channel.py", "http/sendfile.py"):
             tree = self.modules()[name]
             imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                         for alias in node.names}
             imported |= {node.module for node in ast.walk(tree)
                          if isinstance(node, ast.ImportFrom) and node.module}
-            self.assertIn("hmacfs._twisted_compat", imported, name)
+            self.assertIn("hmacfs.http._twisted_compat", imported, name)
         self.assertIs(_twisted_compat.SUPPORTED_TWISTED, SUPPORTED_TWISTED)
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.python.failure import Failure
 from twisted.internet.error import ConnectionLost
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs import storage
+from hmacfs.storage import filesystem as storage
 from hmacfs.testing import ManualRunner, SiteHarness, make_config, put_head, status_of, v1_mac
 
 UUID = "6f1c1b5e-2c59-4a55-9b0e-0d4f4a3f2b11"

@@ -17,14 +17,14 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-# hmacfs.worker installs a SIGHUP handler when imported (it is a process's main
+# hmacfs.service.worker installs a SIGHUP handler when imported (it is a process's main
 # module); keep the test runner's own.
 _sighup = signal.getsignal(signal.SIGHUP)
-from hmacfs.worker import SupervisorMessages, connect_supervisor  # noqa: E402
+from hmacfs.service.worker import SupervisorMessages, connect_supervisor  # noqa: E402
 
 signal.signal(signal.SIGHUP, _sighup)
 
-from hmacfs.workers import address_family  # noqa: E402
+from hmacfs.service.workers import address_family  # noqa: E402
 
 
 class SupervisorMessagesTests(SynchronousTestCase):

@@ -17,7 +17,7 @@ from tests.test_integration import Daemon, require_curl
 
 
 def children(pid: int) -> list[int]:
-    """The worker processes of a supervisor (its direct children running hmacfs.worker)."""
+    """The worker processes of a supervisor (its direct children running hmacfs.service.worker)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -29,7 +29,7 @@ def children(pid: int) -> list[int]:
                 cmdline = handle.read()
         except OSError:
             continue
-        if int(fields[1]) == pid and b"hmacfs.worker" in cmdline:
+        if int(fields[1]) == pid and b"hmacfs.service.worker" in cmdline:
             found.append(int(entry))
     return sorted(found)
 

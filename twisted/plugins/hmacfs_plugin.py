@@ -3,4 +3,4 @@
 
 from twisted.application.service import ServiceMaker
 
-hmacfs = ServiceMaker("hmacfs", "hmacfs.tap", "XEP-0363 HTTP upload server (HMAC-signed URLs)", "hmacfs")
+hmacfs = ServiceMaker("hmacfs", "hmacfs.service.tap", "XEP-0363 HTTP upload server (HMAC-signed URLs)", "hmacfs")

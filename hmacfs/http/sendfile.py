@@ -2,9 +2,9 @@
 """
 The producer that pushes a stored file's bytes into a GET response.
 
-This module and ``hmacfs.request`` are the only ones that use Twisted
+This module and ``hmacfs.http.channel`` are the only ones that use Twisted
 internals (checked by ``tests/test_twisted_internals.py``; an unsupported
-Twisted is refused at import by ``hmacfs._twisted_compat``).
+Twisted is refused at import by ``hmacfs.http._twisted_compat``).
 
 On a plain TCP or UNIX transport a body of at least ``SENDFILE_MIN`` bytes goes
 out with ``os.sendfile``: the kernel moves page-cache pages to the socket, so
@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-import hmacfs._twisted_compat  # noqa: F401 - refuses an unsupported Twisted
+import hmacfs.http._twisted_compat  # noqa: F401 - refuses an unsupported Twisted
 from hmacfs.logs import log_router
 
 __all__ = [

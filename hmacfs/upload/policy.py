@@ -9,9 +9,9 @@ client gets its answer without sending the body.  The same holds for the
 three ways a body can arrive:
 
 * ``PUT`` of the whole file (XEP-0363), or of its rest with ``Content-Range:
-  bytes N-(S-1)/S`` and the same ``X-Session-Token`` (``hmacfs.resume``);
+  bytes N-(S-1)/S`` and the same ``X-Session-Token`` (``hmacfs.upload.resume``);
 * tus ``POST`` (creation, creation-with-upload) and ``PATCH`` on the same
-  signed URL (``hmacfs.tus``).
+  signed URL (``hmacfs.upload.tus``).
 
 Body-less tus ``HEAD``/``DELETE`` and the session-token ``HEAD`` are answered
 from here too (``request.answer``), so every MAC check lives in one place.
@@ -37,17 +37,17 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hmacfs import tus
-from hmacfs.auth import AuthError, Authenticator
-from hmacfs.errors import storage_refusal
+from hmacfs.errors import Refusal, storage_refusal
+from hmacfs.http.channel import StreamingRequest
 from hmacfs.logs import log_router
-from hmacfs.paths import PathError, SlotPath, parse_slot_path
-from hmacfs.request import Rejection, StreamingRequest
-from hmacfs.resume import (
+from hmacfs.signing.auth import Authenticator, AuthError
+from hmacfs.signing.paths import PathError, SlotPath, parse_slot_path
+from hmacfs.storage.filesystem import PartialUpload, StorageError, Store, StoredFile
+from hmacfs.upload import tus
+from hmacfs.upload.resume import (
     CHECKPOINT_BYTES,
     CHECKPOINT_SECONDS,
     Lease,
-    Refusal,
     UploadEnd,
     UploadRecord,
     Uploads,
@@ -55,7 +55,6 @@ from hmacfs.resume import (
     offset_header,
     parse_content_range,
 )
-from hmacfs.storage import PartialUpload, Store, StorageError, StoredFile
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -173,7 +172,7 @@ class UploadPolicy:
         self.clock = clock
         self.on_auth_failure = on_auth_failure
         if uploads is None:
-            from hmacfs.state import EmbeddedState
+            from hmacfs.state.store import EmbeddedState
 
             uploads = Uploads(store=store, state=EmbeddedState(clock), clock=clock)
         self.uploads = uploads
@@ -183,7 +182,7 @@ class UploadPolicy:
     # routing
 
     def headers_received(self, request: StreamingRequest, length: int | None) -> None:
-        """Attach a receiver, an answer or a ``Rejection`` to an upload request."""
+        """Attach a receiver, an answer or a ``Refusal`` to an upload request."""
         method = request.method
         is_tus = tus.is_tus(request)
         if is_tus and method == b"POST":
@@ -203,12 +202,12 @@ class UploadPolicy:
             handler = self._token_head
         if handler is None:
             if length != 0:
-                request.rejection = Rejection(405, "method not allowed", ((b"Allow", ALLOW),))
+                request.rejection = Refusal(405, "method not allowed", ((b"Allow", ALLOW),))
             return
         try:
             slot = parse_slot_path(request.path, self.limits.prefix)
         except PathError as error:
-            request.rejection = Rejection(error.status, error.reason)
+            request.rejection = Refusal(error.status, error.reason)
             return
         request.slot = slot
         try:
@@ -216,7 +215,7 @@ class UploadPolicy:
                 tus.check_version(request)
             outcome = handler(request, slot, length)
         except Refusal as refusal:
-            request.rejection = Rejection(refusal.status, refusal.reason, refusal.headers)
+            request.rejection = Refusal(refusal.status, refusal.reason, refusal.headers)
             return
         except OSError as error:
             # A store lookup at header time (a HEAD's offset, a PUT's parents) that failed:
@@ -224,7 +223,7 @@ class UploadPolicy:
             refusal = storage_refusal(error, reading=method == b"HEAD")
             if refusal.status == 503:
                 log.warn("{path}: storage error: {error}", path=slot.text, error=error.strerror or error)
-            request.rejection = Rejection(refusal.status, refusal.reason, refusal.headers)
+            request.rejection = Refusal(refusal.status, refusal.reason, refusal.headers)
             return
         if isinstance(outcome, Deferred):
             outcome.addCallbacks(self._attach, self._refuse, (request,), None, (request,))
@@ -242,10 +241,10 @@ class UploadPolicy:
     def _refuse(self, failure: Failure, request: StreamingRequest) -> None:
         if failure.check(Refusal):
             error = failure.value
-            request.rejection = Rejection(error.status, error.reason, error.headers)
+            request.rejection = Refusal(error.status, error.reason, error.headers)
         else:
             log.failure("upload admission failed", failure)
-            request.rejection = Rejection(500, "internal error")
+            request.rejection = Refusal(500, "internal error")
 
     # checks shared by every kind of request
 

@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_workers -*-
 """
-One worker process: ``python -m hmacfs.worker --config FILE --fd 3 --family inet``.
+One worker process: ``python -m hmacfs.service.worker --config FILE --fd 3 --family inet``.
 
-Started by ``hmacfs.workers.WorkerSupervisor``; serves requests on the
+Started by ``hmacfs.service.workers.WorkerSupervisor``; serves requests on the
 listening socket it inherited.  SIGHUP re-reads the configuration (like the
 single-process server), SIGTERM stops accepting and lets uploads in flight
 finish within DrainTimeout.
@@ -107,7 +107,7 @@ def connect_supervisor(reactor: Any, messages: SupervisorMessages, stdin: int = 
 
 def build_worker(config_path: str, fd: int, family: int, index: int, reactor: Any) -> MultiService:
     from hmacfs.config import load_config
-    from hmacfs.tap import assemble_server, tune_allocator
+    from hmacfs.service.tap import assemble_server, tune_allocator
 
     config, _warnings = load_config(config_path)
     tune_allocator(config.buffer_size)
@@ -128,7 +128,7 @@ def build_worker(config_path: str, fd: int, family: int, index: int, reactor: An
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hmacfs.worker")
+    parser = argparse.ArgumentParser(prog="hmacfs.service.worker")
     parser.add_argument("--config", required=True)
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--family", choices=sorted(FAMILIES), required=True)

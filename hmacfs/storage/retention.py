@@ -33,10 +33,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from hmacfs.errors import Refusal
 from hmacfs.logs import log_router
-from hmacfs.paths import PathError, parse_slot_path
-from hmacfs.request import Rejection
-from hmacfs.storage import PRIVATE_DIR, PrivateDir, Store, _write_file, path_key
+from hmacfs.signing.paths import PathError, parse_slot_path
+from hmacfs.storage.filesystem import PRIVATE_DIR, PrivateDir, Store, _write_file, path_key
 
 log = Logger(observer=log_router)
 
@@ -202,10 +202,10 @@ class Tombstones:
         return removed
 
 
-def tombstone_check(tombstones: Tombstones, prefix: str) -> Callable[[Any], Rejection | None]:
+def tombstone_check(tombstones: Tombstones, prefix: str) -> Callable[[Any], Refusal | None]:
     """Admission check: refuse uploads to a path that retention deleted."""
 
-    def check(request: Any) -> Rejection | None:
+    def check(request: Any) -> Refusal | None:
         if request.method not in (b"PUT", b"POST", b"PATCH"):
             return None
         try:
@@ -213,7 +213,7 @@ def tombstone_check(tombstones: Tombstones, prefix: str) -> Callable[[Any], Reje
         except PathError:
             return None  # the upload policy answers that
         if tombstones.blocks(slot.segments):
-            return Rejection(403, "this file was deleted by the retention policy; request a new slot")
+            return Refusal(403, "this file was deleted by the retention policy; request a new slot")
         return None
 
     return check

@@ -31,7 +31,7 @@ from hmacfs.logs import log_router
 log = Logger(observer=log_router)
 
 HEALTH_PATH = b"/healthz"
-#: the private directory of the store (hmacfs.storage.PRIVATE_DIR)
+#: the private directory of the store (hmacfs.storage.filesystem.PRIVATE_DIR)
 _PRIVATE_DIR = ".hmacfs"
 
 

@@ -9,7 +9,7 @@ whoever holds one /64 holds 2**64 addresses.  Blocked clients get 429 with Retry
 work.  The decision must be synchronous (it runs at header time), so every
 process keeps a local ``BanList``; with Redis, failures and blocks are also
 written there and a ``RedisBanSync`` mirrors other nodes' blocks into the
-local list (see ``hmacfs.state``).
+local list (see ``hmacfs.state.store``).
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from typing import Any
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from hmacfs.errors import Refusal
 from hmacfs.logs import log_router
-from hmacfs.request import Rejection
 
 log = Logger(observer=log_router)
 
@@ -231,17 +231,17 @@ class BanList:
             heapq.heapify(self._expiries)
 
 
-def ban_check(bans: BanList, client_of: Callable[[object], str]) -> Callable[[object], Rejection | None]:
+def ban_check(bans: BanList, client_of: Callable[[object], str]) -> Callable[[object], Refusal | None]:
     """An admission check: 429 + Retry-After for a blocked client, before any other work."""
 
-    def check(request: object) -> Rejection | None:
+    def check(request: object) -> Refusal | None:
         if not bans.has_blocks():
             return None  # the common case: no need to resolve the client address
         wait = bans.retry_after(client_of(request))
         if wait is None:
             return None
         seconds = FOREVER_RETRY_AFTER if wait == FOREVER else max(1, math.ceil(wait))
-        return Rejection(
+        return Refusal(
             429,
             "too many failed authentication attempts from this address",
             ((b"Retry-After", str(seconds).encode("ascii")),),

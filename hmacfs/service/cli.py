@@ -17,8 +17,8 @@ import uuid
 from pathlib import Path
 from typing import Sequence
 
-from hmacfs.auth import sign_slot
 from hmacfs.config import Config, ConfigError, load_config
+from hmacfs.signing.auth import sign_slot
 
 DEMO_FILE = "example-upload.txt"
 DEMO_BODY = b"Hello from hmacfs! This file was uploaded with a signed PUT URL.\n"
@@ -167,7 +167,7 @@ def cmd_unban(args: argparse.Namespace) -> int:
     """Lift a block: in Redis (every node) and through the store (every local process)."""
     import ipaddress
 
-    from hmacfs.bans import request_unban
+    from hmacfs.state.bans import request_unban
 
     config = _load(args.config)
     try:
@@ -190,8 +190,8 @@ def _unban_in_redis(config: Config, address: str, timeout: float) -> bool | None
     from twisted.internet import task
     from twisted.internet.defer import Deferred
 
-    from hmacfs.bans import unban_in_redis
-    from hmacfs.state import StateService
+    from hmacfs.state.bans import unban_in_redis
+    from hmacfs.state.store import StateService
 
     outcome: list[bool | None] = [None]
 

@@ -40,13 +40,13 @@ from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.words.protocols.jabber import component, error, xmlstream
-from twisted.words.protocols.jabber.jid import InvalidFormat, JID
+from twisted.words.protocols.jabber.jid import JID, InvalidFormat
 from twisted.words.xish import domish
 
-from hmacfs.auth import SignedSlot
 from hmacfs.config import Config
 from hmacfs.logs import log_router
-from hmacfs.slots import SlotError, expiring_slot
+from hmacfs.signing.auth import SignedSlot
+from hmacfs.signing.slots import SlotError, expiring_slot
 
 __all__ = [
     "NS_UPLOAD",

@@ -1,7 +1,7 @@
 """
 The Twisted releases hmacfs's two internals modules were checked against.
 
-``hmacfs.request`` (the streaming channel) and ``hmacfs.sendfile`` (the
+``hmacfs.http.channel`` (the streaming channel) and ``hmacfs.http.sendfile`` (the
 sendfile producer) are the only modules that use Twisted internals: private
 attributes and copies of private methods.  Both import this module first, so a
 Twisted outside ``SUPPORTED_TWISTED`` stops the daemon at import with a
@@ -44,7 +44,7 @@ def check_twisted_version(
         return
     raise UnsupportedTwisted(
         f"hmacfs supports Twisted {_describe(supported)} (the releases whose internals "
-        f"hmacfs.request and hmacfs.sendfile were checked against); "
+        f"hmacfs.http.channel and hmacfs.http.sendfile were checked against); "
         f"Twisted {version} is installed"
     )
 

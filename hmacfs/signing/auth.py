@@ -33,8 +33,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from hmacfs.logs import log_router
-
-from hmacfs.paths import PathError, SlotPath, validate_segments
+from hmacfs.signing.paths import PathError, SlotPath, validate_segments
 
 __all__ = [
     "DEFAULT_CONTENT_TYPE",

@@ -2,7 +2,7 @@
 """
 Upload slots as the XMPP servers make them, for embedding and for our component.
 
-``hmacfs.auth.sign_slot`` turns a finished slot path into signed URLs.  What
+``hmacfs.signing.auth.sign_slot`` turns a finished slot path into signed URLs.  What
 an XMPP server adds on top is how it *chooses* that path, and this module
 reproduces it:
 
@@ -31,7 +31,7 @@ import string
 import unicodedata
 import uuid
 
-from hmacfs.auth import SignedSlot, ejabberd_quote, sign_slot
+from hmacfs.signing.auth import SignedSlot, ejabberd_quote, sign_slot
 
 __all__ = [
     "EJABBERD_SECRET_LENGTH",
@@ -258,7 +258,7 @@ def expiring_slot(
 
     ``base_url`` must be where hmacfs serves its upload tree, prefix included
     (``https://upload.example.org/upload``): ``v3`` signs the full decoded
-    request path, exactly as ``hmacfs.auth.Authenticator`` recomputes it.
+    request path, exactly as ``hmacfs.signing.auth.Authenticator`` recomputes it.
     The ``v3`` message does not cover the size: the caller checks it against
     its limits before signing, and ``MaxUploadSize`` still caps the PUT.
     """

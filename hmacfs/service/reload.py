@@ -24,12 +24,12 @@ from twisted.logger import Logger
 
 from hmacfs.config import KEY_ATTRIBUTES, KNOWN_KEYS, Config, ConfigError, load_config
 from hmacfs.logs import log_router
-from hmacfs.rotation import SecretRing
+from hmacfs.signing.rotation import SecretRing
 
 log = Logger(observer=log_router)
 
 #: The keys a SIGHUP applies at once: here (LogLevel, LogFile, the secret) and
-#: through the appliers ``hmacfs.tap`` registers (bans, retention).
+#: through the appliers ``hmacfs.service.tap`` registers (bans, retention).
 APPLIED_ON_RELOAD: frozenset[str] = frozenset({
     "LogLevel", "LogFile", "Secret", "SecretFile",
     "BlockAfterFails", "BlockDuration", "AutoUnban", "AutoBanTime",

@@ -22,29 +22,29 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python import usage
 
-from hmacfs.auth import Authenticator
-from hmacfs.bans import BanList, BanSettings, BanSyncService, SharedBans, ban_check
-from hmacfs.clientaddr import ClientAddressResolver, request_client
 from hmacfs.config import Config, ConfigError, load_config
-from hmacfs.diskpool import DiskThreadPoolService
-from hmacfs.health import HealthCheck, HealthGate, HealthResource
+from hmacfs.http.channel import StreamingSite
+from hmacfs.http.clientaddr import ClientAddressResolver, request_client
+from hmacfs.http.health import HealthCheck, HealthGate, HealthResource
+from hmacfs.http.resource import DownloadSettings, UploadResource
 from hmacfs.logs import log_router
-from hmacfs.metrics import GaugeService, Metrics, enable_multiprocess, metrics_site
-from hmacfs.reload import ReloadService
-from hmacfs.request import StreamingSite
-from hmacfs.rotation import SecretRing
-from hmacfs.retention import (
+from hmacfs.service.diskpool import DiskThreadPoolService
+from hmacfs.service.metrics import GaugeService, Metrics, enable_multiprocess, metrics_site
+from hmacfs.service.reload import ReloadService
+from hmacfs.service.workers import WorkerSupervisor
+from hmacfs.signing.auth import Authenticator
+from hmacfs.signing.rotation import SecretRing
+from hmacfs.state.bans import BanList, BanSettings, BanSyncService, SharedBans, ban_check
+from hmacfs.storage.filesystem import Store
+from hmacfs.storage.retention import (
     RetentionService,
     RetentionSettings,
     Sweeper,
     Tombstones,
     tombstone_check,
 )
-from hmacfs.resource import DownloadSettings, UploadResource
-from hmacfs.resume import make_resumable
-from hmacfs.storage import Store
-from hmacfs.upload import UploadLimits, UploadPolicy
-from hmacfs.workers import WorkerSupervisor
+from hmacfs.upload.policy import UploadLimits, UploadPolicy
+from hmacfs.upload.resume import make_resumable
 
 log = Logger(observer=log_router)
 access_log = Logger(namespace="hmacfs.access", observer=log_router)
@@ -381,7 +381,7 @@ def add_component(top: MultiService, config: Config, reactor: Any) -> MultiServi
     signing slots with the current secret of ``top.reload``'s ring.
     """
     if config.component_jid:
-        from hmacfs.component import component_from_config
+        from hmacfs.xmpp.component import component_from_config
 
         ring = top.reload.ring  # type: ignore[attr-defined]
         component = component_from_config(config, reactor, secret=lambda: ring.current)
@@ -422,7 +422,7 @@ def make_supervisor(config: Config, reactor: Any, config_path: str) -> MultiServ
     redis = None
     if config.redis_addr:
         # The sweep lock shared with other nodes (the workers hold their own connections).
-        from hmacfs.state import StateService
+        from hmacfs.state.store import StateService
 
         state = StateService(
             reactor, redis_addr=config.redis_addr, redis_password=config.redis_password,

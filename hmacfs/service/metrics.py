@@ -185,7 +185,7 @@ class MetricsResource(Resource):
     def __init__(self, registry: Any, health: Resource | None = None) -> None:
         super().__init__()
         self.registry = registry
-        #: the /healthz resource (hmacfs.health), or None
+        #: the /healthz resource (hmacfs.http.health), or None
         self.health = health
 
     def render_GET(self, request: Any) -> bytes | int:

@@ -42,10 +42,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hmacfs.errors import Refusal
-from hmacfs.auth import SCHEMES
 from hmacfs.logs import log_router
-from hmacfs.state import StateService, node_identity
-from hmacfs.storage import Store, StorageError, path_key
+from hmacfs.signing.auth import SCHEMES
+from hmacfs.state.store import StateService, node_identity
+from hmacfs.storage.filesystem import StorageError, Store, path_key
 
 log = Logger(observer=log_router)
 
@@ -437,7 +437,7 @@ class ResumeService(Service):
 
 @attrs.define
 class Resumable:
-    """Everything resumable uploads add to a site: wired by ``hmacfs.tap``."""
+    """Everything resumable uploads add to a site: wired by ``hmacfs.service.tap``."""
 
     uploads: Uploads
     state_service: StateService

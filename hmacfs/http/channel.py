@@ -24,7 +24,7 @@ arrives, to the discard.
 
 The decision itself is not made here: the site's ``body_policy`` (an
 ``IBodyPolicy``) looks at the request and either attaches a body consumer
-(``request.body_consumer``) or a ``Rejection`` (``request.rejection``).  A
+(``request.body_consumer``) or a ``Refusal`` (``request.rejection``).  A
 decision that needs I/O (a Redis lock, another writer letting go) is a
 Deferred in ``request.admission``: until it fires the channel reads nothing
 more, holds back the body bytes already read and sends no ``100 Continue``.
@@ -33,19 +33,19 @@ more, holds back the body bytes already read and sends no ``100 Continue``.
 from __future__ import annotations
 
 import time
-from io import BytesIO
 from collections.abc import Callable
+from io import BytesIO
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
-import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
-from hmacfs._twisted_compat import SUPPORTED_TWISTED  # noqa: F401 - checks the installed Twisted at import
-from hmacfs.clientaddr import ClientAddressResolver
+from hmacfs.errors import Refusal
+from hmacfs.http._twisted_compat import SUPPORTED_TWISTED  # noqa: F401 - checks the installed Twisted at import
+from hmacfs.http.clientaddr import ClientAddressResolver
 from hmacfs.logs import log_router
 
 log = Logger(observer=log_router)
@@ -56,15 +56,6 @@ log = Logger(observer=log_router)
 #: answer instead of a TCP reset (what nginx calls lingering close).
 LINGER_SECONDS = 3.0
 LINGER_BYTES = 8 * 1024 * 1024
-
-
-@attrs.frozen
-class Rejection:
-    """A refusal decided from the request line and headers."""
-
-    status: int
-    reason: str
-    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 class IBodyConsumer(Protocol):
@@ -91,7 +82,7 @@ class StreamingRequest(server.Request):
     """
 
     body_consumer: IBodyConsumer | None = None
-    rejection: Rejection | None = None
+    rejection: Refusal | None = None
     #: the parsed upload path, set by the policy for upload requests
     slot: Any = None
     #: bytes of body handed to the consumer (or discarded)
@@ -139,7 +130,7 @@ class StreamingRequest(server.Request):
         ):
             # Nobody wants this body: never spool it.  Whoever routes requests
             # should have said why; this is the safe default.
-            self.rejection = Rejection(413, "this resource takes no request body")
+            self.rejection = Refusal(413, "this resource takes no request body")
 
     def gotLength(self, length: int | None) -> None:
         # No spool: the body goes to the consumer.  ``content`` stays a tiny
@@ -510,7 +501,7 @@ class StreamingChannel(http.HTTPChannel):
         if isinstance(result, Failure):
             log.failure("admission failed", result)
             if req.rejection is None and req.body_consumer is None:
-                req.rejection = Rejection(500, "internal error")
+                req.rejection = Refusal(500, "internal error")
         if self.transport is None or req._disconnected:
             # The client left while we were deciding: whoever was admitted lets go.
             req._held = None
@@ -648,11 +639,11 @@ class StreamingSite(server.Site):
     requestFactory = StreamingRequest
     body_policy: IBodyPolicy | None = None
     read_size: int = 65536
-    #: an hmacfs.metrics.Metrics, or None
+    #: an hmacfs.service.metrics.Metrics, or None
     metrics: Any = None
     #: called with each request at header time, before the body policy; the
-    #: first Rejection returned wins (bans, tombstones: "before any other work")
-    admission_checks: list[Callable[[StreamingRequest], Rejection | None]]
+    #: first Refusal returned wins (bans, tombstones: "before any other work")
+    admission_checks: list[Callable[[StreamingRequest], Refusal | None]]
     #: seconds from a request head's first byte to its end (0: no deadline)
     header_timeout: float = 0.0
     #: open connections allowed per client (0: unlimited), counted by

@@ -5,7 +5,7 @@ Several worker processes on one listening socket (NumCores > 1).
 Python runs one thread of Python at a time, so the way to use every core is
 several processes.  The twistd process becomes a supervisor: it opens the
 listening socket (TCP, UNIX or one handed over by systemd), stops accepting on
-it itself, and starts NumCores workers (``python -m hmacfs.worker``) that
+it itself, and starts NumCores workers (``python -m hmacfs.service.worker``) that
 inherit the socket as file descriptor 3 and accept on it.  The supervisor
 restarts a worker that dies, forwards SIGHUP to all of them, and on SIGTERM
 lets every worker drain its uploads (DrainTimeout) before it closes the socket
@@ -32,7 +32,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from hmacfs.logs import log_router
-from hmacfs.metrics import mark_process_dead
+from hmacfs.service.metrics import mark_process_dead
 
 log = Logger(observer=log_router)
 
@@ -148,7 +148,7 @@ class WorkerSupervisor(Service):
         args = [
             self.python,
             "-m",
-            "hmacfs.worker",
+            "hmacfs.service.worker",
             "--config",
             self.config_path,
             "--fd",

@@ -18,7 +18,7 @@ client little), while a slow download that keeps moving is never cut off.
 On a plain TCP or UNIX transport a body of at least ``SENDFILE_MIN`` bytes goes
 out with ``os.sendfile`` instead: the kernel moves page-cache pages to the
 socket, so Python neither reads nor copies the data (PERFORMANCE.md's lever
-for big GETs).  The producer lives in ``hmacfs.sendfile``, because it needs
+for big GETs).  The producer lives in ``hmacfs.http.sendfile``, because it needs
 Twisted internals and this module uses public API only.
 """
 
@@ -29,7 +29,7 @@ import math
 import os
 import re
 import stat
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote
 
 from twisted.internet.interfaces import IReactorTime
@@ -38,17 +38,17 @@ from twisted.web import http
 from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET
 
-from hmacfs.logs import log_router
-from hmacfs.sendfile import (
+from hmacfs.http.sendfile import (
     CHUNKS_PER_TURN,
     SENDFILE_MIN,
     SENDFILE_PER_TURN,
     FileProducer,
     sendfile_transport,
 )
+from hmacfs.logs import log_router
 
 if TYPE_CHECKING:
-    from hmacfs.storage import StoredFile
+    from hmacfs.storage.filesystem import StoredFile
 
 __all__ = [
     "CHUNKS_PER_TURN",

@@ -654,7 +654,7 @@ def _networks(
     return tuple(networks)
 
 
-# --- the XEP-0114 component (hmacfs.component) ------------------------------------------------
+# --- the XEP-0114 component (hmacfs.xmpp.component) ------------------------------------------------
 
 _JID_DOMAIN_FORMS = 'a domain such as "upload.example.org" (no user part, no resource)'
 

@@ -349,7 +349,7 @@ class Store:
     """
     Finished files and uploads in progress under one root directory.
 
-    Paths come from ``hmacfs.paths.SlotPath.segments``, already validated; the checks here
+    Paths come from ``hmacfs.signing.paths.SlotPath.segments``, already validated; the checks here
     are repeated on purpose, so a bug elsewhere cannot write outside ``root``.
 
     Nothing below ``root`` is reached through a symlink: the private directories are open

@@ -22,22 +22,20 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from hmacfs import tus
-from hmacfs.errors import storage_refusal
+from hmacfs.errors import Refusal, storage_refusal
+from hmacfs.http.download import render_download
 from hmacfs.logs import log_router
-
-from hmacfs.download import render_download
-from hmacfs.paths import PathError, parse_slot_path
-from hmacfs.resume import Refusal
-from hmacfs.upload import ALLOW, Progress
+from hmacfs.signing.paths import PathError, parse_slot_path
+from hmacfs.upload import tus
+from hmacfs.upload.policy import ALLOW, Progress
 
 if TYPE_CHECKING:
-    from hmacfs.resume import Uploads
+    from hmacfs.upload.resume import Uploads
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
-    from hmacfs.storage import Store, StoredFile
+    from hmacfs.storage.filesystem import Store, StoredFile
 
 log = Logger(observer=log_router)
 
