@@ -36,9 +36,19 @@ run: $(STAMP)
 system-deps:
 	./scripts/install-system-deps.sh
 
-test: $(STAMP) $(OLDEST_STAMP) system-deps
+test: lint $(OLDEST_STAMP) system-deps
 	$(OLDEST_VENV)/bin/trial --jobs=2 $(FAST_TESTS)
 	$(TRIAL) --jobs=2 tests
+
+# ruff and mypy, configured in pyproject.toml; `make test` runs this first and stops on its errors.
+# Both run even when the first fails; the last line says which failed (.ci/run looks for it).
+LINT_PATHS := hmacfs tests bench twisted/plugins
+lint: $(STAMP)
+	@status=0; \
+	$(VENV)/bin/ruff check $(LINT_PATHS) || { status=1; failed="ruff"; }; \
+	$(VENV)/bin/mypy || { status=1; failed="$${failed:+$$failed and }mypy"; }; \
+	if [ $$status -ne 0 ]; then echo "lint failed: $$failed found errors (make lint)"; fi; \
+	exit $$status
 
 test-twisted-oldest: $(OLDEST_STAMP)
 	$(OLDEST_VENV)/bin/trial --jobs=2 $(FAST_TESTS)
