@@ -198,9 +198,10 @@ def listen_overflows() -> dict[str, int]:
             lines = f.read().splitlines()
     except OSError:
         return counters
-    for names, values in zip(lines[::2], lines[1::2]):
+    # A header line then its values line; a trailing unpaired line (none in practice) is ignored.
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
         if names.startswith("TcpExt:"):
-            for name, value in zip(names.split()[1:], values.split()[1:]):
+            for name, value in zip(names.split()[1:], values.split()[1:], strict=True):
                 if name in wanted:
                     counters[name] = int(value)
     return counters
@@ -1360,7 +1361,7 @@ def markdown(lines: list[list[str]]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     out = []
     for k, line in enumerate(lines):
-        out.append("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |")
+        out.append("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |")
         if k == 0:
             out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(out)
@@ -1426,7 +1427,7 @@ def render_single_table(
     header = ["workload", *(f"hmacfs NumCores={c}" for c in order), "plain twisted.web"]
     header += ["ratio h1/plain", "target (NumCores=1)"]
     lines, data = [header], []
-    for workload, metric, label, better, target in SINGLE_ROWS:
+    for workload, metric, label, _better, target in SINGLE_ROWS:
         if workload not in bench.only:
             continue
         figures = {c: server_figure(results, variants[c], workload, metric) for c in order}
@@ -1595,7 +1596,7 @@ def machine_load(seconds: float = 1.0) -> dict[str, Any]:
     (t0, p0), start = snapshot(), time.monotonic()
     time.sleep(seconds)
     (t1, p1), wall = snapshot(), time.monotonic() - start
-    delta = [b - a for a, b in zip(t0, t1)]
+    delta = [b - a for a, b in zip(t0, t1, strict=True)]
     idle = delta[3] + delta[4]  # idle + iowait
     busy = 1 - idle / max(1, sum(delta))
     top = []

@@ -80,7 +80,8 @@ def _under_prefix(raw_path: bytes, prefix: list[bytes]) -> bool:
     parts = raw_path.lstrip(b"/").split(b"/")
     if len(parts) < len(prefix):
         return False
-    return all(unquote_to_bytes(raw) == wanted for raw, wanted in zip(parts, prefix))
+    # Only the first segments: the path goes on past the prefix.
+    return all(unquote_to_bytes(raw) == wanted for raw, wanted in zip(parts, prefix, strict=False))
 
 
 class _HostBody:

@@ -31,6 +31,7 @@ from hmacfs.xmpp.component import (
     NS_UPLOAD_LEGACY,
     ComponentService,
     DailyQuota,
+    FileTooLarge,
     QuotaExceeded,
     SlotPolicy,
     SlotRequest,
@@ -354,7 +355,7 @@ class PolicyTests(SynchronousTestCase):
         quota = DailyQuota(1000, clock)
         policy = make_policy(clock, quota=quota, max_size=500)
         request = SlotRequest("a@example.org/r", "f", "600", None, NS_UPLOAD)
-        self.assertRaises(Exception, policy.issue, request)
+        self.assertRaises(FileTooLarge, policy.issue, request)
         self.assertEqual(quota.used("a@example.org"), 0)
 
     def test_secret_read_per_slot(self) -> None:

@@ -75,7 +75,7 @@ def make_stored(
     path = directory / name
     path.write_bytes(data)
     os.utime(path, (MTIME, MTIME))
-    etag = '"%x-%x"' % (len(data), int(MTIME))
+    etag = f'"{len(data):x}-{int(MTIME):x}"'
     return FakeStoredFile(path, len(data), MTIME, content_type, etag)
 
 

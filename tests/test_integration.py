@@ -460,7 +460,7 @@ class TCPDaemonTests(SynchronousTestCase):
             # chunks are dropped), once the server has let go of the upload.
             seen: list[int | None] = [None]
 
-            def settled() -> bool:
+            def settled(seen: list[int | None] = seen, path: str = path, token: str = token) -> bool:
                 before, seen[0] = seen[0], self.session_offset(path, token)
                 return seen[0] is not None and seen[0] == before
 
@@ -712,7 +712,7 @@ class IPv6DaemonTests(SynchronousTestCase):
         except OSError:
             if in_ci():
                 raise
-            raise SkipTest("no IPv6 loopback here")
+            raise SkipTest("no IPv6 loopback here") from None
 
         class IPv6Daemon(Daemon):
             def listen_config(self) -> str:

@@ -77,7 +77,7 @@ def _spell(char: str, upper: bool, encode: int) -> bytes:
 #: ".hmacfs" in any case, any mix of its bytes percent-encoded (lower or upper hex).
 private_names = st.lists(
     st.tuples(st.booleans(), st.integers(min_value=0, max_value=2)), min_size=7, max_size=7
-).map(lambda spelling: b"".join(_spell(c, u, e) for c, (u, e) in zip(".hmacfs", spelling)))
+).map(lambda spelling: b"".join(_spell(c, u, e) for c, (u, e) in zip(".hmacfs", spelling, strict=True)))
 
 prefixes = st.sampled_from(["upload", "", "a/b", "files/x y"])
 

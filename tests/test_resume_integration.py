@@ -435,7 +435,7 @@ class TuspyTests(ResumeSuite):
         except ImportError:
             if in_ci():
                 raise AssertionError("tuspy is a test dependency (pip install -e '.[test]')") from None
-            raise SkipTest("tuspy not installed")
+            raise SkipTest("tuspy not installed") from None
         daemon = self.daemon()
         data = os.urandom(50 * MiB)
         source = self.work / "tus.bin"
@@ -460,7 +460,7 @@ class TuspyTests(ResumeSuite):
         self.assertEqual(second.offset, 23 * MiB)
         second.upload()
         status, _headers, body = http(
-            daemon.raw_connect, "GET /upload/tus/file.bin HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            daemon.raw_connect, b"GET /upload/tus/file.bin HTTP/1.1\r\nHost: x\r\n\r\n"
         )
         self.assertEqual(status, 200)
         self.assertEqual(hashlib.sha256(body).hexdigest(), hashlib.sha256(data).hexdigest())

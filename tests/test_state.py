@@ -126,7 +126,7 @@ class RedisMixin:
             waited = 0.0
             while not condition():
                 if waited > timeout:
-                    raise AssertionError("condition not met within %ss" % timeout)
+                    raise AssertionError(f"condition not met within {timeout}s")
                 await deferLater(reactor, 0.02, lambda: None)
                 waited += 0.02
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -453,7 +454,7 @@ class WriteTests(StoreTestsMixin, SynchronousTestCase):
         """Any split of a body into chunks and write() calls commits exactly the body."""
         store = self.make_store()
         points = sorted({min(c, len(body)) for c in cuts} | {0, len(body)})
-        chunks = [body[a:b] for a, b in zip(points, points[1:])]
+        chunks = [body[a:b] for a, b in itertools.pairwise(points)]
         partial = store.open_partial(SEGS, "application/octet-stream", len(body))
         i = 0
         for n in groups + [len(chunks)]:

@@ -88,7 +88,7 @@ class WorkerTests(SynchronousTestCase):
         daemon.process.send_signal(signal.SIGTERM)
         daemon.process.wait(30)
         for pid in workers:
-            self.assertTrue(wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10), pid)
+            self.assertTrue(wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), 10), pid)
         self.assertFalse(daemon.socket.exists())
 
     def test_workers_die_with_a_killed_supervisor(self) -> None:
@@ -98,7 +98,7 @@ class WorkerTests(SynchronousTestCase):
         daemon.process.kill()
         daemon.process.wait(10)
         for pid in workers:
-            self.assertTrue(wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 15), pid)
+            self.assertTrue(wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), 15), pid)
 
 
 class SharedBanTests(SynchronousTestCase):

@@ -14,8 +14,8 @@ import secrets
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from hmacfs.config import Config, ConfigError, load_config
 from hmacfs.signing.auth import sign_slot

@@ -173,7 +173,7 @@ def parse_slot_path(raw_path: bytes, prefix: str) -> SlotPath:
     expected = _prefix_segments(prefix)
     if len(parts) <= len(expected):
         raise outside
-    for raw, wanted in zip(parts, expected):
+    for raw, wanted in zip(parts, expected, strict=False):  # the rest is the file path
         try:
             matches = _percent_decode(raw) == wanted
         except PathError:
