@@ -52,7 +52,7 @@ starts.  While running it handles SIGHUP (reopen ``LogFile``, re-read
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import parse_qs, unquote_to_bytes
 
 from twisted.application.service import MultiService
@@ -98,18 +98,21 @@ class _HostBody:
             # Only a chunked body can get here (a declared length was checked).
             self.request.channel.forceAbortClient()
             return
-        self.request.content.write(data)
+        # twisted.web declares ``content = None`` on the class; the channel set a BytesIO.
+        content: BinaryIO = self.request.content  # type: ignore[assignment]
+        content.write(data)
 
     def body_complete(self) -> None:
-        content = self.request.content
+        content: BinaryIO = self.request.content  # type: ignore[assignment]  # as in write()
         content.seek(0)
         kind = self.request.requestHeaders.getRawHeaders(b"Content-Type", [b""])[0]
         if self.request.method == b"POST" and kind.split(b";")[0].strip().lower() == _FORM:
             # latin-1 round-trips every byte: values stay the bytes that were sent.
             text = content.read().decode("latin-1")
             form = parse_qs(text, keep_blank_values=True, encoding="latin-1")
+            args: dict[bytes, list[bytes]] = self.request.args  # type: ignore[assignment]  # likewise
             for name, values in form.items():
-                self.request.args.setdefault(name.encode("latin-1"), []).extend(
+                args.setdefault(name.encode("latin-1"), []).extend(
                     value.encode("latin-1") for value in values
                 )
             content.seek(0)
@@ -242,7 +245,8 @@ class EmbeddedUpload:
         root = site.resource
         self.mount(root)
         site.resource = _RejectionGate(root, self.resource)
-        site.requestFactory = StreamingRequest
+        # Narrower than Site's types: StreamingRequest takes (channel, queued) only, not **kw.
+        site.requestFactory = StreamingRequest  # type: ignore[assignment]
         site.protocol = StreamingChannel  # type: ignore[assignment]
         site.body_policy = self._policy()  # type: ignore[attr-defined]
         site.admission_checks = self.site.admission_checks  # type: ignore[attr-defined]

@@ -155,7 +155,7 @@ class HealthResource(Resource):
         self.health = health
 
     def render_GET(self, request: Any) -> int:
-        finished = []
+        finished: list[object] = []
         request.notifyFinish().addBoth(finished.append)
 
         def answer(report: HealthReport) -> None:

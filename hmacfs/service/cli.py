@@ -218,8 +218,8 @@ def _unban_in_redis(config: Config, address: str, timeout: float) -> bool | None
     failures: list[object] = []
     done = Deferred.fromCoroutine(run(reactor))
     done.addErrback(failures.append)
-    done.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
-    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
+    done.addBoth(lambda _: reactor.stop())
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]  # not in IReactorCore
     if failures:
         print(f"hmacfs unban: {failures[0].getErrorMessage()}", file=sys.stderr)  # type: ignore[attr-defined]
         return None

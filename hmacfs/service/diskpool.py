@@ -47,7 +47,7 @@ class DiskThreadPoolService(Service):
             raise ValueError(f"size must be at least 1, not {size!r}")
         self.reactor = reactor
         self.size = size
-        self.name = name
+        self.setName(name)  # also the threads' name prefix
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._results: collections.deque[tuple[Deferred, bool, Any]] = collections.deque()
         self._lock = threading.Lock()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
@@ -73,8 +73,9 @@ class Metrics:
 
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
-        live = {"multiprocess_mode": "livesum"}
-        latest = {"multiprocess_mode": "max"}
+        # How a gauge's values from several worker processes add up.
+        live: dict[str, Literal["livesum"]] = {"multiprocess_mode": "livesum"}
+        latest: dict[str, Literal["max"]] = {"multiprocess_mode": "max"}
         # The original's names.
         self.uploads = Counter("hmac_file_server_uploads", "Uploads stored", registry=r)
         self.upload_errors = Counter(

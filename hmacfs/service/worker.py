@@ -102,10 +102,14 @@ def connect_supervisor(reactor: Any, messages: SupervisorMessages, stdin: int = 
     writing half gets a descriptor of its own on /dev/null.
     """
     devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-    return StandardIO(messages, stdin=stdin, stdout=devnull, reactor=reactor)
+    # mypy reads the Windows StandardIO; the POSIX one takes stdin and stdout.
+    return StandardIO(messages, stdin=stdin, stdout=devnull, reactor=reactor)  # type: ignore[call-arg]
 
 
-def build_worker(config_path: str, fd: int, family: int, index: int, reactor: Any) -> MultiService:
+def build_worker(
+    config_path: str, fd: int, family: int, index: int, reactor: Any
+) -> tuple[MultiService, SupervisorMessages]:
+    """The worker's services, and what reads the supervisor's messages once they run."""
     from hmacfs.config import load_config
     from hmacfs.service.tap import assemble_server, tune_allocator
 
@@ -123,8 +127,7 @@ def build_worker(config_path: str, fd: int, family: int, index: int, reactor: An
         if reactor.running:
             reactor.stop()
 
-    top.supervisor_messages = SupervisorMessages(on_message, on_eof)  # type: ignore[attr-defined]
-    return top
+    return top, SupervisorMessages(on_message, on_eof)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,12 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.internet import reactor
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
-    top = build_worker(args.config, args.fd, FAMILIES[args.family], args.index, reactor)
+    top, messages = build_worker(args.config, args.fd, FAMILIES[args.family], args.index, reactor)
     def start() -> None:
         top.startService()
-        connect_supervisor(reactor, top.supervisor_messages)
+        connect_supervisor(reactor, messages)
         if _early_sighup:
-            top.reload.reload()
+            top.reload.reload()  # type: ignore[attr-defined]  # set by tap.assemble_server
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)

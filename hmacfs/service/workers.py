@@ -62,7 +62,8 @@ def address_family(address: Any) -> int:
 
 
 def socket_family_name(family: int) -> str:
-    return {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}[family]
+    names: dict[int, str] = {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}
+    return names[family]
 
 
 class WorkerProcess(protocol.ProcessProtocol):
@@ -76,12 +77,14 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.pid: int | None = None
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.pid = self.transport.pid
         self.send_secrets()
 
     def send_secrets(self) -> None:
         """The worker's secrets come over its stdin: one JSON line per change."""
         line = json.dumps({"secrets": self.supervisor.secret_state()}) + "\n"
+        assert self.transport is not None
         self.transport.write(line.encode("ascii"))
 
     def processEnded(self, reason: Any) -> None:

@@ -68,7 +68,8 @@ class SecretRing:
         self.current = bytes.fromhex(str(state["current"]))
         previous = state.get("previous")
         if previous:
-            secret, until = previous  # type: ignore[misc]
-            self.previous, self.previous_until = bytes.fromhex(secret), float(until)
+            assert isinstance(previous, list | tuple), previous
+            secret, until = previous
+            self.previous, self.previous_until = bytes.fromhex(str(secret)), float(until)
         else:
             self.previous, self.previous_until = None, 0.0

@@ -21,7 +21,7 @@ import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,7 @@ class BanList:
         self,
         clock: IReactorTime,
         settings: BanSettings,
-        on_ban: Callable[[str, float], None] | None = None,
+        on_ban: Callable[[str, float], object] | None = None,
         *,
         max_entries: int = MAX_TRACKED,
     ) -> None:
@@ -274,7 +274,7 @@ class SharedBans:
         self._mirrored: set[str] = set()
         bans.on_ban = self.publish
 
-    def failure(self, address: str) -> Deferred | None:
+    def failure(self, address: str) -> Deferred[None] | None:
         """Count a failure in Redis; block everywhere when the shared count is reached."""
         redis = self.client()
         if redis is None:
@@ -294,7 +294,7 @@ class SharedBans:
 
         return _background(count(), "counting a failure in Redis")
 
-    def publish(self, address: str, seconds: float) -> Deferred | None:
+    def publish(self, address: str, seconds: float) -> Deferred[None] | None:
         """Write a block decided here to Redis, for every other process."""
         redis = self.client()
         if redis is None:
@@ -329,7 +329,7 @@ class SharedBans:
                 break
         return blocks
 
-    def sync(self) -> Deferred | None:
+    def sync(self) -> Deferred[None] | None:
         """Mirror Redis's blocks into the local list (and lift the ones deleted there)."""
         redis = self.client()
         if redis is None:
@@ -347,7 +347,7 @@ class SharedBans:
         return _background(mirror(), "mirroring blocks from Redis")
 
 
-def _background(coroutine: Any, what: str) -> Deferred:
+def _background(coroutine: Coroutine[Any, Any, None], what: str) -> Deferred[None]:
     d = Deferred.fromCoroutine(coroutine)
     d.addErrback(lambda failure: log.info("{what} failed: {error}", what=what, error=failure.getErrorMessage()))
     return d
@@ -428,7 +428,7 @@ class BanSyncService(Service):
                 self._applied.pop(entry.name, None)
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted: unannotated
         self._loop = LoopingCall(self.tick)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=False).addErrback(
@@ -436,6 +436,6 @@ class BanSyncService(Service):
         )
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted: unannotated
         if self._loop is not None and self._loop.running:
             self._loop.stop()

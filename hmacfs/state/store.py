@@ -100,19 +100,19 @@ def session_key(token: str) -> str:
 class IUploadState(Interface):
     """Writer locks and progress records of uploads in progress."""
 
-    def acquire(key: str, owner: str) -> Deferred:
+    def acquire(key: str, owner: str) -> Deferred[bool]:
         """Fire True if ``owner`` now holds the writer lock of upload ``key``, else False."""
 
-    def release(key: str, owner: str) -> Deferred:
+    def release(key: str, owner: str) -> Deferred[None]:
         """Let go of the lock if ``owner`` still holds it."""
 
-    def record_progress(token: str, binding: str, offset: int, ttl: float) -> Deferred:
+    def record_progress(token: str, binding: str, offset: int, ttl: float) -> Deferred[None]:
         """Remember that ``offset`` bytes of the upload ``binding`` are on disk, for ``ttl`` s."""
 
-    def progress(token: str) -> Deferred:
+    def progress(token: str) -> Deferred[tuple[str, int] | None]:
         """Fire ``(binding, offset)`` recorded for ``token``, or None."""
 
-    def forget(token: str) -> Deferred:
+    def forget(token: str) -> Deferred[None]:
         """Drop the progress record (the upload is stored or gone)."""
 
 
@@ -129,23 +129,23 @@ class EmbeddedState:
         self.locks: dict[str, str] = {}
         self._progress: dict[str, tuple[str, int, float]] = {}
 
-    def acquire(self, key: str, owner: str) -> Deferred:
+    def acquire(self, key: str, owner: str) -> Deferred[bool]:
         holder = self.locks.get(key)
         if holder is not None and holder != owner:
             return succeed(False)
         self.locks[key] = owner
         return succeed(True)
 
-    def release(self, key: str, owner: str) -> Deferred:
+    def release(self, key: str, owner: str) -> Deferred[None]:
         if self.locks.get(key) == owner:
             del self.locks[key]
         return succeed(None)
 
-    def record_progress(self, token: str, binding: str, offset: int, ttl: float) -> Deferred:
+    def record_progress(self, token: str, binding: str, offset: int, ttl: float) -> Deferred[None]:
         self._progress[token] = (binding, offset, self.clock.seconds() + ttl)
         return succeed(None)
 
-    def progress(self, token: str) -> Deferred:
+    def progress(self, token: str) -> Deferred[tuple[str, int] | None]:
         entry = self._progress.get(token)
         if entry is None:
             return succeed(None)
@@ -155,7 +155,7 @@ class EmbeddedState:
             return succeed(None)
         return succeed((binding, offset))
 
-    def forget(self, token: str) -> Deferred:
+    def forget(self, token: str) -> Deferred[None]:
         self._progress.pop(token, None)
         return succeed(None)
 
@@ -191,7 +191,7 @@ class RedisState:
     def _redis(self) -> Any:
         return self.service.client()
 
-    def acquire(self, key: str, owner: str) -> Deferred:
+    def acquire(self, key: str, owner: str) -> Deferred[bool]:
         return Deferred.fromCoroutine(self._acquire(key, owner))
 
     async def _acquire(self, key: str, owner: str) -> bool:
@@ -226,24 +226,24 @@ class RedisState:
         await self.local.release(key, owner)
         return False
 
-    def release(self, key: str, owner: str) -> Deferred:
+    def release(self, key: str, owner: str) -> Deferred[None]:
         self.local.release(key, owner)
         if self.held.get(key) == owner:
             del self.held[key]
         return self._command(lambda c: c.eval(_RELEASE, [lock_key(key)], [owner]))
 
-    def record_progress(self, token: str, binding: str, offset: int, ttl: float) -> Deferred:
+    def record_progress(self, token: str, binding: str, offset: int, ttl: float) -> Deferred[None]:
         self.local.record_progress(token, binding, offset, ttl)
         px = max(1, int(ttl * 1000))
 
-        def write(client: Any) -> Deferred:
-            first = client.set(session_key(token), binding, pexpire=px)
-            second = client.set(progress_key(token), offset, pexpire=px)
+        def write(client: Any) -> Deferred[object]:
+            first: Deferred[object] = client.set(session_key(token), binding, pexpire=px)
+            second: Deferred[object] = client.set(progress_key(token), offset, pexpire=px)
             return first.addCallback(lambda _: second)
 
         return self._command(write)
 
-    def progress(self, token: str) -> Deferred:
+    def progress(self, token: str) -> Deferred[tuple[str, int] | None]:
         return Deferred.fromCoroutine(self._progress(token))
 
     async def _progress(self, token: str) -> tuple[str, int] | None:
@@ -260,11 +260,11 @@ class RedisState:
                 return str(binding), int(offset)
         return await self.local.progress(token)
 
-    def forget(self, token: str) -> Deferred:
+    def forget(self, token: str) -> Deferred[None]:
         self.local.forget(token)
         return self._command(lambda c: c.delete([progress_key(token), session_key(token)]))
 
-    def refresh_locks(self) -> Deferred:
+    def refresh_locks(self) -> Deferred[None]:
         """Extend every lock held here; take again those that expired during an outage."""
         return Deferred.fromCoroutine(self._refresh_locks())
 
@@ -286,7 +286,7 @@ class RedisState:
                     key=key,
                 )
 
-    def _command(self, run: Callable[[Any], Deferred]) -> Deferred:
+    def _command(self, run: Callable[[Any], Deferred[Any]]) -> Deferred[None]:
         client = self._redis()
         if client is None:
             return succeed(None)
@@ -456,7 +456,7 @@ class StateService(Service):
     # lifecycle
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted: unannotated
         if self.address is None:
             log.info("upload state: embedded (no RedisAddr)")
             return
@@ -476,8 +476,8 @@ class StateService(Service):
         self._refresh.clock = self.reactor
         self._refresh.start(LOCK_TTL / 3, now=False)
 
-    def stopService(self) -> Deferred:
-        super().stopService()
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted: unannotated
         if self._refresh is not None and self._refresh.running:
             self._refresh.stop()
         if self._client_service is None:
@@ -505,10 +505,15 @@ class StateService(Service):
             )
         return max(self.retry_delay, SLOW_RETRY)
 
-    def _prepare(self, proto: Any) -> Deferred:
+    def _prepare(self, proto: Any) -> Deferred[Any]:
         """Ready once AUTH/SELECT went through; fail if the connection drops first."""
-        ready: Deferred = Deferred()
-        proto.whenConnected().addCallback(lambda p: ready.called or ready.callback(p))
+        ready: Deferred[Any] = Deferred()
+
+        def connected(p: object) -> None:
+            if not ready.called:
+                ready.callback(p)
+
+        proto.whenConnected().addCallback(connected)
 
         def dropped(inner: object) -> None:
             # txredisapi fires this with its own protocol (``proto`` is

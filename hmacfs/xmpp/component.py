@@ -327,7 +327,8 @@ class UploadHandler(xmlstream.XMPPHandler):
         """Dispatch one request IQ and send exactly one reply."""
         if getattr(iq, "handled", False):
             return
-        iq.handled = True
+        # twisted.words' convention: an observer marks a stanza handled (Element has no such slot).
+        iq.handled = True  # type: ignore[attr-defined]
         payload = next(iter(iq.elements()), None)
         reply: domish.Element
         if payload is None:
