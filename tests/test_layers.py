@@ -19,11 +19,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "hmacfs"
 
 #: Each layer (a folder, or a top-level module) and the hmacfs layers it may import.
 #: A layer may always import its own modules.
-FOUNDATION = {"hmacfs.errors", "hmacfs.logs"}
+FOUNDATION = {"hmacfs.errors", "hmacfs.logs", "hmacfs.periodic"}
 LAYERS: dict[str, set[str]] = {
-    # shared by every layer: the one refusal type, and the log router
+    # shared by every layer: the one refusal type, the log router, the periodic-job timer
     "hmacfs.errors": set(),
     "hmacfs.logs": set(),
+    "hmacfs.periodic": {"hmacfs.logs"},
     # leaves
     "hmacfs.signing": FOUNDATION,
     "hmacfs.config": FOUNDATION,
@@ -53,7 +54,7 @@ LAYERS: dict[str, set[str]] = {
 
 #: Layers that must not import twisted.web at all (they are used without HTTP).
 NO_TWISTED_WEB = {
-    "hmacfs.errors", "hmacfs.logs", "hmacfs.signing", "hmacfs.config", "hmacfs.state",
+    "hmacfs.errors", "hmacfs.logs", "hmacfs.periodic", "hmacfs.signing", "hmacfs.config", "hmacfs.state",
     "hmacfs.storage",
 }
 

@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+
+from hmacfs.periodic import PeriodicService
 
 #: upload durations from 1 s to 1 h (plus the sub-second small files)
 UPLOAD_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
@@ -201,15 +202,13 @@ class MetricsResource(Resource):
         return body
 
 
-class GaugeService(Service):
+class GaugeService(PeriodicService):
     """Refreshes the gauges that mirror state held elsewhere (bans, uploads in flight)."""
 
     def __init__(self, clock: Any, metrics: Metrics, site: Any, interval: float = 5.0) -> None:
-        self.clock = clock
+        super().__init__(clock, interval, self.refresh, what="refreshing the gauges", now=True)
         self.metrics = metrics
         self.site = site
-        self.interval = interval
-        self._loop: LoopingCall | None = None
         self._bans_seen = 0
 
     def refresh(self) -> None:
@@ -226,17 +225,10 @@ class GaugeService(Service):
         if resumable is not None and resumable.state_service.address is not None:
             self.metrics.redis_connected.set(1 if resumable.state_service.connected else 0)
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self.refresh)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=True)
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self.refresh()
+    def stopService(self) -> Deferred[None]:
+        stopped = super().stopService()
+        self.refresh()  # once more after the last tick
+        return stopped
 
 
 def metrics_site(metrics: Metrics, reactor: Any, health: Resource | None = None) -> Site:

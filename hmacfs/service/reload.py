@@ -19,11 +19,12 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from hmacfs.config import KEY_ATTRIBUTES, KNOWN_KEYS, Config, ConfigError, load_config
 from hmacfs.logs import log_router
+from hmacfs.periodic import PeriodicService
 from hmacfs.signing.rotation import SecretRing
 
 log = Logger(observer=log_router)
@@ -71,7 +72,7 @@ class ReloadService(Service):
         self.config_path = config_path
         self.ring = ring
         self.appliers = list(appliers or [])
-        self._timer: LoopingCall | None = None
+        self._timer: PeriodicService | None = None
         #: called after the secret changed (the supervisor tells its workers)
         self.rotation_listeners: list[Callable[[], None]] = []
         self._previous_handler: Any = None
@@ -81,17 +82,23 @@ class ReloadService(Service):
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
         if self.config.reask_secret_enabled and self.manage_secret:
-            self._timer = LoopingCall(self.reask_secret)
-            self._timer.clock = self.reactor
-            self._timer.start(self.config.reask_secret_interval, now=False)
+            self._timer = PeriodicService(
+                self.reactor,
+                self.config.reask_secret_interval,
+                self.reask_secret,
+                what="re-reading the secret (ReaskSecretInterval)",
+            )
+            self._timer.startService()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        if self._timer is not None and self._timer.running:
-            self._timer.stop()
+        stopped = None
+        if self._timer is not None:
+            stopped, self._timer = self._timer.stopService(), None
         if self._previous_handler is not None:
             signal.signal(signal.SIGHUP, self._previous_handler)
             self._previous_handler = None
+        return stopped
 
     def _on_sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)

@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from hmacfs.errors import Refusal
 from hmacfs.logs import log_router
+from hmacfs.periodic import PeriodicService
 
 log = Logger(observer=log_router)
 
@@ -381,7 +380,7 @@ def request_unban(store_dir: Path, address: str) -> Path:
     return path
 
 
-class BanSyncService(Service):
+class BanSyncService(PeriodicService):
     """Every second: mirror shared blocks from Redis and apply unban requests."""
 
     def __init__(
@@ -393,13 +392,11 @@ class BanSyncService(Service):
         shared: SharedBans | None = None,
         interval: float = 1.0,
     ) -> None:
-        self.clock = clock
+        super().__init__(clock, interval, self.tick, what="ban sync")
         self.bans = bans
         self.shared = shared
-        self.interval = interval
         self.unban_dir = store_dir / ".hmacfs" / UNBAN_DIR
         self._applied: dict[str, float] = {}
-        self._loop: LoopingCall | None = None
 
     def tick(self) -> None:
         if self.shared is not None:
@@ -426,16 +423,3 @@ class BanSyncService(Service):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                 self._applied.pop(entry.name, None)
-
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]  # Twisted: unannotated
-        self._loop = LoopingCall(self.tick)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=False).addErrback(
-            lambda f: log.failure("ban sync stopped", f)
-        )
-
-    def stopService(self) -> None:
-        super().stopService()  # type: ignore[no-untyped-call]  # Twisted: unannotated
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()

@@ -38,12 +38,12 @@ from twisted.application.service import Service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from hmacfs.logs import log_router
+from hmacfs.periodic import PeriodicService
 
 log = Logger(observer=log_router)
 
@@ -438,7 +438,9 @@ class StateService(Service):
         self._endpoint = endpoint
         self._client_service: ClientService | None = None
         self._protocol: Any = None
-        self._refresh: LoopingCall | None = None
+        self._refresh = PeriodicService(
+            reactor, LOCK_TTL / 3, self._refresh_locks, what="refreshing Redis locks"
+        )
         self._down_since: float | None = None
         self._failed_attempts = 0
         self._slow_logged = False
@@ -472,14 +474,11 @@ class StateService(Service):
         )
         self._client_service.startService()
         assert isinstance(self.state, RedisState)
-        self._refresh = LoopingCall(self._refresh_locks)
-        self._refresh.clock = self.reactor
-        self._refresh.start(LOCK_TTL / 3, now=False)
+        self._refresh.startService()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]  # Twisted: unannotated
-        if self._refresh is not None and self._refresh.running:
-            self._refresh.stop()
+        self._refresh.stopService()  # a refresh is synchronous: nothing to wait for
         if self._client_service is None:
             return succeed(None)
         service, self._client_service = self._client_service, None

@@ -30,11 +30,11 @@ from typing import Any
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from hmacfs.errors import Refusal
 from hmacfs.logs import log_router
+from hmacfs.periodic import PeriodicService
 from hmacfs.signing.paths import PathError, parse_slot_path
 from hmacfs.storage.filesystem import PRIVATE_DIR, PrivateDir, Store, _write_file, path_key
 
@@ -304,7 +304,9 @@ class RetentionService(Service):
         #: then only the node holding SWEEP_LOCK sweeps (the lock file covers
         #: processes on one host and stores whose filesystem supports flock)
         self.redis = redis
-        self._loop: LoopingCall | None = None
+        self._timer = PeriodicService(
+            clock, sweeper.settings.interval, self.sweep, what="retention sweep", now=True
+        )
         self._running: Any = None
 
     @property
@@ -323,33 +325,23 @@ class RetentionService(Service):
         self.sweeper.settings = settings
         if not self.running:
             return
-        looping = self._loop is not None and self._loop.running
         if not self.wanted:
-            self._stop_loop()
-        elif not looping or interval_changed:
-            self._stop_loop()
-            self._start_loop()
+            self._timer.stopService()
+        elif not self._timer.running or interval_changed:
+            self._timer.interval = settings.interval
+            self._timer.stopService()
+            self._timer.startService()
 
     def startService(self) -> None:
         super().startService()
         if self.wanted:
-            self._start_loop()
+            self._timer.interval = self.sweeper.settings.interval
+            self._timer.startService()
 
     def stopService(self) -> Any:
         super().stopService()
-        self._stop_loop()
+        self._timer.stopService()
         return self._running
-
-    def _start_loop(self) -> None:
-        self._loop = LoopingCall(self.sweep)
-        self._loop.clock = self.clock
-        self._loop.start(self.sweeper.settings.interval, now=True).addErrback(
-            lambda f: log.failure("retention timer stopped", f)
-        )
-
-    def _stop_loop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
 
     def sweep(self) -> Any:
         """One sweep on the thread pool; overlapping sweeps are skipped."""

@@ -35,14 +35,14 @@ from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hmacfs.errors import Refusal
 from hmacfs.logs import log_router
+from hmacfs.periodic import PeriodicService
 from hmacfs.signing.auth import SCHEMES
 from hmacfs.state.store import StateService, node_identity
 from hmacfs.storage.filesystem import StorageError, Store, path_key
@@ -410,7 +410,7 @@ class ResumeService(Service):
         self.clock = clock
         self.uploads = uploads
         self.sweeper = sweeper
-        self._loops: list[LoopingCall] = []
+        self._timers: list[PeriodicService] = []
 
     @property
     def sweep_interval(self) -> float:
@@ -418,21 +418,22 @@ class ResumeService(Service):
 
     def startService(self) -> None:
         super().startService()
-        for function, interval in (
-            (self.sweeper.sweep, self.sweep_interval),
-            (self.uploads.poll_takeovers, TAKEOVER_POLL),
-        ):
-            loop = LoopingCall(function)
-            loop.clock = self.clock
-            loop.start(interval, now=False)
-            self._loops.append(loop)
+        self._timers = [
+            PeriodicService(
+                self.clock, self.sweep_interval, self.sweeper.sweep, what="sweeping abandoned uploads"
+            ),
+            PeriodicService(
+                self.clock, TAKEOVER_POLL, self.uploads.poll_takeovers, what="polling for takeovers"
+            ),
+        ]
+        for timer in self._timers:
+            timer.startService()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[list[None]]:
+        """Fires once a sweep still running has finished."""
         super().stopService()
-        for loop in self._loops:
-            if loop.running:
-                loop.stop()
-        self._loops = []
+        timers, self._timers = self._timers, []
+        return gatherResults([timer.stopService() for timer in timers])
 
 
 @attrs.define
