@@ -1094,3 +1094,51 @@ class BacklogTests(SynchronousTestCase):
             description = listen_to_endpoint(value, unix_socket=unix, socket_mode=0o660, key="ListenPort")
             endpoint = serverFromString(MemoryReactor(), description)
             self.assertEqual(endpoint._backlog, 511, description)
+
+
+class PiecesTests(SynchronousTestCase):
+    """The key table, the converters and the address parsers, used on their own."""
+
+    def test_table_fills_every_config_field(self) -> None:
+        """Each row fills one Config attribute; only the resolved listen endpoint is derived."""
+        import attrs
+
+        from hmacfs.config.keys import KEYS
+
+        attributes = [spec.attr for spec in KEYS]
+        self.assertEqual(len(attributes), len(set(attributes)))
+        self.assertEqual(set(attributes) | {"listen"}, set(attrs.fields_dict(Config)))
+        self.assertEqual(tuple(spec.name for spec in KEYS), KNOWN_KEYS)
+
+    def test_converter_message_names_key_value_and_bounds(self) -> None:
+        """A converter factory bakes its bounds into the ConfigError it raises."""
+        from hmacfs.config.validators import Context, duration, integer, size
+
+        ctx = Context(base_dir=Path("/"), warnings=[])
+        self.assertEqual(integer(1, 3)(2, "X", ctx), 2)
+        error = self.assertRaises(ConfigError, integer(1, 3), 5, "X", ctx)
+        self.assertEqual(str(error), "X: 5 is out of range (allowed: an integer from 1 to 3)")
+        error = self.assertRaises(ConfigError, size(4096), "1K", "B", ctx)
+        self.assertEqual(str(error), "B: '1K' is out of range (allowed: a size of at least 4KiB)")
+        error = self.assertRaises(ConfigError, duration(1), "0s", "T", ctx)
+        self.assertEqual(str(error), "T: '0s' is too short (allowed: a duration of at least 1s)")
+        self.assertEqual(ctx.warnings, [])
+
+    def test_split_host_port(self) -> None:
+        """The Go address forms, split without resolving anything."""
+        from hmacfs.config.endpoints import split_host_port
+
+        self.assertEqual(split_host_port("8080"), ("", "8080"))
+        self.assertEqual(split_host_port(":8080"), ("", "8080"))
+        self.assertEqual(split_host_port("[::1]:5347"), ("::1", "5347"))
+        self.assertEqual(split_host_port("redis.example.org:6379"), ("redis.example.org", "6379"))
+        self.assertIsNone(split_host_port("/run/x.sock"))
+        self.assertIsNone(split_host_port("::1:8080"))
+
+    def test_mask_password(self) -> None:
+        """A Redis URL's password (which may hold '@') is hidden; the rest is kept."""
+        from hmacfs.config.addresses import mask_password
+
+        self.assertEqual(mask_password("redis://u:p@ss@h:6379/1"), "redis://u:***@h:6379/1")
+        self.assertEqual(mask_password("redis://h:6379"), "redis://h:6379")
+        self.assertEqual(mask_password("h:6379"), "h:6379")

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from hmacfs.config import _KEYS, KNOWN_KEYS, load_config, parse_duration, parse_size
+from hmacfs.config import KNOWN_KEYS, load_config, parse_duration, parse_size
+from hmacfs.config.keys import KEYS
 from hmacfs.service.cli import main as cli_main
 from hmacfs.testing import in_ci, short_tempdir
 
@@ -251,7 +252,7 @@ class ConfigTomlTests(SynchronousTestCase):
         built-in default, and says something before it.
         """
         lines = _config_lines()
-        defaults = {spec.name: spec.default for spec in _KEYS}
+        defaults = {spec.name: spec.default for spec in KEYS}
         for number, line in enumerate(lines):
             if not line or line.startswith("#"):
                 continue
@@ -268,7 +269,7 @@ class ConfigTomlTests(SynchronousTestCase):
         """Values other than the deployment's own (socket, paths, size limit) are the defaults."""
         data = tomllib.loads((PACKAGING / "config.toml").read_text())
         differing = {
-            spec.name for spec in _KEYS if spec.name in data and data[spec.name] != spec.default
+            spec.name for spec in KEYS if spec.name in data and data[spec.name] != spec.default
         }
         self.assertEqual(differing, DEPLOYMENT_KEYS)
 

@@ -1,0 +1,252 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+Reading and building: TOML in, a frozen L{Config} and the warnings out.
+
+Unknown keys get a typo hint, obsolete keys a warning (or their replacement's
+role), then every key is converted in table order and the cross-key rules run
+(one of Secret/SecretFile, the component's secret and URL, the socket path).
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from hmacfs.config.addresses import PUBLIC_URL_FORMS
+from hmacfs.config.endpoints import (
+    ENDPOINT_PREFIXES,
+    listen_to_endpoint,
+    split_host_port,
+)
+from hmacfs.config.error import REDACTED, ConfigError, Shown
+from hmacfs.config.keys import (
+    ALIASED,
+    FLAT,
+    IGNORED,
+    KEYS,
+    KNOWN_KEYS,
+    OBSOLETE_KEYS,
+    Config,
+)
+from hmacfs.config.validators import Context, read_secret_file, size, string
+
+
+def _check_component(values: dict[str, object]) -> None:
+    """With C{ComponentJID} set, the secret and the public URL are required."""
+    if not values["component_jid"]:
+        return
+    if not values["component_secret"]:
+        raise ConfigError(
+            "ComponentSecret", "", "the component password set on the XMPP server", "is empty"
+        )
+    if not values["public_url"]:
+        raise ConfigError(
+            "PublicURL", "", PUBLIC_URL_FORMS, "is empty, but ComponentJID is set"
+        )
+
+
+def _resolve_secret(text: str, secret_file: Path | None, ctx: Context) -> bytes:
+    if text and secret_file is not None:
+        raise ConfigError(
+            "Secret",
+            REDACTED,
+            "set exactly one of Secret or SecretFile",
+            "is set and so is SecretFile",
+        )
+    if secret_file is not None:
+        secret = read_secret_file(secret_file, ctx.warnings)
+    elif text:
+        secret = text.encode("utf-8")
+    else:
+        raise ConfigError("Secret", "", "set Secret or SecretFile", "is empty")
+    if len(secret) < 16:
+        ctx.warnings.append(
+            f"the secret is only {len(secret)} bytes long; use at least 16 "
+            "(for example the output of `openssl rand -hex 32`)"
+        )
+    return secret
+
+
+def _resolve_listen(data: Mapping[str, object], values: dict[str, object], ctx: Context) -> str:
+    raw = str(values["listen_raw"])
+    unix_socket = bool(values["unix_socket"])
+    key = "ListenPort"
+    if "UnixSocketPath" in data:
+        legacy = string(data["UnixSocketPath"], "UnixSocketPath", ctx).strip()
+        if unix_socket and legacy and split_host_port(raw) is not None:
+            ctx.warnings.append(
+                "obsolete key 'UnixSocketPath' is used as the socket path for now; "
+                "with UnixSocket = true, put the path in ListenPort instead"
+            )
+            raw, key = legacy, "UnixSocketPath"
+        else:
+            ctx.warnings.append(
+                "obsolete key 'UnixSocketPath' is ignored: with UnixSocket = true, "
+                "ListenPort holds the socket path"
+            )
+    if unix_socket and not raw.startswith(ENDPOINT_PREFIXES) and split_host_port(raw) is not None:
+        raise ConfigError(
+            key,
+            raw,
+            "a socket path such as /run/hmacfs/hmacfs.sock when UnixSocket = true",
+            "is a TCP port, but UnixSocket = true",
+        )
+    return listen_to_endpoint(
+        raw,
+        unix_socket=unix_socket,
+        socket_mode=int(values["socket_mode"]),  # type: ignore[call-overload]
+        key=key,
+        base_dir=ctx.base_dir,
+    )
+
+
+def _min_free_alias(data: Mapping[str, object], values: dict[str, object], ctx: Context) -> None:
+    if "MinFreeSpaceThreshold" not in data:
+        return
+    if "MinFreeBytes" in data:
+        ctx.warnings.append(
+            "obsolete key 'MinFreeSpaceThreshold' is ignored because MinFreeBytes is set"
+        )
+        return
+    values["min_free_bytes"] = size()(data["MinFreeSpaceThreshold"], "MinFreeSpaceThreshold", ctx)
+    ctx.warnings.append(
+        "obsolete key 'MinFreeSpaceThreshold' is used as MinFreeBytes for now; "
+        "rename it to MinFreeBytes"
+    )
+
+
+def _key_warning(key: str) -> str | None:
+    """The warning for a key hmacfs does not use, or None for a key it knows."""
+    if key in _KEYS_BY_NAME or key in ALIASED:
+        return None
+    if key in IGNORED:
+        return f"obsolete key {key!r} {IGNORED[key]}"
+    # Obsolete keys are candidates too: a typo of one should be recognised as that key.
+    candidates = KNOWN_KEYS + OBSOLETE_KEYS
+    by_lower = {known.lower(): known for known in candidates}
+    guess = by_lower.get(key.lower()) or next(
+        iter(difflib.get_close_matches(key, candidates, n=1)), None
+    )
+    hint = f" (did you mean {guess!r}?)" if guess else ""
+    return f"unknown key {key!r}{hint}"
+
+
+_KEYS_BY_NAME = {spec.name: spec for spec in KEYS}
+
+
+# --- entry points -----------------------------------------------------------------------------
+
+
+def _parse(
+    data: Mapping[str, object],
+    base_dir: Path,
+    secret: bytes | None = None,
+    create_store_dir: bool = True,
+) -> tuple[Config, list[str]]:
+    ctx = Context(base_dir=base_dir.absolute(), warnings=[], create_store_dir=create_store_dir)
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            raise ConfigError(key, Shown("{...}"), FLAT, "is a table")
+        warning = _key_warning(key)
+        if warning is not None:
+            ctx.warnings.append(warning)
+
+    values: dict[str, object] = {}
+    for spec in KEYS:
+        try:
+            values[spec.attr] = spec.convert(data.get(spec.name, spec.default), spec.name, ctx)
+        except ConfigError as error:
+            if spec.sensitive:
+                raise ConfigError(spec.name, REDACTED, error.allowed, error.problem) from None
+            raise
+
+    _min_free_alias(data, values, ctx)
+    _check_component(values)
+    if secret is None:
+        secret_file = values["secret_file"]
+        assert secret_file is None or isinstance(secret_file, Path)
+        secret = _resolve_secret(str(values["secret"]), secret_file, ctx)
+    values["secret"] = secret
+    values["listen"] = _resolve_listen(data, values, ctx)
+    metrics_raw = str(values["metrics_listen"])
+    values["metrics_listen"] = listen_to_endpoint(
+        metrics_raw,
+        unix_socket=metrics_raw.startswith("/"),
+        socket_mode=int(values["socket_mode"]),  # type: ignore[call-overload]
+        key="MetricsPort",
+        base_dir=ctx.base_dir,
+    )
+    return Config(**values), ctx.warnings  # type: ignore[arg-type]
+
+
+def parse_config(
+    data: Mapping[str, object],
+    *,
+    base_dir: Path,
+    source: str = "<config>",
+    create_store_dir: bool = True,
+) -> tuple[Config, list[str]]:
+    """
+    Check and convert already-parsed TOML data into a L{Config}.
+
+    Relative paths are taken relative to C{base_dir} (the config file's
+    directory).  C{StoreDir} is created if missing (with
+    C{create_store_dir=False} only checked: its nearest existing ancestor
+    must be a writable directory) and C{SecretFile} is read.
+    Returns the config and the warnings (unknown and obsolete keys, a short
+    secret) for the caller to log; raises the first L{ConfigError}, with
+    C{source} recorded on it.
+    """
+    try:
+        return _parse(data, Path(base_dir), create_store_dir=create_store_dir)
+    except ConfigError as error:
+        error.source = source
+        raise
+
+
+def load_config(path: str | Path, *, create_store_dir: bool = True) -> tuple[Config, list[str]]:
+    """
+    Read a TOML config file; relative paths in it are relative to its directory.
+    C{create_store_dir} as for L{parse_config}.
+
+    An unreadable file or a TOML syntax error is a L{ConfigError} whose key is
+    C{"<file>"}.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        error = ConfigError(
+            "<file>", str(path), "a readable TOML file", f"cannot be read ({exc.strerror or exc})"
+        )
+        error.source = str(path)
+        raise error from exc
+    except tomllib.TOMLDecodeError as exc:
+        error = ConfigError(
+            "<file>", str(path), "TOML syntax, see https://toml.io", f"is not valid TOML: {exc}"
+        )
+        error.source = str(path)
+        raise error from exc
+    return parse_config(
+        data, base_dir=path.absolute().parent, source=str(path), create_store_dir=create_store_dir
+    )
+
+
+def default_config(store_dir: Path, secret: bytes, **overrides: Any) -> Config:
+    """
+    The built-in defaults around a given store and secret, for tests and for
+    embedding hmacfs in another program.
+
+    C{overrides} are L{Config} attribute names with final values (seconds,
+    bytes, endpoint strings); they are taken as given, not parsed.
+    """
+    if not secret:
+        raise ConfigError("Secret", "", "a non-empty secret", "is empty")
+    config, _ = _parse({"StoreDir": str(store_dir)}, Path(store_dir), secret=secret)
+    return attrs.evolve(config, **overrides)
