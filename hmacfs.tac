@@ -10,7 +10,7 @@ import sys
 from twisted.application.service import Application
 
 from hmacfs.config import ConfigError, load_config
-from hmacfs.service.tap import make_service_from_config, tune_allocator
+from hmacfs.service.tap import daemon_service
 
 _path = os.environ.get("HMACFS_CONFIG", "config.toml")
 try:
@@ -22,5 +22,5 @@ for _warning in _warnings:
     sys.stderr.write(f"hmacfs: {_path}: warning: {_warning}\n")
 
 application = Application("hmacfs")
-tune_allocator(_config.buffer_size)
-make_service_from_config(_config, config_path=_path).setServiceParent(application)
+# The daemon's start, as in `twistd hmacfs`: allocator tuning, multiprocess metrics.
+daemon_service(_config, config_path=_path).setServiceParent(application)

@@ -62,7 +62,7 @@ from twisted.web.resource import Resource
 from hmacfs.config import Config, default_config
 from hmacfs.errors import Refusal
 from hmacfs.http.channel import StreamingChannel, StreamingRequest, StreamingSite
-from hmacfs.service.tap import make_service_from_config
+from hmacfs.service.assembly import ServerTree, assemble
 
 __all__ = ["DEFAULT_HOST_BODY_LIMIT", "EmbeddedUpload", "HostBodyPolicy", "embed"]
 
@@ -292,12 +292,12 @@ def embed(
         raise TypeError("pass either a config or settings, not both")
     if not config.upload_subdir:
         raise ValueError('UploadSubDir is "": an embedded upload tree needs its own path prefix')
-    # Single process whatever NumCores says: the host application is the process.
-    service = make_service_from_config(config, reactor, config_path=None)
-    listener = getattr(service, "listener", None)
-    if listener is not None:
-        service.removeService(listener)  # the host listens, with the Site we return
+    # Single process whatever NumCores says: the host application is the process
+    # (and owns its allocator and prometheus-client: nothing process-wide is set).
+    tree = assemble(config, reactor, config_path=None)
+    assert isinstance(tree, ServerTree)
+    if tree.listener is not None:
+        tree.service.removeService(tree.listener)  # the host listens, with the Site we return
     if not handle_sighup:
-        service.removeService(service.reload)  # type: ignore[attr-defined]
-    site = service.site  # type: ignore[attr-defined]
-    return EmbeddedUpload(config, service, site, host_body_limit)
+        tree.service.removeService(tree.reload)
+    return EmbeddedUpload(config, tree.service, tree.site, host_body_limit)

@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from hmacfs.config import Config, default_config
-from hmacfs.service.tap import build_site
+from hmacfs.service.site import build_server
 
 SECRET = b"test-secret-0123456789abcdef"
 
@@ -71,7 +71,9 @@ class SiteHarness:
         self.config = config
         self.reactor = MemoryReactorClock()
         self.runner = runner or ManualRunner(auto=True)
-        self.site = build_site(config, self.reactor, self.runner, metrics=metrics)
+        #: the parts behind the site (store, resumable uploads, bans, tombstones, ...)
+        self.server = build_server(config, self.reactor, self.runner, metrics=metrics)
+        self.site = self.server.site
         self.site.startFactory()
 
     def connect(self, port: int = 40000, host: str = "127.0.0.1") -> tuple[Any, StringTransport]:

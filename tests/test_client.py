@@ -20,7 +20,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hmacfs.client import TerminalProgress, UploadError, upload_file
-from hmacfs.service.tap import build_site
+from hmacfs.service.site import build_server
 from hmacfs.signing.auth import sign_slot
 from hmacfs.testing import SECRET, make_config
 
@@ -96,7 +96,7 @@ class ClientTests(TestCase):
         def run_blocking(function: Any, *args: Any) -> Deferred:
             return deferToThread(function, *args)
 
-        site = build_site(config, reactor, run_blocking)
+        site = build_server(config, reactor, run_blocking).site
         self.server = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(self.server.stopListening)
         self.file = self.store.parent / "source.bin"

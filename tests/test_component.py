@@ -542,24 +542,25 @@ class ServiceWiringTests(SynchronousTestCase):
         return make_config(store, **settings)
 
     def test_daemon_service(self) -> None:
-        """make_service_from_config adds one ComponentService signing with the ring's current secret."""
+        """The assembly adds one ComponentService signing with the ring's current secret."""
         from twisted.internet.testing import MemoryReactorClock
 
-        from hmacfs.service.tap import make_service_from_config
+        from hmacfs.service.assembly import assemble
 
-        top = make_service_from_config(self.config(), MemoryReactorClock())
-        components = [child for child in top if isinstance(child, ComponentService)]
-        self.assertEqual(components, [top.component])
-        policy = top.component.handler.policy
-        self.assertEqual(policy.secret(), top.reload.ring.current)
-        top.reload.ring.rotate(b"rotated-secret-0123456789")
+        tree = assemble(self.config(), MemoryReactorClock())
+        components = [child for child in tree.service if isinstance(child, ComponentService)]
+        self.assertEqual(components, [tree.component])
+        assert isinstance(tree.component, ComponentService)
+        policy = tree.component.handler.policy
+        self.assertEqual(policy.secret(), tree.reload.ring.current)
+        tree.reload.ring.rotate(b"rotated-secret-0123456789")
         self.assertEqual(policy.secret(), b"rotated-secret-0123456789")
 
     def test_no_component_without_jid(self) -> None:
         """Without ComponentJID there is no component service."""
         from twisted.internet.testing import MemoryReactorClock
 
-        from hmacfs.service.tap import make_service_from_config
+        from hmacfs.service.assembly import make_service_from_config
 
         top = make_service_from_config(self.config(component_jid=""), MemoryReactorClock())
         self.assertFalse(any(isinstance(child, ComponentService) for child in top))

@@ -66,7 +66,7 @@ class MetricsTests(SynchronousTestCase):
         for _ in range(2):
             protocol, _ = self.harness.connect(host="198.51.100.3")
             protocol.dataReceived(put_head(f"{UUID}/d", 1, mac="1" * 64))
-        GaugeService(self.harness.reactor, self.metrics, self.harness.site).refresh()
+        GaugeService(self.harness.reactor, self.metrics, self.harness.server).refresh()
         self.assertEqual(self.value("hmacfs_bans_active"), 1)
         self.assertEqual(self.value("hmacfs_bans_total"), 1)
 

@@ -214,7 +214,7 @@ class ArbiterTests(ChannelTestsMixin, SynchronousTestCase):
         pipelined request buffered behind a body already complete.
         """
         self.runner.auto = False
-        self.harness.site.resumable.uploads.state = state = HeldState()
+        self.harness.server.resumable.uploads.state = state = HeldState()
         protocol, transport = self.connect()
         small = b"small body"
         # Three OPTIONS (each within Twisted's 16 KiB head limit), over 16 KiB together.
@@ -234,7 +234,7 @@ class ArbiterTests(ChannelTestsMixin, SynchronousTestCase):
 
     def test_disk_and_admission_with_real_paths(self) -> None:
         """Admission resuming while a disk pause holds leaves the socket paused."""
-        self.harness.site.resumable.uploads.state = state = HeldState()
+        self.harness.server.resumable.uploads.state = state = HeldState()
         protocol, transport = self.connect()
         protocol.dataReceived(put_head(f"{UUID}/q.bin", 10))
         self.assertEqual(transport.producerState, "paused")

@@ -50,7 +50,7 @@ class ResumeMixin:
         self.store_dir.mkdir()
         self.runner = ManualRunner(auto=True)
         self.harness = SiteHarness(make_config(self.store_dir, **self.overrides()), self.runner)
-        self.uploads = self.harness.site.resumable.uploads
+        self.uploads = self.harness.server.resumable.uploads
 
     def overrides(self) -> dict:
         return {"enable_get_retries": False}
@@ -331,7 +331,7 @@ class WriterLockTests(ResumeMixin, SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         lease = self.uploads.active[path_key((UUID, "q.bin"))]
         lease.started -= 10  # the marker below is newer than the writer
-        self.harness.site.store.request_takeover((UUID, "q.bin"))
+        self.harness.server.store.request_takeover((UUID, "q.bin"))
         self.uploads.poll_takeovers()
         self.assertTrue(transport.disconnecting)
         self.assertEqual(int(header_value(self.offset("q.bin"), b"Upload-Offset")), 3000)

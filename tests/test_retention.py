@@ -158,7 +158,7 @@ class ServiceTests(SynchronousTestCase):
         root = Path(self.mktemp()).resolve()
         root.mkdir()
         harness = SiteHarness(make_config(root))
-        store = harness.site.store
+        store = harness.server.store
         now = [NOW]
         sweeper = Sweeper(
             store, Tombstones(root, now=lambda: now[0]),
@@ -192,7 +192,7 @@ class ServiceTests(SynchronousTestCase):
         root.mkdir()
         harness = SiteHarness(make_config(root))
         sweeper = Sweeper(
-            harness.site.store, Tombstones(root), RetentionSettings(interval=600),
+            harness.server.store, Tombstones(root), RetentionSettings(interval=600),
             root.parent / "report.log",
         )
         runner = ManualRunner()
@@ -277,7 +277,7 @@ class TombstoneAdmissionTests(SynchronousTestCase):
         root = Path(self.mktemp()).resolve()
         root.mkdir()
         harness = SiteHarness(make_config(root))
-        harness.site.tombstones.add(("u1", "gone.txt"), 10**12)
+        harness.server.tombstones.add(("u1", "gone.txt"), 10**12)
         protocol, transport = harness.connect()
         protocol.dataReceived(put_head("u1/gone.txt", 3, extra=("Expect: 100-continue",)))
         answer = transport.value()

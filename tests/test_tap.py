@@ -12,7 +12,9 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from hmacfs.service.tap import Options, make_service_from_config, tune_allocator
+from hmacfs.service.assembly import make_service_from_config
+from hmacfs.service.process import tune_allocator
+from hmacfs.service.tap import Options
 from hmacfs.testing import make_config
 
 
@@ -148,7 +150,7 @@ class ImportFootprintTests(SynchronousTestCase):
             "import sys, tempfile\n"
             "from twisted.internet import reactor\n"
             "from hmacfs.config import default_config\n"
-            "from hmacfs.service.tap import assemble_server\n"
+            "from hmacfs.service.assembly import assemble_server\n"
             "assemble_server(default_config(tempfile.mkdtemp(), b'secret-secret-secret-1234'),"
             " reactor, config_path=None)\n"
             "print(sorted(m for m in ('twisted.trial', 'unittest', 'pdb') if m in sys.modules))\n"
@@ -159,3 +161,169 @@ class ImportFootprintTests(SynchronousTestCase):
             )
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout.strip(), "[]")
+
+
+# Run in a fresh interpreter: records what a snippet does to the process's
+# environment, signal handlers and glibc's malloc (ctypes.CDLL is patched, so
+# no mallopt call reaches the C library).
+_PROBE = '''
+import ctypes, json, os, signal, sys
+
+mallopt_calls = []
+
+
+class RecordingLibc:
+    def __init__(self, real):
+        self._real = real
+
+    def mallopt(self, param, value):
+        mallopt_calls.append([param, value])
+        return 1
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+_RealCDLL = ctypes.CDLL
+ctypes.CDLL = lambda *args, **kwargs: RecordingLibc(_RealCDLL(*args, **kwargs))
+
+
+def handlers():
+    return {int(s): repr(signal.getsignal(s)) for s in signal.valid_signals()
+            if signal.getsignal(s) is not None}
+
+
+env_before, handlers_before = dict(os.environ), handlers()
+from prometheus_client import values
+value_class_before = values.ValueClass
+exec(sys.argv[1])
+print(json.dumps({
+    "env": {k: v for k, v in os.environ.items() if env_before.get(k) != v},
+    "env_removed": sorted(set(env_before) - set(os.environ)),
+    "signals": sorted(s for s, h in handlers().items() if handlers_before.get(s) != h),
+    "mallopt": mallopt_calls,
+    "value_class_changed": values.ValueClass is not value_class_before,
+    "result": globals().get("result"),
+}))
+'''
+
+
+class SideEffectTests(SynchronousTestCase):
+    """
+    Nothing process-wide changes on import or for an embedder: no environment
+    variable, no signal handler, no mallopt, no prometheus-client mode.  Only
+    the daemon's start (twistd's makeService, hmacfs.tac, the worker's main)
+    sets them, and the multiprocess mode is undone when its tree stops.
+    """
+
+    def probe(self, snippet: str) -> dict[str, object]:
+        import json
+        import subprocess
+        import sys
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as cwd:
+            result = subprocess.run(
+                [sys.executable, "-c", _PROBE, snippet], capture_output=True, text=True,
+                timeout=60, cwd=cwd,
+            )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        found: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
+        return found
+
+    def assertNoSideEffects(self, found: dict[str, object]) -> None:
+        self.assertEqual(
+            {key: found[key] for key in ("env", "env_removed", "signals", "mallopt", "value_class_changed")},
+            {"env": {}, "env_removed": [], "signals": [], "mallopt": [], "value_class_changed": False},
+        )
+
+    def test_imports_change_nothing(self) -> None:
+        """Importing the twistd plugin's module, the worker's main module and the embedding API."""
+        self.assertNoSideEffects(self.probe(
+            "import hmacfs.service.tap, hmacfs.service.worker, hmacfs.service.worker_process\n"
+            "import hmacfs.embed\n"
+        ))
+
+    def test_embed_changes_nothing(self) -> None:
+        """embed() with metrics and NumCores > 1 is still a single process that owns nothing."""
+        self.assertNoSideEffects(self.probe(
+            "import tempfile\n"
+            "from twisted.internet.testing import MemoryReactorClock\n"
+            "from hmacfs.embed import embed\n"
+            "uploads = embed(store_dir=tempfile.mkdtemp(), secret=b'secret-secret-secret-1234',\n"
+            "                reactor=MemoryReactorClock(), metrics_enabled=True, num_cores=4)\n"
+            "result = type(uploads.site).__name__\n"
+        ))
+
+    def daemon_config(self, extra: str) -> str:
+        store = Path(self.mktemp()).resolve()
+        store.mkdir(parents=True)
+        path = store.parent / "config.toml"
+        path.write_text(
+            f'Secret = "0123456789abcdef0123"\nStoreDir = "{store}"\nListenPort = "127.0.0.1:0"\n'
+            'BufferSize = "256KiB"\n' + extra
+        )
+        return str(path)
+
+    def test_daemon_start_tunes_allocator(self) -> None:
+        """makeService (twistd hmacfs) raises glibc's malloc thresholds; nothing else for one process."""
+        import platform
+
+        path = self.daemon_config("NumCores = 1\nMetricsEnabled = true\n")
+        found = self.probe(
+            "from hmacfs.service.tap import Options, makeService\n"
+            "options = Options()\n"
+            f"options.parseOptions(['--config', {path!r}])\n"
+            "makeService(options)\n"
+        )
+        if platform.libc_ver()[0] == "glibc":
+            self.assertEqual(found["mallopt"], [[-3, 1024**2], [-1, 4 * 1024**2]])
+        self.assertEqual((found["env"], found["value_class_changed"]), ({}, False))
+
+    def test_daemon_start_supervisor_multiprocess_metrics(self) -> None:
+        """
+        With workers and metrics, makeService enters prometheus-client's multiprocess
+        mode (the workers inherit the directory); stopping the tree undoes it.
+        """
+        path = self.daemon_config("NumCores = 2\nMetricsEnabled = true\nMetricsPort = \"127.0.0.1:0\"\n")
+        found = self.probe(
+            "import os\n"
+            "from hmacfs.service.process import UndoOnStop\n"
+            "from hmacfs.service.tap import Options, makeService\n"
+            "options = Options()\n"
+            f"options.parseOptions(['--config', {path!r}])\n"
+            "service = makeService(options)\n"
+            "directory = os.environ['PROMETHEUS_MULTIPROC_DIR']\n"
+            "from prometheus_client import values\n"
+            "started = [os.path.isdir(directory), getattr(values.ValueClass, '_multiprocess', False)]\n"
+            "for child in service:\n"
+            "    if isinstance(child, UndoOnStop):\n"
+            "        child.stopService()\n"
+            "result = started + [os.path.exists(directory), 'PROMETHEUS_MULTIPROC_DIR' in os.environ]\n"
+        )
+        self.assertEqual(found["result"], [True, True, False, False])
+        self.assertNoSideEffects({**found, "mallopt": []})
+
+
+class MultiprocessMetricsTests(SynchronousTestCase):
+    def test_undo_restores_what_was_there(self) -> None:
+        """undo() puts back a previous value of the variable and prometheus-client's value class."""
+        import os
+
+        from prometheus_client import values
+
+        from hmacfs.service.metrics import MULTIPROC_ENV
+        from hmacfs.service.process import MultiprocessMetrics
+
+        self.patch(os, "environ", {**os.environ, MULTIPROC_ENV: "/elsewhere"})
+        before = values.ValueClass
+        self.addCleanup(setattr, values, "ValueClass", before)
+        enabled = MultiprocessMetrics.enable()
+        self.assertEqual(os.environ[MULTIPROC_ENV], str(enabled.directory))
+        self.assertIsNot(values.ValueClass, before)
+        self.assertTrue(enabled.directory.is_dir())
+        enabled.undo()
+        enabled.undo()
+        self.assertEqual(os.environ[MULTIPROC_ENV], "/elsewhere")
+        self.assertIs(values.ValueClass, before)
+        self.assertFalse(enabled.directory.exists())

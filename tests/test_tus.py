@@ -374,7 +374,7 @@ class SessionBindingTests(TusMixin, SynchronousTestCase):
         for extra in ((), (WRONG,)):
             self.assert_refused(self.patch("b.bin", self.CUT, self.body[self.CUT :], *extra))
             self.assertFalse(self.live.disconnecting)
-        self.assertEqual(self.harness.site.resumable.uploads.takeovers, 0)
+        self.assertEqual(self.harness.server.resumable.uploads.takeovers, 0)
         answer = self.patch("b.bin", self.CUT, self.body[self.CUT :], TOKEN)
         self.assertEqual(status_of(answer), 204, answer)
         self.assertTrue(self.live.disconnecting)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
 import socket
 from typing import Any
 
@@ -17,14 +16,8 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-# hmacfs.service.worker installs a SIGHUP handler when imported (it is a process's main
-# module); keep the test runner's own.
-_sighup = signal.getsignal(signal.SIGHUP)
-from hmacfs.service.worker import SupervisorMessages, connect_supervisor  # noqa: E402
-
-signal.signal(signal.SIGHUP, _sighup)
-
-from hmacfs.service.workers import address_family  # noqa: E402
+from hmacfs.service.worker_process import SupervisorMessages, connect_supervisor
+from hmacfs.service.workers import address_family
 
 
 class SupervisorMessagesTests(SynchronousTestCase):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 from twisted.internet.defer import Deferred
@@ -39,19 +38,8 @@ AUTH_REASONS = {
     "malformed expires": "malformed_expires",
     "missing size": "missing_size",
 }
+#: set (with the value class) by hmacfs.service.process.MultiprocessMetrics, in the supervisor only
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
-
-def enable_multiprocess(directory: Path) -> None:
-    """
-    Switch prometheus-client to multiprocess mode for metrics created from
-    now on (in this process and, through the environment, its children).
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    os.environ[MULTIPROC_ENV] = str(directory)
-    from prometheus_client import values
-
-    values.ValueClass = values.MultiProcessValue()
 
 
 def multiprocess_enabled() -> bool:

@@ -438,7 +438,7 @@ class ResumeService(Service):
 
 @attrs.define
 class Resumable:
-    """Everything resumable uploads add to a site: wired by ``hmacfs.service.tap``."""
+    """Everything resumable uploads add to a site: wired by ``hmacfs.service.site``."""
 
     uploads: Uploads
     state_service: StateService
