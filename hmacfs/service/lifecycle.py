@@ -80,7 +80,9 @@ class DrainService(Service):
         deadline = self.reactor.seconds() + self.timeout
 
         def check() -> None:
-            active = self.site.body_policy.active if self.site.body_policy else 0
+            policy = self.site.body_policy
+            # the daemon's policy is an UploadPolicy, which counts its uploads in flight
+            active: int = policy.active if policy else 0  # type: ignore[attr-defined]
             if active == 0 or self.reactor.seconds() >= deadline:
                 try:
                     if active:

@@ -97,7 +97,8 @@ def connect_supervisor(reactor: Any, messages: SupervisorMessages, stdin: int = 
     writing half gets a descriptor of its own on /dev/null.
     """
     devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-    return StandardIO(messages, stdin=stdin, stdout=devnull, reactor=reactor)
+    # mypy reads the Windows StandardIO; the POSIX one takes stdin and stdout.
+    return StandardIO(messages, stdin=stdin, stdout=devnull, reactor=reactor)  # type: ignore[call-arg]
 
 
 @attrs.define(eq=False, kw_only=True)
