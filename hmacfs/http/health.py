@@ -27,12 +27,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from hmacfs.logs import log_router
+from hmacfs.signing.paths import PRIVATE_DIR
 
 log = Logger(observer=log_router)
 
 HEALTH_PATH = b"/healthz"
-#: the private directory of the store (hmacfs.storage.filesystem.PRIVATE_DIR)
-_PRIVATE_DIR = ".hmacfs"
 
 
 def probe_store(root: Path) -> str | None:
@@ -47,10 +46,10 @@ def probe_store(root: Path) -> str | None:
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             try:
-                os.mkdir(_PRIVATE_DIR, dir_fd=root_fd)
+                os.mkdir(PRIVATE_DIR, dir_fd=root_fd)
             except FileExistsError:
                 pass
-            private = os.open(_PRIVATE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
+            private = os.open(PRIVATE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
             try:
                 fd = os.open(
                     name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=private

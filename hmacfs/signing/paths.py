@@ -31,7 +31,7 @@ __all__ = [
     "MAX_PATH_BYTES",
     "MAX_SEGMENTS",
     "MAX_SEGMENT_BYTES",
-    "RESERVED_SEGMENT",
+    "PRIVATE_DIR",
     "PathError",
     "SlotPath",
     "parse_slot_path",
@@ -44,8 +44,10 @@ MAX_SEGMENT_BYTES = 255
 MAX_PATH_BYTES = 1024
 #: Most segments a slot path may have (Prosody uses 2, ejabberd 3).
 MAX_SEGMENTS = 8
-#: First segment reserved for our own state directory inside the store (in any case).
-RESERVED_SEGMENT = ".hmacfs"
+#: The store's private directory (``StoreDir/.hmacfs``), named here once: this is the lowest
+#: layer that must know it (as a first segment it is refused, in any case); the store, the
+#: health probe and the ban list import it from here.
+PRIVATE_DIR = ".hmacfs"
 
 # Every byte below 0x20, DEL and "/" (only reachable through %2F).
 _FORBIDDEN_BYTES = re.compile(rb"[\x00-\x1f\x7f/]")
@@ -144,7 +146,7 @@ def validate_segments(segments: Sequence[bytes]) -> SlotPath:
         raise PathError(414, "path too long")
     # casefold, like the store: '.HMACFS' is the same directory on a case-insensitive
     # filesystem, and a name the store refuses must be refused here, before any I/O.
-    if texts[0].casefold() == RESERVED_SEGMENT:
+    if texts[0].casefold() == PRIVATE_DIR:
         raise PathError(403, "reserved path")
     return SlotPath(segments=texts, signed=signed)
 

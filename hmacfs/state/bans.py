@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from hmacfs.errors import Refusal
 from hmacfs.logs import log_router
 from hmacfs.periodic import PeriodicService
+from hmacfs.signing.paths import PRIVATE_DIR
 
 log = Logger(observer=log_router)
 
@@ -361,6 +362,7 @@ async def unban_in_redis(redis: object, address: str) -> bool:
     return bool(removed)
 
 
+#: ``StoreDir/.hmacfs/unban``: the ban list's own subdirectory of the private directory
 UNBAN_DIR = "unban"
 #: how long an unban request file stays for every process to see it
 UNBAN_REQUEST_LIFETIME = 120.0
@@ -373,7 +375,7 @@ def request_unban(store_dir: Path, address: str) -> Path:
     ``StoreDir/.hmacfs/unban/`` that each process's ban timer picks up.
     """
     canonical = str(ipaddress.ip_address(address))  # also keeps the name a plain file name
-    directory = store_dir / ".hmacfs" / UNBAN_DIR
+    directory = store_dir / PRIVATE_DIR / UNBAN_DIR
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / canonical
     path.write_text(f"{time.time():.3f}\n")
@@ -395,7 +397,7 @@ class BanSyncService(PeriodicService):
         super().__init__(clock, interval, self.tick, what="ban sync")
         self.bans = bans
         self.shared = shared
-        self.unban_dir = store_dir / ".hmacfs" / UNBAN_DIR
+        self.unban_dir = store_dir / PRIVATE_DIR / UNBAN_DIR
         self._applied: dict[str, float] = {}
 
     def tick(self) -> None:
