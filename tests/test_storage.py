@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from hmacfs.storage import filesystem as storage
+from hmacfs.storage import fs_dirs, fsio, metadata
 from hmacfs.storage.filesystem import DEFAULT_CONTENT_TYPE, StorageError, Store, path_key
 
 SEGS = ("0123abcd", "photo.jpg")
@@ -246,7 +247,7 @@ class PathSafetyTests(StoreTestsMixin, SynchronousTestCase):
     def test_normpath_check_alone_refuses_escape(self) -> None:
         """Even if segment validation let '..' through, the commonpath check refuses it."""
         store = self.make_store()
-        self.patch(storage, "_check_segments", tuple)
+        self.patch(storage, "check_segments", tuple)
         for segs in [("..", "x"), ("a", "..", "..", "x"), ("a", ".."), ()]:
             e = self.assertRaises(StorageError, store.target_path, segs)
             self.assertEqual(e.status, 403, segs)
@@ -309,7 +310,6 @@ class StatTests(StoreTestsMixin, SynchronousTestCase):
         self.upload(store, SEGS, b"x")
         os.symlink(store.target_path(SEGS), store.root / "link")
         self.assertIsNone(store.stat(("link",)))
-        self.assertIsNone(store.open_file(("link",)))
 
     def test_stat_below_a_file(self) -> None:
         """stat of a/b where a is a file is None, not an error."""
@@ -350,16 +350,16 @@ class StatTests(StoreTestsMixin, SynchronousTestCase):
         os.utime(store.target_path(SEGS), ns=(st.st_atime_ns, st.st_mtime_ns + 1))
         self.assertNotEqual(store.stat(SEGS).etag, etag)
 
-    def test_open_file(self) -> None:
-        """open_file returns the open file and a description of that same file."""
+    def test_stat_describes_the_stored_file(self) -> None:
+        """stat's path names the committed bytes, described as the commit described them."""
         store = self.make_store()
         committed = self.upload(store, SEGS, b"hello")
-        f, stored = store.open_file(SEGS)
-        with f:
-            self.assertEqual(f.read(), b"hello")
+        stored = store.stat(SEGS)
         self.assertEqual(stored, committed)
-        self.assertIsNone(store.open_file(("missing",)))
-        self.assertIsNone(store.open_file(SEGS[:1]))
+        self.assertEqual(stored.path.read_bytes(), b"hello")
+        self.assertEqual(stored.path, store.target_path(SEGS))
+        self.assertIsNone(store.stat(("missing",)))
+        self.assertIsNone(store.stat(SEGS[:1]))
 
     def test_delete(self) -> None:
         """delete removes the file and its metadata; False when there is nothing to delete."""
@@ -383,20 +383,20 @@ class FreeSpaceTests(StoreTestsMixin, SynchronousTestCase):
         self.patch(storage.os, "statvfs", self.fake_statvfs)
         self.assertEqual(store.free_bytes(), 1000)
 
-    def test_check_free_space_boundary(self) -> None:
+    def test_reserve_boundary(self) -> None:
         """An upload may use space down to exactly min_free_bytes, not one byte more."""
         store = self.make_store(min_free_bytes=500)
         self.patch(storage.os, "statvfs", self.fake_statvfs)
-        store.check_free_space(500)
-        e = self.assertRaises(StorageError, store.check_free_space, 501)
+        store.reserve(500).release()
+        e = self.assertRaises(StorageError, store.reserve, 501)
         self.assertEqual((e.status, e.reason), (507, "insufficient storage"))
 
-    def test_check_free_space_real(self) -> None:
+    def test_reserve_real(self) -> None:
         """On the real filesystem, a huge reserve gives 507 and none passes for 0 bytes."""
         store = self.make_store(min_free_bytes=2**62)
-        e = self.assertRaises(StorageError, store.check_free_space, 0)
+        e = self.assertRaises(StorageError, store.reserve, 0)
         self.assertEqual(e.status, 507)
-        self.make_store().check_free_space(0)
+        self.make_store().reserve(0).release()
 
 
 class WriteTests(StoreTestsMixin, SynchronousTestCase):
@@ -700,8 +700,8 @@ class MetaCacheTests(SynchronousTestCase):
         partial.commit(None)
         self.assertEqual(store.stat(("c", "f")).content_type, "image/png")
         reads = []
-        original = store._read_meta
-        store._read_meta = lambda segs: reads.append(segs) or original(segs)
+        original = metadata.read_meta
+        self.patch(metadata, "read_meta", lambda *args: reads.append(args) or original(*args))
         self.assertEqual(store.stat(("c", "f")).content_type, "image/png")
         self.assertEqual(reads, [])
         # Replaced by another file (new inode): read again.
@@ -737,7 +737,7 @@ class ReservationTests(StoreTestsMixin, SynchronousTestCase):
         self.assertEqual(store.reserved_bytes, 12 * self.MIB)
         e = self.assertRaises(StorageError, store.reserve, 12 * self.MIB)
         self.assertEqual((e.status, e.reason), (507, "insufficient storage"))
-        self.assertRaises(StorageError, store.check_free_space, 12 * self.MIB)
+        self.assertRaises(StorageError, store.reserve, 12 * self.MIB)
         store.reserve(8 * self.MIB).release()
         first.release()
         first.release()  # idempotent
@@ -798,11 +798,9 @@ class SidecarSpaceTests(StoreTestsMixin, SynchronousTestCase):
 
 
 def captured_log(test) -> list[dict]:
-    """The store's log events during ``test``."""
-    from twisted.logger import Logger
-
+    """The store's log events during ``test`` (its modules share one logger)."""
     events: list[dict] = []
-    test.patch(storage, "log", Logger(observer=events.append))
+    test.patch(fsio.log, "observer", events.append)
     return events
 
 
@@ -876,7 +874,7 @@ class PrivateDirLinkTests(StoreTestsMixin, SynchronousTestCase):
         outside = self.outside()
         os.rename(store.partial_dir, store.root / "moved")
         os.symlink(outside, store.partial_dir)
-        self.patch(storage, "DIR_RECHECK_SECONDS", 0.0)
+        self.patch(fs_dirs, "DIR_RECHECK_SECONDS", 0.0)
         e = self.assertRaises(StorageError, store.open_partial, SEGS, "text/plain", 3)
         self.assertEqual(e.status, 503)
         self.assertUntouched(outside)
@@ -901,7 +899,6 @@ class PrivateDirLinkTests(StoreTestsMixin, SynchronousTestCase):
         # Reads never go through it either.
         (outside / "sub" / "f.txt").write_bytes(b"secret")
         self.assertIsNone(store.stat(segs))
-        self.assertIsNone(store.open_file(segs))
         self.assertFalse(store.delete(segs))
         self.assertTrue((outside / "sub" / "f.txt").exists())
         self.flushLoggedErrors()

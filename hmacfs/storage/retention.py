@@ -36,7 +36,10 @@ from hmacfs.errors import Refusal
 from hmacfs.logs import log_router
 from hmacfs.periodic import PeriodicService
 from hmacfs.signing.paths import PathError, parse_slot_path
-from hmacfs.storage.filesystem import PRIVATE_DIR, PrivateDir, Store, _write_file, path_key
+from hmacfs.storage.filesystem import Store
+from hmacfs.storage.fs_dirs import PrivateDir
+from hmacfs.storage.fsio import write_file
+from hmacfs.storage.layout import PRIVATE_DIR, SWEEP_LOCK_FILE, TMP_SUFFIX, TOMBSTONES_DIR, path_key
 
 log = Logger(observer=log_router)
 
@@ -150,7 +153,7 @@ class Tombstones:
     """
 
     def __init__(self, root: Path, now: Callable[[], float] = time.time) -> None:
-        self._dir = PrivateDir(root, "tombstones")
+        self._dir = PrivateDir(root, TOMBSTONES_DIR)
         self.directory = self._dir.path
         self.now = now
 
@@ -159,11 +162,11 @@ class Tombstones:
         data = f"{until:.0f}\n".encode("ascii")
         handle = self._dir.handle
         try:
-            _write_file(key + ".tmp", data, sync=False, dir_fd=handle.fd)
+            write_file(key + TMP_SUFFIX, data, sync=False, dir_fd=handle.fd)
         except FileNotFoundError:
             handle = self._dir.reopen()
-            _write_file(key + ".tmp", data, sync=False, dir_fd=handle.fd)
-        os.replace(key + ".tmp", key, src_dir_fd=handle.fd, dst_dir_fd=handle.fd)
+            write_file(key + TMP_SUFFIX, data, sync=False, dir_fd=handle.fd)
+        os.replace(key + TMP_SUFFIX, key, src_dir_fd=handle.fd, dst_dir_fd=handle.fd)
 
     def blocks(self, segments: Sequence[str]) -> bool:
         # Asked on every PUT, and almost always for a path with no tombstone:
@@ -235,7 +238,7 @@ class Sweeper:
         self.settings = settings
         self.report_file = report_file
         self.now = now
-        self.lock_path = store.root / PRIVATE_DIR / "sweep.lock"
+        self.lock_path = store.root / PRIVATE_DIR / SWEEP_LOCK_FILE
 
     def sweep(self) -> SweepResult:
         # Opened through the store's descriptor of .hmacfs: never through a link.

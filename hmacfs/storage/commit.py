@@ -1,0 +1,127 @@
+# -*- test-case-name: tests.test_storage -*-
+"""
+The commit protocol: how a finished partial file becomes a stored file, atomically and
+durably, never overwriting one.
+
+Order: fsync data, write metadata to a temporary name, link the partial to the target
+(atomic, never overwrites), move the metadata into place, unlink the partial and its
+record, fsync directories, and only then close (and so unlock) the partial file, so nobody
+can reopen it in between.  Metadata reaches its final name only after the link succeeded,
+so a losing upload never touches the existing file's metadata.  On any failure nothing of
+this upload remains (not even at the target).  Every name is reached through directory
+descriptors (the target's directories walked again with ``openat``), so a link swapped in
+during the upload is never followed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from hmacfs.storage.fs_paths import open_parents
+from hmacfs.storage.fsio import close_all, etag, lexists, log, translate, unlink_quietly
+from hmacfs.storage.interface import StorageError, StoredFile
+from hmacfs.storage.layout import TMP_SUFFIX, meta_name, partial_name, record_name
+from hmacfs.storage.metadata import write_meta
+
+if TYPE_CHECKING:
+    from hmacfs.storage.partial import PartialUpload
+
+
+def publish(upload: PartialUpload, sha256_hex: str | None) -> StoredFile:
+    """Commit ``upload`` (its lock held, marked finished); 409 if its target exists."""
+    private = upload.private
+    dirs = upload.dirs
+    segments = upload.segments
+    key = upload.key
+    name = partial_name(key)
+    record = record_name(key)
+    meta_final = meta_name(key)
+    meta_tmp = meta_final + TMP_SUFFIX
+    meta_dirs = dirs
+    linked = placed = False
+    parents: list[int] = []
+    parent = -1
+    try:
+        os.fsync(upload.fd)
+        try:
+            meta_dirs = private.get()
+            _write_meta(upload, meta_tmp, sha256_hex, meta_dirs.meta)
+        except FileNotFoundError:
+            # .hmacfs/meta was removed under us: recreate it and try once more.
+            meta_dirs = private.get(force=True)
+            _write_meta(upload, meta_tmp, sha256_hex, meta_dirs.meta)
+        # A retention sweep may have removed now-empty parents during the upload.
+        opened = open_parents(
+            meta_dirs.root, segments, create=True, root_prefix=private.root_prefix
+        )
+        assert opened is not None  # create=True: missing raises
+        parents = opened
+        parent = parents[-1] if parents else meta_dirs.root
+        try:
+            os.link(
+                name, segments[-1], src_dir_fd=dirs.partial, dst_dir_fd=parent,
+                follow_symlinks=False,
+            )
+        except FileExistsError:
+            log.info("upload of {path} lost to an existing file", path=upload.name)
+            raise StorageError(409, "file already exists") from None
+        except FileNotFoundError:
+            if lexists(name, dirs.partial):
+                raise
+            log.warn("upload of {path} lost: its partial file was removed", path=upload.name)
+            raise StorageError(503, "the upload was removed from the store; retry") from None
+        linked = True
+        os.rename(meta_tmp, meta_final, src_dir_fd=meta_dirs.meta, dst_dir_fd=meta_dirs.meta)
+        placed = True
+        os.unlink(name, dir_fd=dirs.partial)
+        if upload.has_record:
+            unlink_quietly(record, dirs.partial)
+        # The target is a second name of the file we hold: its size, mtime and
+        # inode are the stored file's (link changes only its ctime).
+        st = os.fstat(upload.fd)
+        upload.close()
+        # fsync from the target's directory up to root, so new directories survive too.
+        for fd in reversed(parents):
+            os.fsync(fd)
+        os.fsync(meta_dirs.root)
+        os.fsync(meta_dirs.meta)
+    except BaseException as e:
+        if placed:
+            unlink_quietly(meta_final, meta_dirs.meta)
+        if linked:
+            unlink_quietly(segments[-1], parent)
+        unlink_quietly(meta_tmp, meta_dirs.meta)
+        unlink_quietly(name, dirs.partial)
+        unlink_quietly(record, dirs.partial)
+        upload.close()
+        if isinstance(e, OSError):
+            translated = translate(e)
+            if translated is not e:
+                raise translated from e
+        raise
+    finally:
+        close_all(parents)
+    log.debug("committed {path}: {size} bytes", path=upload.name, size=st.st_size)
+    # Described from what was just written: reading the metadata back would cost
+    # a stat, an open and a JSON parse per upload.
+    return StoredFile(
+        path=upload.target,
+        size=st.st_size,
+        mtime=st.st_mtime,
+        content_type=upload.content_type,
+        etag=etag(st),
+        sha256=sha256_hex,
+    )
+
+
+def _write_meta(upload: PartialUpload, name: str, sha256_hex: str | None, dir_fd: int) -> None:
+    write_meta(
+        name,
+        dir_fd,
+        path=upload.name,
+        content_type=upload.content_type,
+        size=upload.written,
+        sha256=sha256_hex,
+        created=upload.now(),
+    )
