@@ -62,6 +62,7 @@ from twisted.web.resource import Resource
 from hmacfs.config import Config, default_config
 from hmacfs.errors import Refusal
 from hmacfs.http.channel import StreamingChannel, StreamingRequest, StreamingSite
+from hmacfs.http.limits import ConnectionTable
 from hmacfs.service.assembly import ServerTree, assemble
 
 __all__ = ["DEFAULT_HOST_BODY_LIMIT", "EmbeddedUpload", "HostBodyPolicy", "embed"]
@@ -251,10 +252,9 @@ class EmbeddedUpload:
         site.body_policy = self._policy()  # type: ignore[attr-defined]
         site.admission_checks = self.site.admission_checks  # type: ignore[attr-defined]
         site.read_size = self.site.read_size  # type: ignore[attr-defined]
-        # The channel's HeaderTimeout and MaxConnectionsPerClient.
-        for name in ("header_timeout", "max_connections_per_client", "connection_key"):
-            setattr(site, name, getattr(self.site, name))
-        site.connections_by_client = {}  # type: ignore[attr-defined]
+        # The channel's HeaderTimeout and MaxConnectionsPerClient, counted apart.
+        site.connection_limits = self.site.connection_limits  # type: ignore[attr-defined]
+        site.connections_by_client = ConnectionTable()  # type: ignore[attr-defined]
         site.metrics = self.site.metrics  # type: ignore[attr-defined]
         # The drain on stop watches hmacfs's own Site; point it at this one.
         self.site.body_policy = site.body_policy  # type: ignore[attr-defined]

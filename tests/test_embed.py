@@ -180,8 +180,8 @@ class InstallTests(LiveTestCase):
             root.putChild(b"hello", Data(b"hi there", "text/plain"))
             site = uploads.install(server.Site(root))
             # The channel's HeaderTimeout and per-client cap come along.
-            self.assertEqual(site.header_timeout, 30.0)
-            self.assertEqual(site.max_connections_per_client, 64)
+            self.assertEqual(site.connection_limits.header_timeout, 30.0)
+            self.assertEqual(site.connection_limits.max_per_client, 64)
             application = MultiService()
             uploads.service.setServiceParent(application)
             base = await self.serve(application, site)

@@ -20,7 +20,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.http.channel import ADMISSION, LINGER_BYTES, LINGER_SECONDS, TWISTED, StreamingChannel
+from hmacfs.http.channel import LINGER_BYTES, LINGER_SECONDS, StreamingChannel
+from hmacfs.http.pauses import ADMISSION, TWISTED
 from hmacfs.testing import ManualRunner, SiteHarness, header_value, make_config, put_head, status_of
 from tests.test_resume import TOKEN, HeldState, head
 
@@ -166,7 +167,7 @@ class ArbiterTests(ChannelTestsMixin, SynchronousTestCase):
         cases = 0
         for (first, pause_first), (second, pause_second) in itertools.permutations(REASONS.items(), 2):
             if {first, second} == {"send-buffer", "pipelining"}:
-                continue  # Twisted's own two, one bit in Twisted itself (see request.TWISTED)
+                continue  # Twisted's own two, one bit in Twisted itself (see hmacfs.http.pauses.TWISTED)
             for release_first_first in (True, False):
                 protocol, transport = self.connect()
                 pause_first(protocol, True)
@@ -477,15 +478,15 @@ class ConnectionCapTests(ChannelTestsMixin, SynchronousTestCase):
         third_protocol.dataReceived(b"GET / HTTP/1.1\r\n\r\n")  # ignored
         self.assertEqual(third.value().count(b"HTTP/1.1 "), 1)
         third_protocol.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(self.harness.site.connections_by_client, {"203.0.113.5": 2})
+        self.assertEqual(self.harness.site.connections_by_client.counts, {"203.0.113.5": 2})
         first[0].connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(self.harness.site.connections_by_client, {"203.0.113.5": 1})
+        self.assertEqual(self.harness.site.connections_by_client.counts, {"203.0.113.5": 1})
         fourth_protocol, fourth = self.open("203.0.113.5", 4)
         self.assertFalse(fourth.disconnecting)
         self.assertEqual(fourth.value(), b"")
         second[0].connectionLost(Failure(ConnectionDone()))
         fourth_protocol.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(self.harness.site.connections_by_client, {})
+        self.assertEqual(self.harness.site.connections_by_client.counts, {})
 
     def test_clients_counted_apart(self) -> None:
         """Another address has its own count."""
@@ -500,7 +501,7 @@ class ConnectionCapTests(ChannelTestsMixin, SynchronousTestCase):
         for port in range(10):
             _protocol, transport = self.open("127.0.0.1", port)
             self.assertFalse(transport.disconnecting)
-        self.assertEqual(self.harness.site.connections_by_client, {})
+        self.assertEqual(self.harness.site.connections_by_client.counts, {})
 
     def test_ipv6_counted_per_64(self) -> None:
         """Two addresses of one IPv6 /64 share a count; another /64 does not."""
@@ -527,4 +528,4 @@ class UnlimitedConnectionsTests(ChannelTestsMixin, SynchronousTestCase):
         for port in range(100):
             _protocol, transport = self.connect("203.0.113.9", port)
             self.assertFalse(transport.disconnecting)
-        self.assertEqual(self.harness.site.connections_by_client, {})
+        self.assertEqual(self.harness.site.connections_by_client.counts, {})

@@ -96,7 +96,7 @@ UPSTREAM: dict[str, tuple[Callable[..., Any], str, dict[str, str]]] = {
     ),
     "HTTPChannel._maybeChooseTransferDecoder": (
         http.HTTPChannel._maybeChooseTransferDecoder,
-        "StreamingChannel._maybeChooseTransferDecoder refuses an absurd Content-Length "
+        "GuardedChannel._maybeChooseTransferDecoder refuses an absurd Content-Length "
         "before it reaches this method's int()",
         {"24.11.0": "ddfa2376c8ba824b", "26.10.0": "ddfa2376c8ba824b"},
     ),
@@ -108,13 +108,13 @@ UPSTREAM: dict[str, tuple[Callable[..., Any], str, dict[str, str]]] = {
     ),
     "HTTPChannel.requestDone": (
         http.HTTPChannel.requestDone,
-        "StreamingChannel.requestDone ends the request's pauses, then relies on it to restore "
+        "GuardedChannel.requestDone ends the request's pauses, then relies on it to restore "
         "the saved idle timeout and resume through _networkProducer",
         {"24.11.0": "883a6b3682f6709b", "26.10.0": "883a6b3682f6709b"},
     ),
     "HTTPChannel.dataReceived": (
         http.HTTPChannel.dataReceived,
-        "StreamingChannel.dataReceived arms the head deadline, then calls it",
+        "GuardedChannel.dataReceived arms the head deadline, then calls it",
         {"24.11.0": "4231f37f9c00dc35", "26.10.0": "4231f37f9c00dc35"},
     ),
     "HTTPChannel.pauseProducing": (

@@ -20,7 +20,11 @@ Only a disk pause stops the client's idle clock, and the clock always comes
 back.  The channel also bounds a request head in time (``HeaderTimeout``),
 caps connections per client (``MaxConnectionsPerClient``), refuses an absurd
 Content-Length, and after an early refusal sends every body byte, however it
-arrives, to the discard.
+arrives, to the discard.  ``GuardedChannel`` holds that connection side,
+``StreamingChannel`` the header-time decision and the early refusal; the
+plain policy they apply (the pause arbiter, the connection limits and their
+counting) is in hmacfs.http.pauses and hmacfs.http.limits, which use no
+Twisted internals.
 
 The decision itself is not made here: the site's ``body_policy`` (an
 ``IBodyPolicy``) looks at the request and either attaches a body consumer
@@ -39,13 +43,15 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from hmacfs.errors import Refusal
 from hmacfs.http._twisted_compat import SUPPORTED_TWISTED  # noqa: F401 - checks the installed Twisted at import
-from hmacfs.http.clientaddr import ClientAddressResolver
+from hmacfs.http.limits import NO_LIMITS, ConnectionLimits, ConnectionTable
+from hmacfs.http.pauses import ADMISSION, DISCARD, DISK, PauseArbiter, TwistedPauses
 from hmacfs.logs import log_router
 
 log = Logger(observer=log_router)
@@ -189,18 +195,6 @@ class StreamingRequest(server.Request):
         return super().processingFailed(reason)
 
 
-#: Why a channel is not reading its socket.  The socket is read only while no
-#: reason holds, so one party resuming never undoes another party's pause.
-DISK = "disk"  #: a body consumer waits for the disk (``pause_body``/``resume_body``)
-ADMISSION = "admission"  #: the admission decision waits for I/O (``request.admission``)
-#: HTTPChannel's own flow control, through ``_networkProducer``: pipelined data
-#: buffered while a request is answered (``rawDataReceived``, undone by
-#: ``requestDone``) and a full send buffer (``pauseProducing``/``resumeProducing``,
-#: called by the transport).  Twisted keeps these two in one bit of its own
-#: (``_waitingForTransport``), so they are one reason here.
-TWISTED = "twisted"
-DISCARD = "discard"  #: a refused body went over LINGER_BYTES before the answer was written
-
 #: The longest Content-Length we parse: 19 digits hold every size up to 2**63.
 #: Twisted would int() any run of digits, and Python refuses more than 4,300.
 MAX_LENGTH_DIGITS = 19
@@ -228,35 +222,6 @@ TWISTED_INTERNALS = (
 )
 
 
-class _TwistedPauses:
-    """
-    Takes the transport's place as ``HTTPChannel._networkProducer``, so that
-    Twisted's own ``pauseProducing``/``resumeProducing`` of the transport become
-    the ``TWISTED`` reason of the channel's arbiter instead of acting directly.
-    """
-
-    __slots__ = ("_channel", "_transport")
-
-    def __init__(self, channel: StreamingChannel, transport: Any) -> None:
-        self._channel = channel
-        self._transport = transport
-
-    def pauseProducing(self) -> None:
-        self._channel._pause(TWISTED)
-
-    def resumeProducing(self) -> None:
-        self._channel._resume(TWISTED)
-
-    def stopProducing(self) -> None:
-        self._transport.stopProducing()
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self._transport.registerProducer(producer, streaming)
-
-    def unregisterProducer(self) -> None:
-        self._transport.unregisterProducer()
-
-
 def _plain_answer(status: int, phrase: str, reason: str) -> bytes:
     """A complete, closing response written by the channel itself (no request object)."""
     body = reason.encode("ascii") + b"\n"
@@ -278,48 +243,45 @@ def _ignore(data: bytes) -> None:
     """dataReceived of a refused connection: nothing it sends is parsed."""
 
 
-class StreamingChannel(http.HTTPChannel):
+class GuardedChannel(http.HTTPChannel):
     """
-    HTTP/1.1 channel that lets the site's policy accept or refuse a request
-    from its headers, sends ``100 Continue`` only to accepted requests, reads
-    bodies in ``read_size`` pieces and closes refused ones politely.
+    The connection side of the streaming channel: the one owner of the
+    transport's reading, and the guards every connection passes.
 
-    It is also the one owner of the transport's reading: every pause has a
-    reason (``DISK``, ``ADMISSION``, ``TWISTED``, ``DISCARD``) and the socket is
-    read only while none holds.  It bounds the request head in time
-    (``site.header_timeout``) and counts connections per client address
-    (``site.max_connections_per_client``).
+    Every pause has a reason (``DISK``, ``ADMISSION``, ``TWISTED``, ``DISCARD``,
+    held by a ``PauseArbiter``) and the socket is read only while none holds;
+    only a disk pause stops the client's idle clock.  The request head is
+    bounded in time and connections are counted per client
+    (``site.connection_limits``, ``site.connections_by_client``); an absurd
+    Content-Length is refused.
     """
 
-    read_size: int = 65536
-    _rejected_early: bool = False
-    _lingering: bool = False
-    _linger_bytes: int = 0
-    _linger_call: Any = None
-    _pauses: set[str] | frozenset[str] = frozenset()
+    #: the one owner of reading (an inert one until connected)
+    _pauses: PauseArbiter = PauseArbiter(None)
     #: the idle timer is stopped for a DISK pause (the disk is slow, not the client)
     _idle_stopped: bool = False
     _header_timeout: float = 0.0
     _head_call: Any = None
     #: a request was answered on a persistent connection; the next byte starts a head
     _head_pending: bool = False
-    #: the address this connection counts against (site.max_connections_per_client)
+    #: the key this connection counts against (site.connections_by_client)
     _client_key: str | None = None
 
     def connectionMade(self) -> None:
         site = self.site
-        if not self._claim_client_slot(site):
+        limits = getattr(site, "connection_limits", NO_LIMITS)
+        if limits.max_per_client and not self._claim_client_slot(site, limits):
             return
         super().connectionMade()
-        self._pauses = set()
+        self._pauses = pauses = PauseArbiter(self.transport)
         if self._networkProducer is self.transport:
-            self._networkProducer = _TwistedPauses(self, self.transport)
+            self._networkProducer = TwistedPauses(pauses, self.transport)
         read_size = getattr(site, "read_size", None)
         if read_size and hasattr(self.transport, "bufferSize"):
             # One recv() per read_size bytes instead of per 64 KiB: fewer
             # trips through the parser for big uploads.
             self.transport.bufferSize = read_size
-        self._header_timeout = getattr(site, "header_timeout", 0.0) or 0.0
+        self._header_timeout = limits.header_timeout or 0.0
         self._arm_head_deadline()
 
     _host: Any = None
@@ -332,36 +294,26 @@ class StreamingChannel(http.HTTPChannel):
             host = self._host = self.transport.getHost()
         return host
 
-    # The one owner of the transport's reading.  Called on pause/resume only,
-    # never per chunk.
+    # The one owner of the transport's reading (hmacfs.http.pauses).  Called
+    # on pause/resume only, never per chunk.
 
     def _pause(self, reason: str) -> None:
-        pauses = self._pauses
-        if reason in pauses or self._lingering or self.transport is None:
-            return
-        pauses.add(reason)  # type: ignore[union-attr]
-        if len(pauses) == 1:
-            self.transport.pauseProducing()
+        self._pauses.pause(reason)
 
     def _resume(self, reason: str) -> None:
-        pauses = self._pauses
-        if reason not in pauses:
-            return
-        pauses.discard(reason)  # type: ignore[union-attr]
-        if not pauses and self.transport is not None:
-            self.transport.resumeProducing()
+        self._pauses.resume(reason)
 
     @property
     def pause_reasons(self) -> frozenset[str]:
         """Why the socket is not being read now (empty: it is)."""
-        return frozenset(self._pauses)
+        return self._pauses.reasons
 
     # Flow control used by body consumers: stop reading while the disk lags,
     # and do not count that pause against the client's idle timeout.
 
     def pause_body(self) -> None:
         """Stop reading the socket (and the client's idle clock) until ``resume_body``."""
-        self._pause(DISK)
+        self._pauses.pause(DISK)
         period = self.timeOut
         if period is not None and not self._idle_stopped:
             # setTimeout(None) cancels the timer but also forgets the period
@@ -374,7 +326,7 @@ class StreamingChannel(http.HTTPChannel):
 
     def resume_body(self) -> None:
         """Read the socket again and restart the client's idle timeout."""
-        self._resume(DISK)
+        self._pauses.resume(DISK)
         self._restart_idle_clock()
 
     def _restart_idle_clock(self) -> None:
@@ -419,44 +371,31 @@ class StreamingChannel(http.HTTPChannel):
             self._arm_head_deadline()
         http.HTTPChannel.dataReceived(self, data)
 
-    # The per-client connection cap.
+    # The per-client connection cap (hmacfs.http.limits).
 
-    def _claim_client_slot(self, site: Any) -> bool:
+    def _claim_client_slot(self, site: Any, limits: ConnectionLimits) -> bool:
         """Count this connection against its client; False (and answered 429) beyond the cap."""
-        limit = getattr(site, "max_connections_per_client", 0)
-        if not limit:
-            return True
-        key = site.connection_key(self.transport.getPeer())
+        key = limits.key_of(self.transport.getPeer())
         if key is None:
             return True
-        counts = site.connections_by_client
-        count = counts.get(key, 0)
-        if count >= limit:
+        table: ConnectionTable = site.connections_by_client
+        if not table.claim(key, limits.max_per_client):
             log.info(
                 "refusing a connection from {client}: {count} already open",
                 client=key,
-                count=count,
+                count=table.open(key),
             )
             self.dataReceived = _ignore  # type: ignore[method-assign]
             self.transport.write(_TOO_MANY)
             self.transport.loseConnection()
             return False
-        counts[key] = count + 1
         self._client_key = key
         return True
 
     def _release_client_slot(self) -> None:
         key, self._client_key = self._client_key, None
-        if key is None:
-            return
-        counts = self.site.connections_by_client
-        left = counts.get(key, 0) - 1
-        if left > 0:
-            counts[key] = left
-        else:
-            counts.pop(key, None)
-
-    # Headers, admission and early refusal.
+        if key is not None:
+            self.site.connections_by_client.release(key)
 
     def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
         # Twisted checks isdigit() and then int()s any length of digits, which
@@ -467,6 +406,44 @@ class StreamingChannel(http.HTTPChannel):
             self.length = None
             return False
         return bool(super()._maybeChooseTransferDecoder(header, data))
+
+    def requestDone(self, request: Any) -> None:
+        # The body is over, whatever path it took (the last batch may have been
+        # written and committed in one disk job that never resumed the body):
+        # its pauses end with it.  Twisted restores the idle timer it saved.
+        self._idle_stopped = False
+        pauses = self._pauses
+        pauses.resume(DISK)
+        pauses.resume(ADMISSION)
+        if self.persistent:
+            if self._buffer or any(self._dataBuffer):
+                self._arm_head_deadline()  # the next request's head is already here
+            else:
+                self._head_pending = True
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._release_client_slot()
+        self._cancel_head_deadline()
+        super().connectionLost(reason)
+
+
+class StreamingChannel(GuardedChannel):
+    """
+    HTTP/1.1 channel that lets the site's policy accept or refuse a request
+    from its headers, sends ``100 Continue`` only to accepted requests, reads
+    bodies in ``read_size`` pieces and closes refused ones politely: after an
+    early refusal every body byte, however it arrives, goes to the discard,
+    which lingers so that the client reads the answer instead of a reset.
+    """
+
+    read_size: int = 65536
+    _rejected_early: bool = False
+    _lingering: bool = False
+    _linger_bytes: int = 0
+    _linger_call: Any = None
+
+    # Headers, admission and early refusal.
 
     def allHeadersReceived(self) -> None:
         self._cancel_head_deadline()
@@ -576,20 +553,6 @@ class StreamingChannel(http.HTTPChannel):
                 # The answer is not written yet: stop reading until it is.
                 self._pause(DISCARD)
 
-    def requestDone(self, request: Any) -> None:
-        # The body is over, whatever path it took (the last batch may have been
-        # written and committed in one disk job that never resumed the body):
-        # its pauses end with it.  Twisted restores the idle timer it saved.
-        self._idle_stopped = False
-        self._resume(DISK)
-        self._resume(ADMISSION)
-        if self.persistent:
-            if self._buffer or any(self._dataBuffer):
-                self._arm_head_deadline()  # the next request's head is already here
-            else:
-                self._head_pending = True
-        super().requestDone(request)
-
     def loseConnection(self) -> None:
         if not self._rejected_early or self._lingering or self.requests or self.transport is None:
             return super().loseConnection()
@@ -601,9 +564,7 @@ class StreamingChannel(http.HTTPChannel):
         self._networkProducer.unregisterProducer()
         self._lingering = True
         # Whatever paused the socket, the discard must read it now.
-        if self._pauses:
-            self._pauses.clear()
-            self.transport.resumeProducing()
+        self._pauses.stop()
         self.setTimeout(None)
         clock: IReactorTime = self.site.reactor if self.site is not None else None
         if hasattr(self.transport, "loseWriteConnection"):
@@ -618,9 +579,7 @@ class StreamingChannel(http.HTTPChannel):
         if self.transport is not None:
             self.transport.loseConnection()
 
-    def connectionLost(self, reason: Any) -> None:
-        self._release_client_slot()
-        self._cancel_head_deadline()
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._linger_call is not None:
             self._linger_call.cancel()
             self._linger_call = None
@@ -644,14 +603,10 @@ class StreamingSite(server.Site):
     #: called with each request at header time, before the body policy; the
     #: first Refusal returned wins (bans, tombstones: "before any other work")
     admission_checks: list[Callable[[StreamingRequest], Refusal | None]]
-    #: seconds from a request head's first byte to its end (0: no deadline)
-    header_timeout: float = 0.0
-    #: open connections allowed per client (0: unlimited), counted by
-    #: ``connection_key``: None for a peer that is not counted
-    max_connections_per_client: int = 0
-    connection_key: Callable[[Any], str | None]
-    #: open connections by ``connection_key``
-    connections_by_client: dict[str, int]
+    #: HeaderTimeout and MaxConnectionsPerClient (hmacfs.http.limits)
+    connection_limits: ConnectionLimits = NO_LIMITS
+    #: open connections by ``connection_limits.key_of``
+    connections_by_client: ConnectionTable
 
     def __init__(
         self,
@@ -670,10 +625,12 @@ class StreamingSite(server.Site):
         self.body_policy = body_policy
         self.read_size = read_size
         self.admission_checks = []
-        self.header_timeout = header_timeout
-        self.max_connections_per_client = max_connections_per_client
-        self.connection_key = connection_key or ClientAddressResolver(()).connection_key
-        self.connections_by_client = {}
+        self.connection_limits = ConnectionLimits(
+            header_timeout=header_timeout,
+            max_per_client=max_connections_per_client,
+            key_of=connection_key or NO_LIMITS.key_of,
+        )
+        self.connections_by_client = ConnectionTable()
         self._access_log = access_log
         self.displayTracebacks = False
 
