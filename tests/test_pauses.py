@@ -10,7 +10,7 @@ import itertools
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.http.pauses import ADMISSION, DISCARD, DISK, TWISTED, PauseArbiter, TwistedPauses
+from hmacfs.http.pauses import ADMISSION, DISCARD, DISK, TWISTED, PauseArbiter
 
 REASONS = (DISK, ADMISSION, TWISTED, DISCARD)
 
@@ -112,24 +112,25 @@ class PauseArbiterTests(SynchronousTestCase):
         self.assertEqual(arbiter.reasons, frozenset())
 
 
-class TwistedPausesTests(SynchronousTestCase):
+class TwistedReasonTests(SynchronousTestCase):
+    """The arbiter stands for the transport as HTTPChannel's _networkProducer."""
+
     def test_pause_and_resume_are_the_twisted_reason(self) -> None:
         """Twisted's own pause joins the other reasons instead of acting on the transport."""
         transport = FakeTransport()
         arbiter = PauseArbiter(transport)
-        producer = TwistedPauses(arbiter, transport)
         arbiter.pause(DISK)
-        producer.pauseProducing()
+        arbiter.pauseProducing()
         self.assertEqual(arbiter.reasons, {DISK, TWISTED})
-        producer.resumeProducing()
+        arbiter.resumeProducing()
         self.assertEqual(transport.calls, ["pause"])
         arbiter.resume(DISK)
         self.assertEqual(transport.calls, ["pause", "resume"])
 
     def test_rest_goes_to_the_transport(self) -> None:
         transport = FakeTransport()
-        producer = TwistedPauses(PauseArbiter(transport), transport)
-        producer.registerProducer(object(), True)
-        producer.unregisterProducer()
-        producer.stopProducing()
+        arbiter = PauseArbiter(transport)
+        arbiter.registerProducer(object(), True)
+        arbiter.unregisterProducer()
+        arbiter.stopProducing()
         self.assertEqual(transport.calls, ["register True", "unregister", "stop"])

@@ -51,7 +51,7 @@ from twisted.web import http, server
 from hmacfs.errors import Refusal
 from hmacfs.http._twisted_compat import SUPPORTED_TWISTED  # noqa: F401 - checks the installed Twisted at import
 from hmacfs.http.limits import NO_LIMITS, ConnectionLimits, ConnectionTable
-from hmacfs.http.pauses import ADMISSION, DISCARD, DISK, PauseArbiter, TwistedPauses
+from hmacfs.http.pauses import ADMISSION, DISCARD, DISK, PauseArbiter
 from hmacfs.logs import log_router
 
 log = Logger(observer=log_router)
@@ -275,7 +275,8 @@ class GuardedChannel(http.HTTPChannel):
         super().connectionMade()
         self._pauses = pauses = PauseArbiter(self.transport)
         if self._networkProducer is self.transport:
-            self._networkProducer = TwistedPauses(pauses, self.transport)
+            # Twisted's own pauses of the transport become the TWISTED reason.
+            self._networkProducer = pauses
         read_size = getattr(site, "read_size", None)
         if read_size and hasattr(self.transport, "bufferSize"):
             # One recv() per read_size bytes instead of per 64 KiB: fewer

@@ -5,15 +5,15 @@ Why a connection is not reading its socket: the one owner of a transport's readi
 The disk lagging, an admission decision waiting for I/O, Twisted's own flow
 control and a discard over its budget each hold a pause *reason*; the
 transport is read only while none holds, so one party resuming never undoes
-another's pause.  Plain objects (no Twisted internals): the channel consults
-them on pause and resume only, never per chunk.
+another's pause.  A plain object (no Twisted internals): the channel consults
+it on pause and resume only, never per chunk.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ADMISSION", "DISCARD", "DISK", "TWISTED", "PauseArbiter", "TwistedPauses"]
+__all__ = ["ADMISSION", "DISCARD", "DISK", "TWISTED", "PauseArbiter"]
 
 DISK = "disk"  #: a body consumer waits for the disk (``pause_body``/``resume_body``)
 ADMISSION = "admission"  #: the admission decision waits for I/O (``request.admission``)
@@ -33,7 +33,8 @@ class PauseArbiter:
 
     ``transport`` is anything with ``pauseProducing``/``resumeProducing`` (None: not
     connected, every call is ignored).  After ``stop`` reading is no longer
-    arbitrated: the transport is resumed and later pauses are ignored.
+    arbitrated: the transport is resumed and later pauses are ignored.  The
+    arbiter is also a producer standing for the transport (see below).
     """
 
     __slots__ = ("_reasons", "_stopped", "_transport")
@@ -71,26 +72,16 @@ class PauseArbiter:
         """Why the transport is not being read now (empty: it is)."""
         return frozenset(self._reasons)
 
-
-class TwistedPauses:
-    """
-    Takes the transport's place as ``HTTPChannel._networkProducer``, so that
-    Twisted's own ``pauseProducing``/``resumeProducing`` of the transport become
-    the ``TWISTED`` reason of the channel's arbiter instead of acting directly.
-    The rest of the producer interface goes to the transport.
-    """
-
-    __slots__ = ("_arbiter", "_transport")
-
-    def __init__(self, arbiter: PauseArbiter, transport: Any) -> None:
-        self._arbiter = arbiter
-        self._transport = transport
+    # The transport's producer interface: the arbiter takes the transport's
+    # place as ``HTTPChannel._networkProducer``, so that Twisted's own
+    # pauseProducing/resumeProducing become the TWISTED reason instead of
+    # acting directly.  The rest goes to the transport.
 
     def pauseProducing(self) -> None:
-        self._arbiter.pause(TWISTED)
+        self.pause(TWISTED)
 
     def resumeProducing(self) -> None:
-        self._arbiter.resume(TWISTED)
+        self.resume(TWISTED)
 
     def stopProducing(self) -> None:
         self._transport.stopProducing()
