@@ -1,6 +1,8 @@
 # -*- test-case-name: tests.test_download,tests.test_twisted_internals -*-
 """
-The producer that pushes a stored file's bytes into a GET response.
+The producer that pushes a stored file's bytes into a GET response: the
+``sendfile`` path.  What every path shares and the ``pread`` path use no
+Twisted internals and live in ``hmacfs.http.producer``.
 
 This module and ``hmacfs.http.channel`` are the only ones that use Twisted
 internals (checked by ``tests/test_twisted_internals.py``; an unsupported
@@ -26,12 +28,11 @@ import os
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from zope.interface import implementer
 
 import hmacfs.http._twisted_compat  # noqa: F401 - refuses an unsupported Twisted
+from hmacfs.http.producer import CHUNKS_PER_TURN, PreadProducer
 from hmacfs.logs import log_router
 
 __all__ = [
@@ -44,9 +45,6 @@ __all__ = [
 
 log = Logger(observer=log_router)
 
-#: Chunks written in one reactor turn before yielding with ``callLater(0)``,
-#: for consumers that never push back, so one download cannot starve others.
-CHUNKS_PER_TURN = 8
 #: Bodies from this size on go out with ``os.sendfile`` where the transport
 #: allows it.  Below it the headers and body leave in one ``send`` through the
 #: transport's buffer, which costs less than a separate ``sendfile`` call.
@@ -59,22 +57,6 @@ SENDFILE_PER_TURN = 4 * 1024 * 1024
 _SENDFILE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 # sendfile errors that mean the client went away.
 _PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN})
-
-
-def _abort_connection(request: Any) -> None:
-    """
-    Drop the client without a clean end, so it sees a short body and can resume.
-
-    HTTP/1.x requests carry the TCP/TLS transport; an HTTP/2 request has no
-    transport and its channel (the stream) resets just this stream.
-    """
-    transport = getattr(request, "transport", None)
-    if transport is not None:
-        transport.abortConnection()
-        return
-    channel = getattr(request, "channel", None)
-    if channel is not None:
-        channel.abortConnection()
 
 
 def sendfile_transport(request: Any) -> FileDescriptor | None:
@@ -99,24 +81,19 @@ def sendfile_transport(request: Any) -> FileDescriptor | None:
     return transport
 
 
-@implementer(IPushProducer)
-class FileProducer:
+class FileProducer(PreadProducer):
     """
-    Push ``length`` bytes of ``fd`` from ``offset`` into ``request``.
+    Push ``length`` bytes of ``fd`` from ``offset`` into ``request`` with
+    ``sendfile`` when given a ``transport`` (see ``sendfile_transport``), else
+    (and when ``sendfile`` refuses the file before the body started) with
+    ``pread`` and ``request.write``.
 
-    Owns ``fd`` and closes it on every way out: end of data, client gone
-    (``stopProducing`` or the ``notifyFinish`` errback), idle timeout, read
-    error.  Reads use ``os.pread``: the transport keeps a reference to each
-    written ``bytes`` until it is sent, so a reusable buffer would need a copy
-    anyway, and ``pread`` allocates exactly one object per chunk.
-
-    Given a ``transport`` (see ``sendfile_transport``) the body bypasses the
-    transport's buffer: the headers go through it, and each turn waits until
-    the transport has flushed and the socket is writable, then ``sendfile``s
-    until the socket is full.  The wait uses the transport's own machinery: a
-    transport whose producer is marked paused calls the channel's
-    ``resumeProducing`` (and so ours) once its buffer is empty and the socket
-    writable.
+    With a transport the body bypasses the transport's buffer: the headers go
+    through it, and each turn waits until the transport has flushed and the
+    socket is writable, then ``sendfile``s until the socket is full.  The wait
+    uses the transport's own machinery: a transport whose producer is marked
+    paused calls the channel's ``resumeProducing`` (and so ours) once its
+    buffer is empty and the socket writable.
     """
 
     def __init__(
@@ -132,28 +109,19 @@ class FileProducer:
         chunks_per_turn: int = CHUNKS_PER_TURN,
         transport: FileDescriptor | None = None,
     ) -> None:
-        self._request = request
+        super().__init__(
+            request,
+            fd,
+            offset=offset,
+            length=length,
+            clock=clock,
+            write_timeout=write_timeout,
+            chunk_size=chunk_size,
+            chunks_per_turn=chunks_per_turn,
+        )
         self._transport = transport
-        self._fd: int | None = fd
-        self._offset = offset
-        self._remaining = length
-        self._clock = clock
-        self._write_timeout = write_timeout
-        self._chunk_size = chunk_size
-        self._chunks_per_turn = chunks_per_turn
-        self._paused = False
-        self._producing = False
-        self._done = False
-        self._turn_call: IDelayedCall | None = None
-        self._idle_call: IDelayedCall | None = None
-        self._last_progress = clock.seconds()
 
-    def start(self) -> None:
-        """Register with the request and write the first turn's chunks."""
-        self._request.registerProducer(self, True)
-        self._request.notifyFinish().addErrback(self._connection_lost)
-        if self._write_timeout > 0:
-            self._idle_call = self._clock.callLater(self._write_timeout, self._check_idle)
+    def _begin(self) -> None:
         if self._transport is not None:
             # Headers into the transport's buffer; the body waits for them.
             self._request.write(b"")
@@ -161,84 +129,18 @@ class FileProducer:
             return
         self._produce()
 
-    # IPushProducer
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        # Inside our own write the running loop simply carries on; with a turn
-        # already scheduled, that turn carries on.
-        if not self._producing and self._turn_call is None:
-            self._produce()
-
-    def stopProducing(self) -> None:
-        self._close()
-
-    # internals
-
     def _produce(self) -> None:
+        if self._transport is None:
+            PreadProducer._produce(self)
+            return
         self._turn_call = None
         if self._done or self._producing:
             return
         self._producing = True
         try:
-            if self._transport is not None:
-                self._sendfile_turn()
-                return
-            written = 0
-            while not self._paused and not self._done:
-                if written == self._chunks_per_turn:
-                    self._turn_call = self._clock.callLater(0, self._produce)
-                    return
-                if not self._write_chunk():
-                    return
-                written += 1
+            self._sendfile_turn()
         finally:
             self._producing = False
-
-    def _write_chunk(self) -> bool:
-        """Read and write one chunk; finish or abort at the end. False when done."""
-        assert self._fd is not None
-        try:
-            data = os.pread(self._fd, min(self._chunk_size, self._remaining), self._offset)
-        except OSError:
-            log.failure("reading {fd} at {offset} failed", fd=self._fd, offset=self._offset)
-            self._abort()
-            return False
-        if not data:
-            self._shrank()
-            return False
-        self._advance(len(data))
-        self._request.write(data)
-        if self._done:
-            # The write told us the client is gone.
-            return False
-        if self._remaining == 0:
-            # Finish even if that write filled the transport: all bytes are
-            # handed over, and the idle timer must not abort a complete answer.
-            self._finish()
-            return False
-        return True
-
-    def _advance(self, count: int) -> None:
-        self._offset += count
-        self._remaining -= count
-        self._last_progress = self._clock.seconds()
-
-    def _shrank(self) -> None:
-        log.warn(
-            "stored file shrank while serving it: {remaining} bytes missing at {offset}",
-            remaining=self._remaining,
-            offset=self._offset,
-        )
-        self._abort()
-
-    def _finish(self) -> None:
-        self._close()
-        self._request.unregisterProducer()
-        self._request.finish()
 
     def _wait_for_socket(self) -> None:
         """Be resumed once the transport's buffer is empty and the socket writable."""
@@ -289,39 +191,3 @@ class FileProducer:
         if error.errno not in _PEER_GONE:
             log.failure("sendfile at {offset} failed", offset=self._offset)
         self._abort()
-
-    def _check_idle(self) -> None:
-        self._idle_call = None
-        if self._done:
-            return
-        idle = self._clock.seconds() - self._last_progress
-        if idle >= self._write_timeout:
-            log.info(
-                "download stalled for {idle:.1f}s with {remaining} bytes left: aborting",
-                idle=idle,
-                remaining=self._remaining,
-            )
-            self._abort()
-        else:
-            self._idle_call = self._clock.callLater(
-                self._write_timeout - idle, self._check_idle
-            )
-
-    def _abort(self) -> None:
-        self._close()
-        self._request.unregisterProducer()
-        _abort_connection(self._request)
-
-    def _connection_lost(self, reason: Failure) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        """Stop for good: cancel timers and close the file. Idempotent."""
-        self._done = True
-        for call in (self._turn_call, self._idle_call):
-            if call is not None and call.active():
-                call.cancel()
-        self._turn_call = self._idle_call = None
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
