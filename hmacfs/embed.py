@@ -146,9 +146,11 @@ class HostBodyPolicy:
         if length == 0:
             return
         if length is not None and length > self.limit:
-            request.rejection = Refusal(413, f"request body too large (maximum {self.limit} bytes)")
+            request.upload_state.rejection = Refusal(
+                413, f"request body too large (maximum {self.limit} bytes)"
+            )
             return
-        request.body_consumer = _HostBody(request, self.limit)
+        request.upload_state.consumer = _HostBody(request, self.limit)
 
     def __getattr__(self, name: str) -> Any:
         # Anything else the upload side asks of its policy (counters, limits).
@@ -168,12 +170,12 @@ class _RejectionGate(Resource):
         self.upload_resource = upload_resource
 
     def getChildWithDefault(self, path: bytes, request: Any) -> Resource:
-        if getattr(request, "rejection", None) is not None:
+        if request.upload_state.rejection is not None:
             return self.upload_resource
         return self.root.getChildWithDefault(path, request)
 
     def render(self, request: Any) -> Any:
-        if getattr(request, "rejection", None) is not None:
+        if request.upload_state.rejection is not None:
             return self.upload_resource.render(request)
         return self.root.render(request)
 

@@ -121,7 +121,7 @@ class TokenResumeTests(ResumeMixin, SynchronousTestCase):
         request = protocol.requests[-1]
         protocol.dataReceived(self.body[123_457:])
         self.assertEqual(status_of(transport.value()), 201)
-        self.assertTrue(request.hmacfs_resumed)
+        self.assertTrue(request.upload_state.resumed)
         self.assertEqual((self.store_dir / UUID / "a.bin").read_bytes(), self.body)
         self.assertEqual(self.partial_files(), [])
 

@@ -122,8 +122,8 @@ class CreationTests(TusMixin, SynchronousTestCase):
             offset += size
             self.assertEqual(header_value(answer, b"Upload-Offset"), str(offset).encode())
         self.assertEqual(self.target("a.bin").read_bytes(), self.body)
-        self.assertEqual([r.hmacfs_stored for r in self.finished[1:]], [False, False, True])
-        self.assertEqual([getattr(r, "hmacfs_resumed", False) for r in self.finished], [False] * 4)
+        self.assertEqual([r.upload_state.stored for r in self.finished[1:]], [False, False, True])
+        self.assertEqual([r.upload_state.resumed for r in self.finished], [False] * 4)
         self.assertEqual(os.listdir(self.store_dir / ".hmacfs" / "partial"), [])
 
     def test_head_reports_offset(self) -> None:
@@ -273,7 +273,7 @@ class PatchTests(TusMixin, SynchronousTestCase):
         self.assertEqual(header_value(self.head("p.bin"), b"Upload-Offset"), b"21000")
         answer = self.patch("p.bin", 21000, self.body[21000:])
         self.assertEqual(status_of(answer), 204)
-        self.assertTrue(self.finished[-1].hmacfs_resumed)
+        self.assertTrue(self.finished[-1].upload_state.resumed)
         self.assertEqual(self.target("p.bin").read_bytes(), self.body)
 
     def test_unknown_upload_404(self) -> None:
@@ -338,7 +338,7 @@ class SessionBindingTests(TusMixin, SynchronousTestCase):
 
     def assert_refused(self, answer: bytes) -> None:
         self.assertEqual(status_of(answer), 404, answer)
-        self.assertEqual(self.finished[-1].hmacfs_reason, "no upload in progress for this session")
+        self.assertEqual(self.finished[-1].upload_state.reason, "no upload in progress for this session")
         self.assertEqual(header_value(answer, b"Upload-Offset"), b"0")
         self.assertEqual(self.part.read_bytes(), self.body[: self.CUT])
 

@@ -274,7 +274,7 @@ class FlowControlTests(UploadTestsMixin, SynchronousTestCase):
         body = os.urandom(256 * 1024)
         protocol, transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/bounded.bin", len(body)))
-        receiver = protocol.requests[-1].body_consumer
+        receiver = protocol.requests[-1].upload_state.receiver
         fed = 0
         while fed < len(body):
             if transport.producerState == "paused":
@@ -315,7 +315,7 @@ class FlowControlTests(UploadTestsMixin, SynchronousTestCase):
         protocol.dataReceived(put_head(f"{UUID}/late.bin", len(body)) + body)
         [request] = protocol.requests
         answered: list[object] = []
-        request.body_consumer.done.addBoth(answered.append)
+        request.upload_state.receiver.done.addBoth(answered.append)
         protocol.connectionLost(Failure(ConnectionLost()))
         sent = transport.value()
         self.runner.run_all()

@@ -27,11 +27,12 @@ counting) is in hmacfs.http.pauses and hmacfs.http.limits, which use no
 Twisted internals.
 
 The decision itself is not made here: the site's ``body_policy`` (an
-``IBodyPolicy``) looks at the request and either attaches a body consumer
-(``request.body_consumer``) or a ``Refusal`` (``request.rejection``).  A
-decision that needs I/O (a Redis lock, another writer letting go) is a
-Deferred in ``request.admission``: until it fires the channel reads nothing
-more, holds back the body bytes already read and sends no ``100 Continue``.
+``IBodyPolicy``) looks at the request and records it in the request's one
+typed ``RequestState`` (``request.upload_state``): a body consumer
+(``consumer``) or a ``Refusal`` (``rejection``).  A decision that needs I/O
+(a Redis lock, another writer letting go) is a Deferred in ``admission``:
+until it fires the channel reads nothing more, holds back the body bytes
+already read and sends no ``100 Continue``.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from io import BytesIO
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
+import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -53,6 +56,9 @@ from hmacfs.http._twisted_compat import SUPPORTED_TWISTED  # noqa: F401 - checks
 from hmacfs.http.limits import NO_LIMITS, ConnectionLimits, ConnectionTable
 from hmacfs.http.pauses import ADMISSION, DISCARD, DISK, PauseArbiter
 from hmacfs.logs import log_router
+
+if TYPE_CHECKING:
+    from hmacfs.signing.paths import SlotPath
 
 log = Logger(observer=log_router)
 
@@ -78,36 +84,79 @@ class IBodyPolicy(Protocol):
     """Decides, at header time, what happens to a request's body."""
 
     def headers_received(self, request: StreamingRequest, length: int | None) -> None:
-        """Set ``request.body_consumer`` or ``request.rejection`` (or neither)."""
+        """Set ``request.upload_state.consumer`` or ``.rejection`` (or neither)."""
+
+
+class IUploadBody(IBodyConsumer, Protocol):
+    """An upload's body consumer as the resource sees it: ``done`` fires with how it ended."""
+
+    @property
+    def done(self) -> Deferred[Any]: ...
+
+
+@attrs.frozen
+class Answer:
+    """A body-less response decided at header time (HEAD offsets, tus termination)."""
+
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+@attrs.define(slots=True, eq=False)
+class RequestState:
+    """
+    What hmacfs decided about one request, in one typed object on the request
+    (``StreamingRequest.upload_state``) instead of attributes strewn on it.
+
+    The channel reads the first four fields; the upload protocols set the
+    rest for the upload resource, the metrics and the access log.
+    """
+
+    #: where the body goes (set by the body policy), or None
+    consumer: IBodyConsumer | None = None
+    #: why the request is refused: its body is discarded, the resource answers this
+    rejection: Refusal | None = None
+    #: a decision waiting for I/O (a Redis lock, another writer letting go): the
+    #: channel pauses the socket and holds back body bytes until it fires; by then
+    #: ``consumer`` or ``rejection`` is set
+    admission: Deferred[Any] | None = None
+    #: whether the whole body had already been read when the headers ended (set by
+    #: the channel before the policy runs): such an upload can finish in one disk job
+    body_in_hand: bool = False
+    #: the parsed upload path, for upload requests
+    slot: SlotPath | None = None
+    #: ``consumer`` when it is an upload's receiver: the resource answers from its ``done``
+    receiver: IUploadBody | None = None
+    #: a body-less answer decided at header time
+    answer: Answer | None = None
+    #: which upload request: "put", "tus-create" or "tus-patch" (how it is answered)
+    kind: str = "put"
+    #: it continues an upload an earlier request left unfinished (metrics)
+    resumed: bool = False
+    #: whether the upload was stored (metrics; None: as the status says)
+    stored: bool | None = None
+    #: why the request was refused (the access log)
+    reason: str | None = None
 
 
 class StreamingRequest(server.Request):
     """
     A Request that knows its method, URI and arguments once the headers are in,
-    and hands its body to ``body_consumer`` instead of a spool file.
+    and hands its body to ``upload_state.consumer`` instead of a spool file.
     """
 
-    body_consumer: IBodyConsumer | None = None
-    rejection: Refusal | None = None
-    #: the parsed upload path, set by the policy for upload requests
-    slot: Any = None
+    upload_state: RequestState
     #: bytes of body handed to the consumer (or discarded)
     body_received: int = 0
     started: float = 0.0
-    #: set by the policy when its decision waits for I/O (a Redis lock, another
-    #: writer letting go): the channel pauses the socket and holds back body
-    #: bytes until it fires; by then ``body_consumer`` or ``rejection`` is set
-    admission: Any = None
-    #: whether the whole body had already been read when the headers ended (set by
-    #: the channel before the policy runs): such an upload can finish in one disk job
-    body_in_hand: bool = False
     _held: list[bytes] | None = None
     _complete_while_held: bool = False
 
     def __init__(self, channel: Any, queued: object = None) -> None:
         super().__init__(channel)
         self.started = time.monotonic()
-        metrics = getattr(getattr(channel, "site", None), "metrics", None)
+        self.upload_state = RequestState()
+        metrics = channel.site.metrics
         if metrics is not None:
             metrics.request_started()
             self.notifyFinish().addBoth(metrics.request_ended)
@@ -119,24 +168,25 @@ class StreamingRequest(server.Request):
         self.method, self.uri, self.clientproto = command, uri, version
         self.path, _, query = uri.partition(b"?")
         self.args = parse_qs(query, keep_blank_values=True) if query else {}
-        site = self.channel.site
-        for check in getattr(site, "admission_checks", ()):
+        site: StreamingSite = self.channel.site
+        state = self.upload_state
+        for check in site.admission_checks:
             rejection = check(self)
             if rejection is not None:
-                self.rejection = rejection
+                state.rejection = rejection
                 return
-        policy = getattr(site, "body_policy", None)
+        policy = site.body_policy
         if policy is not None:
             policy.headers_received(self, length)
         if (
-            self.body_consumer is None
-            and self.rejection is None
-            and self.admission is None
+            state.consumer is None
+            and state.rejection is None
+            and state.admission is None
             and length != 0
         ):
             # Nobody wants this body: never spool it.  Whoever routes requests
             # should have said why; this is the safe default.
-            self.rejection = Refusal(413, "this resource takes no request body")
+            state.rejection = Refusal(413, "this resource takes no request body")
 
     def gotLength(self, length: int | None) -> None:
         # No spool: the body goes to the consumer.  ``content`` stays a tiny
@@ -148,7 +198,7 @@ class StreamingRequest(server.Request):
         if self._held is not None:
             self._held.append(data)
             return
-        consumer = self.body_consumer
+        consumer = self.upload_state.consumer
         if consumer is not None:
             consumer.write(data)
 
@@ -158,8 +208,9 @@ class StreamingRequest(server.Request):
         if self._held is not None:
             self._complete_while_held = True
             return
-        if self.body_consumer is not None:
-            self.body_consumer.body_complete()
+        consumer = self.upload_state.consumer
+        if consumer is not None:
+            consumer.body_complete()
         self.process()
 
     def hold_body(self) -> None:
@@ -173,7 +224,8 @@ class StreamingRequest(server.Request):
         in which case the request has been processed.
         """
         held, self._held = self._held or [], None
-        consumer = self.body_consumer if self.rejection is None else None
+        state = self.upload_state
+        consumer = state.consumer if state.rejection is None else None
         if consumer is not None:
             for chunk in held:
                 consumer.write(chunk)
@@ -183,15 +235,16 @@ class StreamingRequest(server.Request):
         return False
 
     def connectionLost(self, reason: Any) -> None:
-        consumer = self.body_consumer
+        consumer = self.upload_state.consumer
         if consumer is not None and not self.finished:
             consumer.connection_lost()
         super().connectionLost(reason)
 
     def processingFailed(self, reason: Any) -> Any:
         log.failure("unhandled error processing {method} request", reason, method=self.method)
-        if self.body_consumer is not None:
-            self.body_consumer.connection_lost()
+        consumer = self.upload_state.consumer
+        if consumer is not None:
+            consumer.connection_lost()
         return super().processingFailed(reason)
 
 
@@ -455,16 +508,17 @@ class StreamingChannel(GuardedChannel):
         # LineReceiver keeps what followed the blank line in ``_buffer``: the body
         # bytes that came in the same read as the headers.
         length = self.length
-        req.body_in_hand = length is not None and len(self._buffer) >= length
+        state = req.upload_state
+        state.body_in_hand = length is not None and len(self._buffer) >= length
         req.headers_received(self._command, self._path, self._version, length)
-        admission = req.admission
+        admission = state.admission
         if admission is not None and not admission.called:
             # The decision needs I/O: read nothing more until it is made.
             req.hold_body()
             self._pause(ADMISSION)
             admission.addBoth(self._admitted, req, self._version)
             return
-        if req.rejection is not None and self.length != 0:
+        if state.rejection is not None and self.length != 0:
             self._reject_before_body(req)
             return
         self._maybe_continue(req, self._version)
@@ -475,19 +529,20 @@ class StreamingChannel(GuardedChannel):
             self._send100Continue()
 
     def _admitted(self, result: object, req: StreamingRequest, version: bytes) -> None:
-        """A deferred admission decision arrived (see ``StreamingRequest.admission``)."""
+        """A deferred admission decision arrived (see ``RequestState.admission``)."""
+        state = req.upload_state
         if isinstance(result, Failure):
             log.failure("admission failed", result)
-            if req.rejection is None and req.body_consumer is None:
-                req.rejection = Refusal(500, "internal error")
+            if state.rejection is None and state.consumer is None:
+                state.rejection = Refusal(500, "internal error")
         if self.transport is None or req._disconnected:
             # The client left while we were deciding: whoever was admitted lets go.
             req._held = None
-            if req.body_consumer is not None and req.rejection is None:
-                req.body_consumer.connection_lost()
+            if state.consumer is not None and state.rejection is None:
+                state.consumer.connection_lost()
             return
         received = req.body_received
-        if req.rejection is not None and not req._complete_while_held:
+        if state.rejection is not None and not req._complete_while_held:
             req._held = None
             self._resume(ADMISSION)
             self._reject_before_body(req)
@@ -540,7 +595,7 @@ class StreamingChannel(GuardedChannel):
         if self.transport is None or not self.requests or self._transferDecoder is None:
             return  # gone, or the body ended meanwhile (the consumer answers then)
         req = self.requests[-1]
-        if req.body_consumer is consumer and not req.finished:
+        if req.upload_state.consumer is consumer and not req.finished:
             self._reject_before_body(req)
     def _discard(self, data: bytes) -> None:
         """The body of a refused request: count it and drop it."""

@@ -16,7 +16,7 @@ from typing import Any
 __all__ = ["ADMISSION", "DISCARD", "DISK", "TWISTED", "PauseArbiter"]
 
 DISK = "disk"  #: a body consumer waits for the disk (``pause_body``/``resume_body``)
-ADMISSION = "admission"  #: the admission decision waits for I/O (``request.admission``)
+ADMISSION = "admission"  #: the admission decision waits for I/O (``RequestState.admission``)
 #: HTTPChannel's own flow control, through ``_networkProducer``: pipelined data
 #: buffered while a request is answered (``rawDataReceived``, undone by
 #: ``requestDone``) and a full send buffer (``pauseProducing``/``resumeProducing``,

@@ -165,7 +165,7 @@ def error_page(request: Any, status: int, reason: str, headers: tuple = ()) -> b
     phrase = (_PHRASES.get(status) or http.RESPONSES.get(status, b"Error")).decode("ascii")
     body = f"{status} {phrase}: {reason}\n".encode()
     request.responseHeaders.setRawHeaders(b"Content-Length", [str(len(body)).encode()])
-    request.hmacfs_reason = reason
+    request.upload_state.reason = reason
     if request.method == b"HEAD":
         return b""
     return body
@@ -200,10 +200,11 @@ class UploadResource(Resource):
         request.responseHeaders.setRawHeaders(SESSION_TOKEN, [session_token(request)])
         if tus.is_tus(request):
             request.responseHeaders.setRawHeaders(b"Tus-Resumable", [tus.TUS_VERSION])
-        rejection = getattr(request, "rejection", None)
+        state = request.upload_state
+        rejection = state.rejection
         if rejection is not None:
             return error_page(request, rejection.status, rejection.reason, rejection.headers)
-        answer = getattr(request, "answer", None)
+        answer = state.answer
         if answer is not None:
             request.setResponseCode(answer.status)
             for name, value in answer.headers:
@@ -229,7 +230,7 @@ class UploadResource(Resource):
     # PUT, tus POST and PATCH
 
     def _render_upload(self, request: Any) -> bytes | int:
-        receiver = getattr(request, "body_consumer", None)
+        receiver = request.upload_state.receiver
         if receiver is None:
             if request.method != b"PUT":
                 return error_page(request, 405, "method not allowed", ((b"Allow", ALLOW),))
@@ -248,9 +249,10 @@ class UploadResource(Resource):
     def _created(self, result: StoredFile | Progress, request: Any, gone: list[Failure]) -> None:
         if gone:
             return
-        kind = getattr(request, "upload_kind", "put")
+        state = request.upload_state
+        kind = state.kind
         stored = not isinstance(result, Progress)
-        request.hmacfs_stored = stored
+        state.stored = stored
         headers = request.responseHeaders
         if kind == "put":
             request.setResponseCode(201)
@@ -258,8 +260,8 @@ class UploadResource(Resource):
         else:
             offset = result.size if stored else result.offset  # type: ignore[union-attr]
             headers.setRawHeaders(b"Upload-Offset", [str(offset).encode("ascii")])
-            if not stored and self.uploads is not None and request.slot is not None:
-                name, value = tus.expires_header(self.uploads.expires_at(request.slot.segments))
+            if not stored and self.uploads is not None and state.slot is not None:
+                name, value = tus.expires_header(self.uploads.expires_at(state.slot.segments))
                 headers.setRawHeaders(name, [value])
             if kind == "tus-create":
                 request.setResponseCode(201)

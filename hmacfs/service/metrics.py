@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from hmacfs.periodic import PeriodicService
+
+if TYPE_CHECKING:
+    from hmacfs.http.channel import StreamingRequest
 
 #: upload durations from 1 s to 1 h (plus the sub-second small files)
 UPLOAD_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
@@ -125,14 +128,14 @@ class Metrics:
         """A request finished or lost its connection (notifyFinish fired)."""
         self.in_flight.dec()
 
-    def request_finished(self, request: Any) -> None:
+    def request_finished(self, request: StreamingRequest) -> None:
         """Count one answered request (the site's log hook calls this)."""
         method = request.method.decode("latin-1") if request.method else "other"
         if method not in METHODS:
             method = "other"
         code = int(request.code or 0)
         self.requests.labels(method=method, status=f"{code // 100}xx").inc()
-        received = getattr(request, "body_received", 0)
+        received = request.body_received
         if received:
             self.upload_bytes.inc(received)
         if method == "GET" and code in (200, 206):
@@ -142,12 +145,11 @@ class Metrics:
             if code >= 400:
                 self.upload_errors.inc()
             elif code == 201 or (method == "PATCH" and code == 204):
-                if getattr(request, "hmacfs_stored", code == 201):
+                stored = request.upload_state.stored
+                if code == 201 if stored is None else stored:
                     self.uploads.inc()
-                    started = getattr(request, "started", None)
-                    if started is not None:
-                        self.upload_duration.observe(time.monotonic() - started)
-            if getattr(request, "hmacfs_resumed", False):
+                    self.upload_duration.observe(time.monotonic() - request.started)
+            if request.upload_state.resumed:
                 self.resumed_uploads.inc()
 
     def auth_failure(self, reason: str) -> None:

@@ -58,7 +58,7 @@ def make_access_logger(resolver: ClientAddressResolver) -> Any:
     """One line per request: client, method, path (never the query: it holds the MAC)."""
 
     def log_request(request: Any) -> None:
-        reason = getattr(request, "hmacfs_reason", None)
+        reason = request.upload_state.reason
         access_log.info(
             '{client} "{method} {path}" {status} {bytes} {seconds:.3f}s{why}',
             client=request_client(request, resolver),

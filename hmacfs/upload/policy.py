@@ -14,7 +14,7 @@ three ways a body can arrive:
   signed URL (``hmacfs.upload.tus``).
 
 Body-less tus ``HEAD``/``DELETE`` and the session-token ``HEAD`` are answered
-from here too (``request.answer``), so every MAC check lives in one place.
+from here too (``RequestState.answer``), so every MAC check lives in one place.
 
 An accepted request gets an ``UploadReceiver`` that writes chunks on a thread
 pool as they arrive, pauses the socket while too much waits for the disk, and
@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hmacfs.errors import Refusal, storage_refusal
-from hmacfs.http.channel import StreamingRequest
+from hmacfs.http.channel import Answer, RequestState, StreamingRequest
 from hmacfs.logs import log_router
 from hmacfs.signing.auth import Authenticator, AuthError
 from hmacfs.signing.paths import PathError, SlotPath, parse_slot_path
@@ -82,14 +82,6 @@ class Progress:
 
     offset: int
     size: int | None
-
-
-@attrs.frozen
-class Answer:
-    """A body-less response decided at header time (HEAD offsets, tus termination)."""
-
-    status: int
-    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 def expected_sha256(headers: Any) -> bytes | None:
@@ -183,6 +175,7 @@ class UploadPolicy:
 
     def headers_received(self, request: StreamingRequest, length: int | None) -> None:
         """Attach a receiver, an answer or a ``Refusal`` to an upload request."""
+        state = request.upload_state
         method = request.method
         is_tus = tus.is_tus(request)
         if is_tus and method == b"POST":
@@ -202,20 +195,20 @@ class UploadPolicy:
             handler = self._token_head
         if handler is None:
             if length != 0:
-                request.rejection = Refusal(405, "method not allowed", ((b"Allow", ALLOW),))
+                state.rejection = Refusal(405, "method not allowed", ((b"Allow", ALLOW),))
             return
         try:
             slot = parse_slot_path(request.path, self.limits.prefix)
         except PathError as error:
-            request.rejection = Refusal(error.status, error.reason)
+            state.rejection = Refusal(error.status, error.reason)
             return
-        request.slot = slot
+        state.slot = slot
         try:
             if is_tus:
                 tus.check_version(request)
             outcome = handler(request, slot, length)
         except Refusal as refusal:
-            request.rejection = Refusal(refusal.status, refusal.reason, refusal.headers)
+            state.rejection = Refusal(refusal.status, refusal.reason, refusal.headers)
             return
         except OSError as error:
             # A store lookup at header time (a HEAD's offset, a PUT's parents) that failed:
@@ -223,28 +216,28 @@ class UploadPolicy:
             refusal = storage_refusal(error, reading=method == b"HEAD")
             if refusal.status == 503:
                 log.warn("{path}: storage error: {error}", path=slot.text, error=error.strerror or error)
-            request.rejection = Refusal(refusal.status, refusal.reason, refusal.headers)
+            state.rejection = Refusal(refusal.status, refusal.reason, refusal.headers)
             return
         if isinstance(outcome, Deferred):
-            outcome.addCallbacks(self._attach, self._refuse, (request,), None, (request,))
+            outcome.addCallbacks(self._attach, self._refuse, (state,), None, (state,))
             if not outcome.called:
-                request.admission = outcome
+                state.admission = outcome
         else:
-            self._attach(outcome, request)
+            self._attach(outcome, state)
 
-    def _attach(self, outcome: Any, request: StreamingRequest) -> None:
+    def _attach(self, outcome: Answer | UploadReceiver, state: RequestState) -> None:
         if isinstance(outcome, Answer):
-            request.answer = outcome  # type: ignore[attr-defined]
+            state.answer = outcome
         else:
-            request.body_consumer = outcome
+            state.consumer = state.receiver = outcome
 
-    def _refuse(self, failure: Failure, request: StreamingRequest) -> None:
+    def _refuse(self, failure: Failure, state: RequestState) -> None:
         if failure.check(Refusal):
             error = failure.value
-            request.rejection = Refusal(error.status, error.reason, error.headers)
+            state.rejection = Refusal(error.status, error.reason, error.headers)
         else:
             log.failure("upload admission failed", failure)
-            request.rejection = Refusal(500, "internal error")
+            state.rejection = Refusal(500, "internal error")
 
     # checks shared by every kind of request
 
@@ -356,7 +349,7 @@ class UploadPolicy:
             )
             # The whole body came with the headers and nobody asked to resume it: it is
             # stored or dropped within this request, so it needs no sidecar record.
-            one_request = token is None and not content_range and request.body_in_hand
+            one_request = token is None and not content_range and request.upload_state.body_in_hand
             return self._start(
                 request, slot, record, fresh=True, takeover=False, first=0, length=length,
                 resumable=not one_request,
@@ -411,7 +404,7 @@ class UploadPolicy:
             sha256=None if expected is None else expected.hex(),
             metadata=None if raw_metadata is None else raw_metadata.decode("latin-1"),
         )
-        request.upload_kind = "tus-create"  # type: ignore[attr-defined]
+        request.upload_state.kind = "tus-create"
         return self._start(
             request, slot, record, fresh=True, takeover=False, first=0, length=length, chunk=chunk
         )
@@ -447,7 +440,7 @@ class UploadPolicy:
             ) from None
         if offset + length > record.size:
             raise UploadFailed(400, "the chunk goes beyond Upload-Length")
-        request.upload_kind = "tus-patch"  # type: ignore[attr-defined]
+        request.upload_state.kind = "tus-patch"
         return self._start(
             request, slot, record, fresh=False, takeover=True, first=offset, length=length,
             chunk=chunk,
@@ -508,7 +501,7 @@ class UploadPolicy:
         """
         Take the upload's lease, open its partial file and build its receiver.
 
-        ``resumed`` marks the request for metrics (``hmacfs_resumed``) once it is
+        ``resumed`` marks the request for metrics (``RequestState.resumed``) once it is
         admitted: it continues an upload that an earlier request left unfinished.
         ``resumable=False`` (a fresh upload whose whole body is in hand and that
         carries no session token) writes no sidecar record and keeps nothing when
@@ -547,7 +540,7 @@ class UploadPolicy:
             lease.attach(receiver, record)
             self.active += 1
             if resumed:
-                request.hmacfs_resumed = True  # type: ignore[attr-defined]
+                request.upload_state.resumed = True
             return receiver
 
         return self.uploads.lock(slot.segments, takeover=takeover).addCallback(locked)
