@@ -27,7 +27,8 @@ from hmacfs.http.download import render_download
 from hmacfs.logs import log_router
 from hmacfs.signing.paths import PathError, parse_slot_path
 from hmacfs.upload import tus
-from hmacfs.upload.policy import ALLOW, Progress
+from hmacfs.upload.policy import ALLOW
+from hmacfs.upload.receiver import Progress
 
 if TYPE_CHECKING:
     from hmacfs.upload.resume import Uploads
