@@ -1,6 +1,6 @@
 """
 Resumable uploads with X-Session-Token (hmacfs.upload.resume and the resume paths of
-hmacfs.upload.policy), driven through the real Site on StringTransports: interrupt,
+hmacfs.upload.protocols), driven through the real Site on StringTransports: interrupt,
 ask the offset with HEAD, resume with Content-Range; the bindings that keep a
 token or a URL out of someone else's upload; one writer at a time; checksums
 across resumes; deferred admission; progress checkpoints; the sweep.

@@ -1,6 +1,6 @@
 """
 tus 1.0.0 on the signed upload URLs (hmacfs.upload.tus and the tus paths of
-hmacfs.upload.policy), through the real Site on StringTransports: OPTIONS, creation
+hmacfs.upload.protocols), through the real Site on StringTransports: OPTIONS, creation
 (with and without upload), HEAD, PATCH, checksums, termination, expiration,
 CORS; and the header parsers.
 """

@@ -6,7 +6,7 @@ A tus client (tus-js-client, Uppy, tuspy, TUSKit, tus-android-client) is given
 the signed PUT URL as its endpoint: ``POST`` creates the upload there
 (``Upload-Length`` must be the signed size) and ``Location`` is that same URL,
 so every later ``HEAD``, ``PATCH`` and ``DELETE`` carries the MAC too.  The
-admission logic lives in ``hmacfs.upload.policy`` with the other uploads; this
+admission logic lives in ``hmacfs.upload.protocols`` with the other uploads; this
 module parses and produces the tus headers and knows nothing of Twisted's
 request objects beyond ``requestHeaders``.
 
