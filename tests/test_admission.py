@@ -154,7 +154,7 @@ class AdmissionTests(SynchronousTestCase):
         return Admission(
             limits=UploadLimits(prefix="upload", **limits),
             store=self.store,  # type: ignore[arg-type]
-            authenticator=Authenticator(lambda: [SECRET], Clock()),  # type: ignore[arg-type]
+            authenticator=Authenticator(lambda: [SECRET], Clock()),
             on_auth_failure=lambda _request, reason: self.failures.append(reason),
         )
 

@@ -131,10 +131,10 @@ class UploadFinish:
         if self._chunk_hasher is not None and self._chunk_hasher.digest() != self._chunk_expected:
             # tus checksum: the chunk is discarded, the upload stays where it was.
             d: Deferred[Any] = self._run_blocking(self.partial.truncate, self.start)
-            d.addCallbacks(
-                lambda _: self.close(keep=True, clean=True),
-                lambda _: self.close(keep=False, clean=False),
-            )
+            # kept as it was before this chunk if the truncate worked, dropped if not
+            d.addBoth(lambda result: self.close(
+                keep=not isinstance(result, Failure), clean=not isinstance(result, Failure)
+            ))
             mismatch = UploadFailed(
                 tus.CHECKSUM_MISMATCH,
                 "checksum mismatch: the chunk was discarded",
