@@ -154,15 +154,16 @@ class DryRunReactor:
         previous, self.nameResolver = self.nameResolver, resolver
         return previous
 
-    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> None:
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
         self.ports.append(port)
 
     def listenSSL(
         self, port: int, factory: Any, contextFactory: Any, backlog: int = 50, interface: str = ""
-    ) -> None:
+    ) -> Any:
         self.ports.append(port)
 
-    def connectTCP(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - never connects
+    # A dry run never connects: the interface's connect methods only raise.
+    def connectTCP(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover
         raise NotImplementedError("a dry run connects nowhere")
 
     connectSSL = connectTCP
@@ -186,7 +187,7 @@ def _check_endpoint(text: str, key: str) -> None:
     # (an adopted systemd endpoint closes its descriptor when it listens).
     if isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint, SSL4ServerEndpoint)):
         failures: list[Any] = []
-        endpoint.listen(Factory()).addErrback(failures.append)
+        endpoint.listen(Factory()).addErrback(failures.append)  # type: ignore[no-untyped-call]
         if failures:  # pragma: no cover - the dry run's listen cannot fail
             failures[0].raiseException()
         if any(not 0 <= port <= 65535 for port in reactor.ports):

@@ -146,6 +146,7 @@ class StreamingRequest(server.Request):
     """
 
     upload_state: RequestState
+    channel: StreamingChannel
     #: bytes of body handed to the consumer (or discarded)
     body_received: int = 0
     started: float = 0.0
@@ -167,7 +168,8 @@ class StreamingRequest(server.Request):
         """Called by the channel at the end of the headers, before any body byte."""
         self.method, self.uri, self.clientproto = command, uri, version
         self.path, _, query = uri.partition(b"?")
-        self.args = parse_qs(query, keep_blank_values=True) if query else {}
+        # Twisted's stub declares args None until its own parsing (which never runs here)
+        self.args = parse_qs(query, keep_blank_values=True) if query else {}  # type: ignore[assignment]
         site: StreamingSite = self.channel.site
         state = self.upload_state
         for check in site.admission_checks:
@@ -191,7 +193,7 @@ class StreamingRequest(server.Request):
     def gotLength(self, length: int | None) -> None:
         # No spool: the body goes to the consumer.  ``content`` stays a tiny
         # empty placeholder for code that expects the attribute.
-        self.content = BytesIO()
+        self.content = BytesIO()  # type: ignore[assignment]  # None in Twisted's stub
 
     def handleContentChunk(self, data: bytes) -> None:
         self.body_received += len(data)
@@ -308,6 +310,11 @@ class GuardedChannel(http.HTTPChannel):
     (``site.connection_limits``, ``site.connections_by_client``); an absurd
     Content-Length is refused.
     """
+
+    #: set by the Site's buildProtocol (HTTPChannel does not declare it)
+    site: StreamingSite
+    #: a connected TCP or UNIX transport (getPeer, write, bufferSize, half-close)
+    transport: Any
 
     #: the one owner of reading (an inert one until connected)
     _pauses: PauseArbiter = PauseArbiter(None)
@@ -622,7 +629,7 @@ class StreamingChannel(GuardedChannel):
         # Whatever paused the socket, the discard must read it now.
         self._pauses.stop()
         self.setTimeout(None)
-        clock: IReactorTime = self.site.reactor if self.site is not None else None
+        clock: IReactorTime | None = self.site.reactor if self.site is not None else None
         if hasattr(self.transport, "loseWriteConnection"):
             self.transport.loseWriteConnection()
         else:  # pragma: no cover - every stream transport we listen on has it
@@ -651,7 +658,8 @@ class StreamingSite(server.Site):
     """
 
     protocol = StreamingChannel  # type: ignore[assignment]
-    requestFactory = StreamingRequest
+    # Site's stub types it as Request's own constructor (channel, queued)
+    requestFactory = StreamingRequest  # type: ignore[assignment]
     body_policy: IBodyPolicy | None = None
     read_size: int = 65536
     #: an hmacfs.service.metrics.Metrics, or None

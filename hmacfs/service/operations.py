@@ -17,6 +17,7 @@ from hmacfs.config import Config
 from hmacfs.http.health import HealthResource
 from hmacfs.service.metrics import Metrics, metrics_site
 from hmacfs.service.reload import ReloadService
+from hmacfs.signing.paths import PRIVATE_DIR
 from hmacfs.signing.rotation import SecretRing
 from hmacfs.storage.filesystem import Store
 from hmacfs.storage.retention import RetentionService, RetentionSettings, Sweeper, Tombstones
@@ -28,7 +29,7 @@ def deletion_report_path(config: Config) -> Path:
         return config.deletion_report_file
     if config.log_file is not None:
         return config.log_file.parent / "deletions.log"
-    return config.store_dir / ".hmacfs" / "deletions.log"
+    return config.store_dir / PRIVATE_DIR / "deletions.log"
 
 
 def add_metrics_listener(

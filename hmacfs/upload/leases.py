@@ -11,11 +11,11 @@ Any failure on the way lets go of what was taken.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
 
-from hmacfs.http.channel import Answer, StreamingChannel, StreamingRequest
+from hmacfs.http.channel import Answer, StreamingRequest
 from hmacfs.signing.paths import SlotPath
 from hmacfs.storage.filesystem import PartialUpload, StorageError, Store
 from hmacfs.upload.admission import UploadLimits
@@ -96,7 +96,7 @@ class UploadStarter:
             receiver = UploadReceiver(
                 finish,
                 run_blocking=self.run_blocking,
-                flow=cast(StreamingChannel, request.channel),
+                flow=request.channel,
                 high_water=4 * self.limits.buffer_size,
                 progress=self.uploads.progress_callback(record),
                 checkpoint_bytes=self.uploads.checkpoint_bytes,
