@@ -8,7 +8,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from hmacfs.config import KNOWN_KEYS
 
-README = Path(__file__).resolve().parent.parent / "README.rst"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.rst"
 
 
 class ReadmeTests(SynchronousTestCase):
@@ -40,6 +41,34 @@ class ReadmeTests(SynchronousTestCase):
         first_block = text[: text.index("How an upload works")]
         self.assertIn("make run", first_block)
         self.assertIn("make test", first_block)
+
+    def test_layout_lists_every_module(self) -> None:
+        """README's layout section names every module of hmacfs/, and none that is gone."""
+        text = README.read_text()
+        start = text.index("\nLayout\n======")
+        block = text[start : text.index("\nOnly ``hmacfs/http/channel.py``", start)]
+        listed: set[str] = set()
+        folder = ""
+        for line in block.splitlines():
+            entry = line.strip().split("  ")[0].strip()
+            if not entry.endswith((".py", "/")) or not line.startswith("    "):
+                continue
+            names = [name.strip() for name in entry.split(",")]
+            if names[0].startswith("hmacfs/"):
+                head = names[0]
+                folder = head if head.endswith("/") else head.rpartition("/")[0] + "/"
+                names = [head.rpartition("/")[2] if not head.endswith("/") else ""] + names[1:]
+            elif not line.startswith("        "):
+                continue
+            listed.update(folder + name for name in names if name.endswith(".py"))
+        package = ROOT / "hmacfs"
+        modules = {
+            "hmacfs/" + path.relative_to(package).as_posix()
+            for path in package.rglob("*.py")
+            if path.name != "__init__.py"
+        }
+        self.assertEqual(sorted(modules - listed), [], "modules README's layout does not list")
+        self.assertEqual(sorted(listed - modules), [], "README lists modules that do not exist")
 
     def test_sighup_keys_match_reload(self) -> None:
         """The SIGHUP section lists exactly the keys hmacfs.service.reload applies."""
