@@ -6,15 +6,20 @@ import ipaddress
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.state.bans import FOREVER, BanList, BanSettings, ban_key
+from hmacfs.state.bans import BanList, BanSettings, SharedBans, ban_key, unban_shared
+from hmacfs.state.shared import FOREVER, BanShare, EmbeddedBanShare, RedisBanShare
 from hmacfs.testing import SiteHarness, make_config, put_head
+
+T = TypeVar("T")
 
 UUID = "7a0e1f8e-9b7c-4c55-8a44-2b1d3c4e5f60"
 
@@ -253,6 +258,138 @@ class ClientKeyTests(SynchronousTestCase):
         except ValueError:
             if "/" not in text:
                 self.assertEqual(key, text)
+
+
+class MemoryBanShare:
+    """A ``BanShare`` in a dict, shared by the ``SharedBans`` given it (what Redis is to nodes)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.failures: dict[str, int] = {}
+        self.blocks: dict[str, float] = {}  # client -> until (FOREVER)
+        self.calls: list[tuple[object, ...]] = []
+        self.broken = False
+
+    def count_failure(self, client: str, window: float) -> Deferred[int] | None:
+        self.calls.append(("count", client, window))
+        if self.broken:
+            return fail(ConnectionError("gone"))
+        self.failures[client] = self.failures.get(client, 0) + 1
+        return succeed(self.failures[client])
+
+    def publish_block(self, client: str, seconds: float) -> Deferred[None] | None:
+        self.calls.append(("publish", client, seconds))
+        if self.broken:
+            return fail(ConnectionError("gone"))
+        self.blocks[client] = FOREVER if seconds == FOREVER else self.clock.seconds() + seconds
+        self.failures.pop(client, None)
+        return succeed(None)
+
+    def read_blocks(self) -> Deferred[dict[str, float]] | None:
+        now = self.clock.seconds()
+        return succeed(
+            {c: (u if u == FOREVER else u - now) for c, u in self.blocks.items() if u > now}
+        )
+
+    def unban(self, address: str, client: str) -> Deferred[bool] | None:
+        self.calls.append(("unban", address, client))
+        found = self.blocks.pop(client, None) is not None
+        return succeed(found)
+
+
+class SharedBansTests(SynchronousTestCase):
+    """SharedBans's policy over the BanShare interface, without Redis."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.share = MemoryBanShare(self.clock)
+        settings = BanSettings(block_after_fails=3, block_duration=300, auto_ban_time=600)
+        self.a = SharedBans(bans=BanList(self.clock, settings), share=self.share)
+        self.b = SharedBans(bans=BanList(self.clock, BanSettings(**attrs.asdict(settings))), share=self.share)
+
+    def done(self, d: Deferred[T] | None) -> T:
+        """What a shared operation fired (it must have been one)."""
+        self.assertIsNotNone(d)
+        assert d is not None
+        return self.successResultOf(d)
+
+    def fail_on(self, node: SharedBans, address: str) -> None:
+        node.bans.record_failure(address)
+        self.done(node.failure(address))
+
+    def test_memory_share_is_a_ban_share(self) -> None:
+        """The fake (and both real implementations) satisfy the interface (checked by mypy)."""
+        shares: list[BanShare] = [self.share, EmbeddedBanShare(), RedisBanShare(lambda: None)]
+        self.assertEqual(len(shares), 3)
+
+    def test_shared_count_blocks_and_publishes(self) -> None:
+        """Failures on two nodes add up in the share: the node that reaches the count blocks
+        locally and publishes; the other mirrors it at its next sync."""
+        self.fail_on(self.a, "198.51.100.1")
+        self.fail_on(self.a, "198.51.100.1")
+        self.fail_on(self.b, "198.51.100.1")
+        self.assertEqual(self.b.bans.retry_after("198.51.100.1"), 300)
+        self.assertIn(("publish", "198.51.100.1", 300), self.share.calls)
+        self.assertEqual(self.share.calls[0], ("count", "198.51.100.1", 600))
+        self.assertIsNone(self.a.bans.retry_after("198.51.100.1"))
+        self.done(self.a.sync())
+        self.assertEqual(self.a.bans.retry_after("198.51.100.1"), 300)
+
+    def test_counts_per_client_key(self) -> None:
+        """An IPv6 address is counted as its /64, as locally."""
+        self.fail_on(self.a, "2001:db8:1:2::5")
+        self.assertEqual(self.share.calls, [("count", "2001:db8:1:2::/64", 600)])
+
+    def test_local_block_published_forever(self) -> None:
+        """A block the local count decides is published too; AutoUnban = false: FOREVER."""
+        self.a.bans.settings.auto_unban = False
+        for _ in range(3):
+            self.a.bans.record_failure("192.0.2.1")
+        self.assertEqual(self.share.calls, [("publish", "192.0.2.1", FOREVER)])
+        self.done(self.b.sync())
+        self.assertEqual(self.b.bans.retry_after("192.0.2.1"), FOREVER)
+
+    def test_unban_lifts_mirrored_blocks(self) -> None:
+        """Lifting the shared block (hmacfs unban) lifts it on every node at the next sync,
+        keyed by the client (and the address, as older versions keyed it)."""
+        for _ in range(3):
+            self.fail_on(self.a, "2001:db8:9:9::1")
+        self.done(self.b.sync())
+        self.assertIsNotNone(self.b.bans.retry_after("2001:db8:9:9::2"))
+        self.assertTrue(self.done(unban_shared(self.share, "2001:db8:9:9::3")))
+        self.assertIn(("unban", "2001:db8:9:9::3", "2001:db8:9:9::/64"), self.share.calls)
+        self.done(self.a.sync())
+        self.done(self.b.sync())
+        self.assertIsNone(self.a.bans.retry_after("2001:db8:9:9::1"))
+        self.assertIsNone(self.b.bans.retry_after("2001:db8:9:9::1"))
+
+    def test_share_errors_are_logged_not_raised(self) -> None:
+        """A failing share leaves the local list working; the error is a log line."""
+        self.share.broken = True
+        for _ in range(3):
+            self.fail_on(self.a, "192.0.2.2")
+        self.assertIsNotNone(self.a.bans.retry_after("192.0.2.2"))
+
+    def test_embedded_shares_nothing(self) -> None:
+        """The embedded share answers None everywhere: SharedBans does nothing, the
+        local list blocks alone, and unban has nothing shared to lift."""
+        share = EmbeddedBanShare()
+        shared = SharedBans(bans=BanList(self.clock, BanSettings(block_after_fails=2)), share=share)
+        self.assertIsNone(shared.failure("192.0.2.3"))
+        self.assertIsNone(shared.sync())
+        shared.bans.record_failure("192.0.2.3")
+        shared.bans.record_failure("192.0.2.3")
+        self.assertIsNotNone(shared.bans.retry_after("192.0.2.3"))
+        self.assertIsNone(shared.publish("192.0.2.3", 5))
+        self.assertIsNone(unban_shared(share, "192.0.2.3"))
+
+    def test_redis_share_unreachable_is_nothing_shared(self) -> None:
+        """The Redis share without a connection answers None, like the embedded one."""
+        share = RedisBanShare(lambda: None)
+        self.assertIsNone(share.count_failure("k", 1))
+        self.assertIsNone(share.publish_block("k", 1))
+        self.assertIsNone(share.read_blocks())
+        self.assertIsNone(share.unban("k", "k"))
 
 
 class SiteBanTests(SynchronousTestCase):

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import attrs
 import txredisapi
 from twisted.internet.task import Clock
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from hmacfs.state.bans import BanList, BanSettings, SharedBans, unban_in_redis
+from hmacfs.state.bans import BanList, BanSettings, SharedBans, unban_shared
+from hmacfs.state.shared import RedisBanShare
 from tests.redis_server import RedisServer
+
+ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 class SharedBansTests(TestCase):
@@ -29,8 +37,8 @@ class SharedBansTests(TestCase):
         settings = BanSettings(block_after_fails=3, block_duration=300, auto_ban_time=600)
         self.node_a = BanList(self.clock, settings)
         self.node_b = BanList(self.clock, attrs.evolve(settings))
-        self.shared_a = SharedBans(bans=self.node_a, client=lambda: self.redis_a)
-        self.shared_b = SharedBans(bans=self.node_b, client=lambda: self.redis_b)
+        self.shared_a = SharedBans(bans=self.node_a, share=RedisBanShare(lambda: self.redis_a))
+        self.shared_b = SharedBans(bans=self.node_b, share=RedisBanShare(lambda: self.redis_b))
 
     def _setUp(self):
         from twisted.internet.defer import Deferred
@@ -72,7 +80,7 @@ class SharedBansTests(TestCase):
             await self.fail(self.node_a, self.shared_a, "192.0.2.9")
         await self.shared_b.sync()
         self.assertIsNotNone(self.node_b.retry_after("192.0.2.9"))
-        self.assertTrue(await unban_in_redis(self.redis_a, "192.0.2.9"))
+        self.assertTrue(await unban_shared(self.shared_a.share, "192.0.2.9"))
         await self.shared_a.sync()
         await self.shared_b.sync()
         self.assertIsNone(self.node_b.retry_after("192.0.2.9"))
@@ -99,7 +107,7 @@ class SharedBansTests(TestCase):
         await self.shared_a.sync()
         self.assertIsNotNone(self.node_a.retry_after("2001:db8:5:6::42"))
         self.assertIsNone(self.node_a.retry_after("2001:db8:5:7::42"))
-        self.assertTrue(await unban_in_redis(self.redis_a, "2001:db8:5:6::77"))
+        self.assertTrue(await unban_shared(self.shared_a.share, "2001:db8:5:6::77"))
         await self.shared_a.sync()
         await self.shared_b.sync()
         self.assertIsNone(self.node_a.retry_after("2001:db8:5:6::42"))
@@ -107,9 +115,50 @@ class SharedBansTests(TestCase):
 
     async def test_redis_gone_falls_back_to_local(self) -> None:
         """Without a Redis client the local list still blocks."""
-        shared = SharedBans(bans=BanList(self.clock, BanSettings(block_after_fails=2)), client=lambda: None)
+        shared = SharedBans(
+            bans=BanList(self.clock, BanSettings(block_after_fails=2)), share=RedisBanShare(lambda: None)
+        )
         self.assertIsNone(shared.failure("x"))
         self.assertIsNone(shared.sync())
         shared.bans.record_failure("x")
         shared.bans.record_failure("x")
         self.assertIsNotNone(shared.bans.retry_after("x"))
+
+
+class UnbanCommandTests(SynchronousTestCase):
+    """`hmacfs unban` with RedisAddr: through the state layer's connection, the same keys."""
+
+    def unban(self, config: Path, address: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+        return subprocess.run(
+            [sys.executable, "-m", "hmacfs.service.cli", "unban", "--config", str(config), *extra, address],
+            capture_output=True, text=True, timeout=60, env=env, check=False,
+        )
+
+    def test_unban_deletes_the_shared_block(self) -> None:
+        """The /64's block and count and the address's own keys (older versions') go; a
+        second unban finds nothing; with Redis gone the command says so and fails."""
+        server = RedisServer().start()
+        self.addCleanup(server.cleanup)
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir()
+        config = directory / "c.toml"
+        config.write_text(
+            f'Secret = "cli-secret-0123456789"\nStoreDir = "{directory}"\nRedisAddr = "{server.addr}"\n'
+        )
+        keys = ["hmacfs:ban:2001:db8:5:6::/64", "hmacfs:fail:2001:db8:5:6::/64",
+                "hmacfs:ban:2001:db8:5:6::77", "hmacfs:ban:2001:db8:5:7::/64"]
+        for key in keys:
+            server.command("SET", key, "300")
+        done = self.unban(config, "2001:db8:5:6::77")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("removed shared block of 2001:db8:5:6::77 in Redis", done.stdout)
+        self.assertEqual([server.command("EXISTS", key) for key in keys], [b":0", b":0", b":0", b":1"])
+        self.assertTrue((directory / ".hmacfs" / "unban" / "2001:db8:5:6::77").exists())
+        again = self.unban(config, "2001:db8:5:6::77")
+        self.assertEqual(again.returncode, 0, again.stderr)
+        self.assertIn("no shared block", again.stdout)
+        server.stop()
+        gone = self.unban(config, "2001:db8:5:6::77", "--timeout", "0.5")
+        self.assertEqual(gone.returncode, 1)
+        self.assertIn("Redis was not reachable", gone.stderr)

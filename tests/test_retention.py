@@ -5,18 +5,24 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from hmacfs.service.metrics import Metrics
+from hmacfs.state.shared import EmbeddedLocks, RedisLocks
 from hmacfs.storage.filesystem import StorageError, Store, path_key
 from hmacfs.storage.retention import (
+    SWEEP_LOCK,
     FileEntry,
     RetentionService,
     RetentionSettings,
     Sweeper,
+    SweepLock,
     Tombstones,
     plan_deletions,
 )
@@ -208,6 +214,63 @@ class ServiceTests(SynchronousTestCase):
         service.apply(RetentionSettings(interval=600))
         harness.reactor.advance(600)
         self.assertEqual(runner.run_all(), 0)
+
+
+class SweepLockServiceTests(SynchronousTestCase):
+    """The sweep asks the lock shared by the nodes (``SweepLock``) before it runs."""
+
+    def service(self, lock: Any) -> tuple[RetentionService, ManualRunner]:
+        root = Path(self.mktemp()).resolve()
+        root.mkdir()
+        sweeper = Sweeper(Store(root), Tombstones(root), RetentionSettings(interval=600), root.parent / "r.log")
+        runner = ManualRunner()
+        return RetentionService(clock=Clock(), sweeper=sweeper, run_blocking=runner, lock=lock), runner
+
+    def test_lock_taken_sweeps(self) -> None:
+        """Granted (the embedded locks always are), the sweep runs; the lock is asked
+        by name for one interval."""
+        asked: list[tuple[str, float]] = []
+
+        class Granting(EmbeddedLocks):
+            def try_lock(self, name: str, owner: str, ttl: float) -> Deferred[bool]:
+                asked.append((name, ttl))
+                return super().try_lock(name, owner, ttl)
+
+        service, runner = self.service(Granting())
+        d = service.sweep()
+        self.assertEqual(runner.run_all(), 1)
+        self.assertFalse(self.successResultOf(d).skipped)
+        self.assertEqual(asked, [(SWEEP_LOCK, 600)])
+
+    def test_lock_held_elsewhere_skips(self) -> None:
+        """Another node holds the lock: this node's sweep is skipped."""
+        refusing = EmbeddedLocks()
+        self.patch(refusing, "try_lock", lambda name, owner, ttl: succeed(False))
+        service, runner = self.service(refusing)
+        d = service.sweep()
+        self.assertEqual(runner.run_all(), 0)
+        self.assertTrue(self.successResultOf(d).skipped)
+
+    def test_lock_error_falls_back_to_the_lock_file(self) -> None:
+        """A failing lock (Redis trouble) does not stop the sweep: the lock file still guards it."""
+        broken = EmbeddedLocks()
+        self.patch(broken, "try_lock", lambda name, owner, ttl: fail(ConnectionError("gone")))
+        service, runner = self.service(broken)
+        d = service.sweep()
+        self.assertEqual(runner.run_all(), 1)
+        self.assertFalse(self.successResultOf(d).skipped)
+
+    def test_redis_locks_unreachable_grant(self) -> None:
+        """Redis locks without a connection grant (no one else can be asked) and release quietly."""
+        locks = RedisLocks(lambda: None)
+        self.assertTrue(self.successResultOf(locks.try_lock("x", "me", 1.0)))
+        self.assertIsNone(self.successResultOf(locks.release("x", "me")))
+        embedded = EmbeddedLocks()
+        self.assertTrue(self.successResultOf(embedded.try_lock("x", "me", 1.0)))
+        self.assertTrue(self.successResultOf(embedded.try_lock("x", "other", 1.0)))
+        self.assertIsNone(self.successResultOf(embedded.release("x", "me")))
+        interface: list[SweepLock] = [locks, embedded]  # both fit what storage asks (mypy)
+        self.assertEqual(len(interface), 2)
 
 
 class PrivateDirTests(SynchronousTestCase):

@@ -8,6 +8,7 @@ import txredisapi
 from twisted.internet.defer import maybeDeferred
 from twisted.trial.unittest import TestCase
 
+from hmacfs.state.shared import RedisLocks
 from hmacfs.storage.filesystem import Store
 from hmacfs.storage.retention import RetentionService, RetentionSettings, Sweeper, Tombstones
 from tests.redis_server import RedisServer
@@ -28,7 +29,7 @@ class SweepLockTests(TestCase):
         def service() -> RetentionService:
             sweeper = Sweeper(store, Tombstones(root), RetentionSettings(interval=60), root.parent / "r.log")
             return RetentionService(
-                clock=reactor, sweeper=sweeper, run_blocking=maybeDeferred, redis=lambda: redis
+                clock=reactor, sweeper=sweeper, run_blocking=maybeDeferred, lock=RedisLocks(lambda: redis)
             )
 
         first = await service().sweep()

@@ -18,6 +18,13 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from hmacfs.state.shared import (
+    FOREVER,
+    EmbeddedBanShare,
+    EmbeddedLocks,
+    RedisBanShare,
+    RedisLocks,
+)
 from hmacfs.state.store import (
     SLOW_RETRY,
     EmbeddedState,
@@ -266,6 +273,59 @@ class RedisOnlyTests(RedisMixin, TestCase):
         self.flushLoggedErrors()
 
 
+class SharedOverServiceTests(RedisMixin, TestCase):
+    """The bans and named locks of hmacfs.state.shared, through StateService's own connection."""
+
+    def setUp(self) -> Deferred:
+        self.redis = redis_for(self)
+        return self.start_service(self.redis)
+
+    @inline
+    async def test_named_lock(self) -> None:
+        """A named lock is ``hmacfs:<name>`` with a PX expiry; another owner is refused;
+        release is compare-and-delete."""
+        locks = self.service.locks
+        self.assertIsInstance(locks, RedisLocks)
+        self.assertTrue(await locks.try_lock("retention-sweep", "a", 60.0))
+        self.assertEqual(self.redis.command("GET", "hmacfs:retention-sweep"), b"a")
+        ttl = int(self.redis.command("PTTL", "hmacfs:retention-sweep")[1:])
+        self.assertTrue(50_000 < ttl <= 60_000, ttl)
+        self.assertFalse(await locks.try_lock("retention-sweep", "b", 60.0))
+        await locks.release("retention-sweep", "b")  # not b's: stays
+        self.assertEqual(self.redis.command("GET", "hmacfs:retention-sweep"), b"a")
+        await locks.release("retention-sweep", "a")
+        self.assertEqual(self.redis.command("EXISTS", "hmacfs:retention-sweep"), b":0")
+        self.assertTrue(await locks.try_lock("retention-sweep", "b", 60.0))
+
+    @inline
+    async def test_ban_share_keys(self) -> None:
+        """Failures are ``hmacfs:fail:<client>`` counters expiring after the window, a block is
+        ``hmacfs:ban:<client>`` (its seconds, or ``forever`` without expiry) and clears the count;
+        unban deletes both."""
+        bans = self.service.bans
+        self.assertIsInstance(bans, RedisBanShare)
+        self.assertEqual(await bans.count_failure("192.0.2.1", 600.0), 1)
+        self.assertEqual(await bans.count_failure("192.0.2.1", 600.0), 2)
+        ttl = int(self.redis.command("TTL", "hmacfs:fail:192.0.2.1")[1:])
+        self.assertTrue(590 < ttl <= 600, ttl)
+        await bans.publish_block("192.0.2.1", 300.0)
+        self.assertEqual(self.redis.command("GET", "hmacfs:ban:192.0.2.1"), b"300")
+        self.assertEqual(self.redis.command("EXISTS", "hmacfs:fail:192.0.2.1"), b":0")
+        await bans.publish_block("192.0.2.2", FOREVER)
+        self.assertEqual(self.redis.command("GET", "hmacfs:ban:192.0.2.2"), b"forever")
+        blocks = await bans.read_blocks()
+        self.assertEqual(blocks["192.0.2.2"], FOREVER)
+        self.assertTrue(290 < blocks["192.0.2.1"] <= 300)
+        self.assertTrue(await bans.unban("192.0.2.1", "192.0.2.1"))
+        self.assertFalse(await bans.unban("192.0.2.1", "192.0.2.1"))
+        self.assertEqual(set(await bans.read_blocks()), {"192.0.2.2"})
+
+    @inline
+    async def test_connected_within(self) -> None:
+        """A connected service says so at once."""
+        self.assertTrue(await self.service.connected_within(1.0))
+
+
 class RetryPolicyTests(SynchronousTestCase):
     def test_quick_then_slow(self) -> None:
         """Reconnection tries RetryDelay apart for MaxRetries attempts, then every 30 s."""
@@ -282,6 +342,29 @@ class RetryPolicyTests(SynchronousTestCase):
         self.assertIsInstance(service.state, EmbeddedState)
         self.assertEqual(service.backend, "embedded")
         self.assertIsNone(service.client())
+        self.assertIsInstance(service.bans, EmbeddedBanShare)
+        self.assertIsInstance(service.locks, EmbeddedLocks)
+        self.assertFalse(self.successResultOf(service.connected_within(10.0)))
+
+    def test_redis_backends_with_addr(self) -> None:
+        """With RedisAddr every backend reaches Redis through this service's connection,
+        and answers "nothing shared" while it is not connected."""
+        service = StateService(Clock(), redis_addr="127.0.0.1:1")
+        self.assertIsInstance(service.bans, RedisBanShare)
+        self.assertIsInstance(service.locks, RedisLocks)
+        self.assertIsNone(service.bans.read_blocks())
+        self.assertTrue(self.successResultOf(service.locks.try_lock("n", "me", 1.0)))
+
+    def test_connected_within_gives_up(self) -> None:
+        """Waiting for a Redis that does not answer fires False after the timeout."""
+        clock = Clock()
+        service = StateService(clock, redis_addr="127.0.0.1:1")
+        d = service.connected_within(1.0)
+        self.assertNoResult(d)
+        clock.pump([0.05] * 19)
+        self.assertNoResult(d)
+        clock.pump([0.05] * 3)
+        self.assertFalse(self.successResultOf(d))
 
 
 class AddressTests(SynchronousTestCase):

@@ -122,7 +122,7 @@ def assemble_single(config: Config, reactor: Any, config_path: str | None = None
     tree.retention = add_retention(
         top, config, reactor, store=parts.store, tombstones=parts.tombstones,
         run_blocking=tree.disk.run_blocking, metrics=tree.metrics, reload=tree.reload,
-        redis=parts.resumable.state_service.client if config.redis_addr else None,
+        lock=parts.resumable.state_service.locks,
     )
     # strports.service raises a bind error from privilegedStartService, so twistd
     # exits with it instead of running (and logging that it is up) without a port.
@@ -169,7 +169,7 @@ def make_supervisor(
     reload.rotation_listeners.append(supervisor.broadcast_secrets)
     reload.setServiceParent(top)
     store = Store(config.store_dir, min_free_bytes=config.min_free_bytes)
-    redis = None
+    lock = None
     if config.redis_addr:
         # The sweep lock shared with other nodes (the workers hold their own connections).
         from hmacfs.state.store import StateService
@@ -179,7 +179,7 @@ def make_supervisor(
             redis_db=config.redis_db, max_retries=config.max_retries, retry_delay=config.retry_delay,
         )
         state.setServiceParent(top)
-        redis = state.client
+        lock = state.locks
     if metrics is not None:
         health = HealthResource(
             HealthCheck(
@@ -192,7 +192,7 @@ def make_supervisor(
         add_metrics_listener(top, config, reactor, metrics, health)
     retention = add_retention(
         top, config, reactor, store=store, tombstones=Tombstones(store.root),
-        run_blocking=disk.run_blocking, metrics=metrics, reload=reload, redis=redis,
+        run_blocking=disk.run_blocking, metrics=metrics, reload=reload, lock=lock,
     )
     supervisor.setServiceParent(top)
     return SupervisorTree(

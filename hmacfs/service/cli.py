@@ -187,10 +187,10 @@ def cmd_unban(args: argparse.Namespace) -> int:
 
 
 def _unban_in_redis(config: Config, address: str, timeout: float) -> bool | None:
-    from twisted.internet import task
+    """Lift the shared block through the state layer's connection; None: Redis unreachable."""
     from twisted.internet.defer import Deferred
 
-    from hmacfs.state.bans import unban_in_redis
+    from hmacfs.state.bans import unban_shared
     from hmacfs.state.store import StateService
 
     outcome: list[bool | None] = [None]
@@ -204,12 +204,10 @@ def _unban_in_redis(config: Config, address: str, timeout: float) -> bool | None
         )
         service.startService()
         try:
-            deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
-            while service.client() is None and reactor.seconds() < deadline:  # type: ignore[attr-defined]
-                await task.deferLater(reactor, 0.05)  # type: ignore[arg-type]
-            client = service.client()
-            if client is not None:
-                outcome[0] = await unban_in_redis(client, address)
+            if await service.connected_within(timeout):
+                lifted = unban_shared(service.bans, address)
+                if lifted is not None:
+                    outcome[0] = await lifted
         finally:
             await service.stopService()
 

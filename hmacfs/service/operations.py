@@ -20,7 +20,13 @@ from hmacfs.service.reload import ReloadService
 from hmacfs.signing.paths import PRIVATE_DIR
 from hmacfs.signing.rotation import SecretRing
 from hmacfs.storage.filesystem import Store
-from hmacfs.storage.retention import RetentionService, RetentionSettings, Sweeper, Tombstones
+from hmacfs.storage.retention import (
+    RetentionService,
+    RetentionSettings,
+    Sweeper,
+    SweepLock,
+    Tombstones,
+)
 
 
 def deletion_report_path(config: Config) -> Path:
@@ -46,7 +52,7 @@ def add_metrics_listener(
 
 def add_retention(
     top: MultiService, config: Config, reactor: Any, *, store: Store, tombstones: Tombstones,
-    run_blocking: Any, metrics: Metrics | None, reload: ReloadService, redis: Any = None,
+    run_blocking: Any, metrics: Metrics | None, reload: ReloadService, lock: SweepLock | None = None,
 ) -> RetentionService:
     """The retention sweeps (and the store gauges), re-configured by SIGHUP."""
     retention = RetentionService(
@@ -54,7 +60,7 @@ def add_retention(
         sweeper=Sweeper(store, tombstones, RetentionSettings.from_config(config), deletion_report_path(config)),
         run_blocking=run_blocking,
         metrics=metrics,
-        redis=redis,
+        lock=lock,
     )
     # Always a child, idle unless retention or metrics need sweeps: a SIGHUP
     # that turns retention on then starts it without a restart.

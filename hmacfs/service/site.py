@@ -122,18 +122,15 @@ def build_server(
     bans = BanList(reactor, BanSettings.from_config(config))
     # Resumable uploads: state backend (embedded or Redis), registry, timers.
     resumable = make_resumable(config, reactor, run_blocking, store)
-    # With Redis, failures and blocks are shared by every node and worker.
-    shared_bans = (
-        SharedBans(bans=bans, client=resumable.state_service.client) if config.redis_addr else None
-    )
+    # Failures and blocks shared by every node and worker (with Redis; embedded: nothing shared).
+    shared_bans = SharedBans(bans=bans, share=resumable.state_service.bans)
 
     def auth_failed(request: Any, reason: str) -> None:
         if metrics is not None:
             metrics.auth_failure(reason)
         address = client_of(request)
         bans.record_failure(address)
-        if shared_bans is not None:
-            shared_bans.failure(address)
+        shared_bans.failure(address)
 
     policy = make_upload_policy(
         config,

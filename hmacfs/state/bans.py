@@ -8,8 +8,8 @@ operator lifts it).  A client is an IPv4 address or an IPv6 /64 (``ban_key``):
 whoever holds one /64 holds 2**64 addresses.  Blocked clients get 429 with Retry-After before any other
 work.  The decision must be synchronous (it runs at header time), so every
 process keeps a local ``BanList``; with Redis, failures and blocks are also
-written there and a ``RedisBanSync`` mirrors other nodes' blocks into the
-local list (see ``hmacfs.state.store``).
+shared (``hmacfs.state.shared.BanShare``) and ``SharedBans`` mirrors other
+nodes' blocks into the local list.
 """
 
 from __future__ import annotations
@@ -34,13 +34,12 @@ from hmacfs.errors import Refusal
 from hmacfs.logs import log_router
 from hmacfs.periodic import PeriodicService
 from hmacfs.signing.paths import PRIVATE_DIR
+from hmacfs.state.shared import FOREVER, BanShare
 
 log = Logger(observer=log_router)
 
 #: Retry-After sent for a block without expiry (AutoUnban = false).
 FOREVER_RETRY_AFTER = 86400
-
-FOREVER = math.inf
 
 
 @attrs.define
@@ -250,43 +249,36 @@ def ban_check(bans: BanList, client_of: Callable[[object], str]) -> Callable[[ob
     return check
 
 
-BAN_PREFIX = "hmacfs:ban:"
-FAIL_PREFIX = "hmacfs:fail:"
-FOREVER_MARK = "forever"
-
-
 class SharedBans:
     """
-    Failure counters and blocks shared through Redis by every node and worker.
+    Failure counters and blocks shared by every node and worker (``BanShare``:
+    Redis, or nothing shared when embedded).
 
-    Failures are counted in Redis (``INCR`` with AutoBanTime expiry) besides
-    the local count, a block is a key with BlockDuration expiry (none with
-    AutoUnban = false), and every process mirrors the keys into its local
-    ``BanList`` about once a second, so the header-time check stays a local,
-    synchronous lookup.  An operator's ``hmacfs unban`` deletes the key; the
-    mirror then lifts the block everywhere.  While Redis is unreachable the
-    local BanList goes on alone.
+    Failures are counted in the share (with AutoBanTime expiry) besides the
+    local count, a block is published with BlockDuration expiry (none with
+    AutoUnban = false), and every process mirrors the shared blocks into its
+    local ``BanList`` about once a second, so the header-time check stays a
+    local, synchronous lookup.  An operator's ``hmacfs unban`` lifts the shared
+    block; the mirror then lifts it everywhere.  While the share is unreachable
+    the local BanList goes on alone.
     """
 
-    def __init__(self, *, bans: BanList, client: Callable[[], object | None]) -> None:
+    def __init__(self, *, bans: BanList, share: BanShare) -> None:
         self.bans = bans
-        self.client = client
+        self.share = share
         self._mirrored: set[str] = set()
         bans.on_ban = self.publish
 
     def failure(self, address: str) -> Deferred[None] | None:
-        """Count a failure in Redis; block everywhere when the shared count is reached."""
-        redis = self.client()
-        if redis is None:
-            return None
+        """Count a shared failure; block everywhere when the shared count is reached."""
         settings = self.bans.settings
         client = ban_key(address)  # one counter per IPv4 address or IPv6 /64, as locally
-        key = FAIL_PREFIX + client
+        counted = self.share.count_failure(client, settings.auto_ban_time)
+        if counted is None:
+            return None
 
         async def count() -> None:
-            failures = await redis.incr(key)  # type: ignore[attr-defined]
-            if failures == 1:
-                await redis.expire(key, max(1, math.ceil(settings.auto_ban_time)))  # type: ignore[attr-defined]
+            failures = await counted
             if failures >= settings.block_after_fails and self.bans.retry_after(client) is None:
                 seconds = settings.block_duration if settings.auto_unban else FOREVER
                 self.bans.block(client, seconds)
@@ -295,48 +287,26 @@ class SharedBans:
         return _background(count(), "counting a failure in Redis")
 
     def publish(self, address: str, seconds: float) -> Deferred[None] | None:
-        """Write a block decided here to Redis, for every other process."""
-        redis = self.client()
-        if redis is None:
-            return None
+        """Share a block decided here, for every other process."""
         address = ban_key(address)
+        written = self.share.publish_block(address, seconds)
+        if written is None:
+            return None
         self._mirrored.add(address)
 
         async def write() -> None:
-            if seconds == FOREVER:
-                await redis.set(BAN_PREFIX + address, FOREVER_MARK)  # type: ignore[attr-defined]
-            else:
-                await redis.set(  # type: ignore[attr-defined]
-                    BAN_PREFIX + address, str(int(seconds)), pexpire=max(1, int(seconds * 1000))
-                )
-            await redis.delete(FAIL_PREFIX + address)  # type: ignore[attr-defined]
+            await written
 
         return _background(write(), "publishing a block to Redis")
 
-    async def _read_blocks(self, redis: object) -> dict[str, float]:
-        blocks: dict[str, float] = {}
-        cursor = 0
-        for _ in range(1000):  # bounded: at most 1000 pages of 1000 keys
-            cursor, keys = await redis.scan(cursor, pattern=BAN_PREFIX + "*", count=1000)  # type: ignore[attr-defined]
-            for key in keys:
-                key = key.decode() if isinstance(key, bytes) else key
-                ttl = await redis.execute_command("PTTL", key)  # type: ignore[attr-defined]
-                if ttl == -1:
-                    blocks[key[len(BAN_PREFIX):]] = FOREVER
-                elif ttl > 0:
-                    blocks[key[len(BAN_PREFIX):]] = ttl / 1000.0
-            if int(cursor) == 0:
-                break
-        return blocks
-
     def sync(self) -> Deferred[None] | None:
-        """Mirror Redis's blocks into the local list (and lift the ones deleted there)."""
-        redis = self.client()
-        if redis is None:
+        """Mirror the shared blocks into the local list (and lift the ones lifted there)."""
+        reading = self.share.read_blocks()
+        if reading is None:
             return None
 
         async def mirror() -> None:
-            blocks = await self._read_blocks(redis)
+            blocks = await reading
             for address, seconds in blocks.items():
                 if self.bans.retry_after(address) is None:
                     self.bans.block(address, seconds, mirrored=True)
@@ -353,13 +323,11 @@ def _background(coroutine: Coroutine[Any, Any, None], what: str) -> Deferred[Non
     return d
 
 
-async def unban_in_redis(redis: object, address: str) -> bool:
-    """What ``hmacfs unban`` does with a Redis backend: delete the block and the count
-    of the address's client (its /64 for IPv6; the address's own keys too, as older
-    versions wrote them)."""
-    names = {prefix + name for prefix in (BAN_PREFIX, FAIL_PREFIX) for name in (ban_key(address), address)}
-    removed = await redis.delete(*sorted(names))  # type: ignore[attr-defined]
-    return bool(removed)
+def unban_shared(share: BanShare, address: str) -> Deferred[bool] | None:
+    """What ``hmacfs unban`` does with a shared backend: lift the block and the count
+    of the address's client (its /64 for IPv6; the address's own too, as older
+    versions keyed them).  None: nothing shared, or unreachable."""
+    return share.unban(address, ban_key(address))
 
 
 #: ``StoreDir/.hmacfs/unban``: the ban list's own subdirectory of the private directory

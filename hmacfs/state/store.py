@@ -17,7 +17,9 @@ Two backends behind one interface (``IUploadState``):
   carries on with local state: it never fails an upload because of Redis, and
   it re-registers the locks it holds once Redis is back.
 
-``StateService`` owns the Redis connection: it connects at ``startService``,
+``StateService`` owns the Redis connection, the one way to reach Redis, and
+the backends that use it: ``state`` (the above), ``bans`` and ``locks`` (the
+shared bans and named locks of ``hmacfs.state.shared``).  It connects at ``startService``,
 reconnects in the background (``RetryDelay`` apart for ``MaxRetries`` tries,
 then every 30 s or ``RetryDelay`` if longer), says whether it is
 ``connected`` and logs an outage once, not once per command.
@@ -38,12 +40,22 @@ from twisted.application.service import Service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from hmacfs.logs import log_router
 from hmacfs.periodic import PeriodicService
+from hmacfs.state.shared import (
+    RELEASE_SCRIPT,
+    BanShare,
+    EmbeddedBanShare,
+    EmbeddedLocks,
+    NamedLocks,
+    RedisBanShare,
+    RedisLocks,
+)
 
 log = Logger(observer=log_router)
 
@@ -55,10 +67,6 @@ REPLY_TIMEOUT = 2.0
 #: The slow retry pace once MaxRetries quick reconnection attempts have failed.
 SLOW_RETRY = 30.0
 
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
 # 1: refreshed, 2: taken again (it had expired, e.g. during an outage), 0: someone else's.
 _REFRESH = """
 local holder = redis.call('get', KEYS[1])
@@ -230,7 +238,7 @@ class RedisState:
         self.local.release(key, owner)
         if self.held.get(key) == owner:
             del self.held[key]
-        return self._command(lambda c: c.eval(_RELEASE, [lock_key(key)], [owner]))
+        return self._command(lambda c: c.eval(RELEASE_SCRIPT, [lock_key(key)], [owner]))
 
     def record_progress(self, token: str, binding: str, offset: int, ttl: float) -> Deferred[None]:
         self.local.record_progress(token, binding, offset, ttl)
@@ -406,10 +414,12 @@ class _RedisFactory(protocol.Factory):
 
 class StateService(Service):
     """
-    Owns the Redis connection (when ``RedisAddr`` is set) and the state backend.
+    Owns the Redis connection (when ``RedisAddr`` is set) and the backends:
+    ``state`` (upload locks and progress), ``bans`` (shared failure counts and
+    blocks) and ``locks`` (named locks between nodes), embedded or Redis.
 
-    ``state`` is usable before and without a connection: while Redis is
-    unreachable ``RedisState`` works on local state.
+    They are usable before and without a connection: while Redis is
+    unreachable ``RedisState`` works on local state and the others share nothing.
     """
 
     def __init__(
@@ -431,10 +441,16 @@ class StateService(Service):
         self.retry_delay = retry_delay
         self.connected = False
         self.state: Any
+        self.bans: BanShare
+        self.locks: NamedLocks
         if self.address is None:
             self.state = self.local
+            self.bans = EmbeddedBanShare()
+            self.locks = EmbeddedLocks()
         else:
             self.state = RedisState(self, self.local, writer_lock_free=writer_lock_free)
+            self.bans = RedisBanShare(self.client)
+            self.locks = RedisLocks(self.client)
         self._endpoint = endpoint
         self._client_service: ClientService | None = None
         self._protocol: Any = None
@@ -454,6 +470,19 @@ class StateService(Service):
     def client(self) -> Any:
         """The connected txredisapi protocol, or None while Redis is unreachable."""
         return self._protocol if self.connected else None
+
+    def connected_within(self, timeout: float) -> Deferred[bool]:
+        """Fire whether Redis is connected, waiting up to ``timeout`` s for it (a
+        one-shot command such as ``hmacfs unban``; embedded: False at once)."""
+        return Deferred.fromCoroutine(self._connected_within(timeout))
+
+    async def _connected_within(self, timeout: float) -> bool:
+        if self.address is None:
+            return False
+        deadline = self.reactor.seconds() + timeout
+        while not self.connected and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.05)
+        return self.connected
 
     # lifecycle
 

@@ -25,7 +25,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 from twisted.application.service import Service
@@ -43,8 +43,19 @@ from hmacfs.storage.layout import PRIVATE_DIR, SWEEP_LOCK_FILE, TMP_SUFFIX, TOMB
 
 log = Logger(observer=log_router)
 
-#: Redis key held by the node that sweeps (expires after one RetentionInterval)
-SWEEP_LOCK = "hmacfs:retention-sweep"
+#: the shared lock held by the node that sweeps, for one RetentionInterval
+#: (the Redis key ``hmacfs:retention-sweep``)
+SWEEP_LOCK = "retention-sweep"
+
+
+class SweepLock(Protocol):
+    """
+    What a sweep needs of a lock shared by the nodes: ``hmacfs.state.shared.NamedLocks``
+    is one (declared here, since storage does not import the state layer).
+    """
+
+    def try_lock(self, name: str, owner: str, ttl: float) -> Deferred[bool]:
+        """True if ``owner`` holds ``name`` for ``ttl`` s (or no one else can be asked)."""
 
 
 @attrs.define
@@ -297,16 +308,16 @@ class RetentionService(Service):
         sweeper: Sweeper,
         run_blocking: Callable[..., Any],
         metrics: Any = None,
-        redis: Callable[[], Any] | None = None,
+        lock: SweepLock | None = None,
     ) -> None:
         self.clock = clock
         self.sweeper = sweeper
         self.run_blocking = run_blocking
         self.metrics = metrics
-        #: the Redis client (or None while unreachable) when nodes share Redis:
-        #: then only the node holding SWEEP_LOCK sweeps (the lock file covers
+        #: the lock shared by the nodes (embedded: always granted): only the node
+        #: holding SWEEP_LOCK sweeps in an interval (the lock file covers
         #: processes on one host and stores whose filesystem supports flock)
-        self.redis = redis
+        self.lock = lock
         self._timer = PeriodicService(
             clock, sweeper.settings.interval, self.sweep, what="retention sweep", now=True
         )
@@ -363,12 +374,11 @@ class RetentionService(Service):
         return d
 
     async def _locked_sweep(self) -> SweepResult:
-        client = self.redis() if self.redis is not None else None
-        if client is not None:
+        if self.lock is not None:
             owner = f"{os.getpid()}-{id(self)}"
-            ttl_ms = max(1000, int(self.sweeper.settings.interval * 1000))
+            ttl = max(1.0, self.sweeper.settings.interval)
             try:
-                taken = await client.set(SWEEP_LOCK, owner, pexpire=ttl_ms, only_if_not_exists=True)
+                taken = await self.lock.try_lock(SWEEP_LOCK, owner, ttl)
             except Exception as error:  # noqa: BLE001 - Redis trouble: fall back to the lock file
                 log.info("sweep lock in Redis unavailable ({error}); using the lock file", error=error)
                 taken = True
