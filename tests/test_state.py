@@ -18,6 +18,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from hmacfs.state.connection import parse_redis_address
 from hmacfs.state.shared import (
     FOREVER,
     EmbeddedBanShare,
@@ -32,7 +33,6 @@ from hmacfs.state.store import (
     RedisState,
     StateService,
     lock_key,
-    parse_redis_address,
     progress_key,
     session_key,
 )
@@ -398,7 +398,7 @@ class AddressTests(SynchronousTestCase):
         from twisted.internet import ssl
         from twisted.internet.testing import MemoryReactor
 
-        from hmacfs.state.store import redis_endpoint
+        from hmacfs.state.connection import redis_endpoint
 
         names: list[str] = []
         real = ssl.optionsForClientTLS

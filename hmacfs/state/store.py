@@ -32,12 +32,9 @@ import socket
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-import attrs
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
-from twisted.internet import protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -47,6 +44,7 @@ from zope.interface import Interface, implementer
 
 from hmacfs.logs import log_router
 from hmacfs.periodic import PeriodicService
+from hmacfs.state.connection import RedisFactory, parse_redis_address, redis_endpoint
 from hmacfs.state.shared import (
     RELEASE_SCRIPT,
     BanShare,
@@ -62,8 +60,6 @@ log = Logger(observer=log_router)
 #: Lifetime of a Redis writer lock; the holder refreshes it every third of it,
 #: so a node that dies lets go of its uploads within this time.
 LOCK_TTL = 30.0
-#: How long a Redis command may take before Redis counts as unreachable.
-REPLY_TIMEOUT = 2.0
 #: The slow retry pace once MaxRetries quick reconnection attempts have failed.
 SLOW_RETRY = 30.0
 
@@ -307,111 +303,6 @@ class RedisState:
         return d
 
 
-# --- the connection -------------------------------------------------------------------------
-
-
-@attrs.frozen
-class RedisAddress:
-    """A parsed ``RedisAddr`` (with ``RedisPassword``/``RedisDB`` folded in)."""
-
-    kind: str  # "tcp", "tls" or "unix"
-    host: str = ""
-    port: int = 6379
-    path: str = ""
-    db: int = 0
-    username: str | None = None
-    password: str | None = attrs.field(default=None, repr=False)
-
-    @property
-    def shown(self) -> str:
-        """For logs: never the password."""
-        if self.kind == "unix":
-            return f"unix:{self.path}"
-        scheme = "rediss" if self.kind == "tls" else "redis"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{scheme}://{host}:{self.port}/{self.db}"
-
-
-def parse_redis_address(addr: str, password: str = "", db: int = 0) -> RedisAddress:
-    """
-    ``host:port``, ``[v6]:port``, ``redis://[user:password@]host[:port][/db]``,
-    ``rediss://...`` (TLS) or ``unix:/path``.  A password or database in the URL
-    wins over ``RedisPassword``/``RedisDB``.  (The config loader has already
-    refused malformed values; this only splits good ones.)
-    """
-    text = addr.strip()
-    pw = password or None
-    if text.lower().startswith("unix:"):
-        return RedisAddress(kind="unix", path=text[len("unix:") :], db=db, password=pw)
-    if text.lower().startswith(("redis://", "rediss://")):
-        parts = urlsplit(text)
-        kind = "tls" if parts.scheme.lower() == "rediss" else "tcp"
-        username = unquote(parts.username) if parts.username else None
-        if parts.password is not None:
-            pw = unquote(parts.password)
-        path = parts.path.strip("/")
-        return RedisAddress(
-            kind=kind,
-            host=parts.hostname or "localhost",
-            port=parts.port or 6379,
-            db=int(path) if path else db,
-            username=username,
-            password=pw,
-        )
-    host, _, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    return RedisAddress(kind="tcp", host=host, port=int(port), db=db, password=pw)
-
-
-def redis_endpoint(reactor: Any, address: RedisAddress, connect_timeout: float = 5.0) -> Any:
-    """The client endpoint for an address; TLS verifies the server name (service-identity)."""
-    from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
-
-    if address.kind == "unix":
-        return UNIXClientEndpoint(reactor, address.path, timeout=connect_timeout)
-    endpoint = HostnameEndpoint(reactor, address.host, address.port, timeout=connect_timeout)
-    if address.kind == "tls":
-        from twisted.internet.ssl import optionsForClientTLS
-
-        return wrapClientTLS(optionsForClientTLS(address.host), endpoint)
-    return endpoint
-
-
-class _RedisFactory(protocol.Factory):
-    """Builds txredisapi protocols that run on our reactor and never stop retrying."""
-
-    noisy = False
-    isLazy = True
-
-    def __init__(self, reactor: Any, address: RedisAddress, service: StateService) -> None:
-        self.reactor = reactor
-        self.address = address
-        self.service = service
-
-    def buildProtocol(self, addr: Any) -> Any:
-        import txredisapi
-
-        proto = txredisapi.RedisProtocol(
-            charset="utf-8",
-            replyTimeout=REPLY_TIMEOUT,
-            password=self.address.password,
-            dbid=self.address.db or None,
-            convertNumbers=False,
-            username=self.address.username,
-        )
-        proto.factory = self
-        proto.callLater = self.reactor.callLater
-        return proto
-
-    # txredisapi calls these when AUTH or SELECT fails.  The connection is
-    # dropped; our ClientService keeps retrying, the operator may fix Redis.
-    def stopTrying(self) -> None:
-        pass
-
-    def connectionError(self, why: str) -> None:
-        self.service.note_refused(why)
-
-
 class StateService(Service):
     """
     Owns the Redis connection (when ``RedisAddr`` is set) and the backends:
@@ -492,7 +383,7 @@ class StateService(Service):
             log.info("upload state: embedded (no RedisAddr)")
             return
         endpoint = self._endpoint or redis_endpoint(self.reactor, self.address)
-        factory = _RedisFactory(self.reactor, self.address, self)
+        factory = RedisFactory(self.reactor, self.address, self)
         self._down_since = time.monotonic()
         self._client_service = ClientService(
             endpoint,
@@ -617,9 +508,7 @@ class StateService(Service):
 __all__ = [
     "EmbeddedState",
     "IUploadState",
-    "RedisAddress",
     "RedisState",
     "StateService",
     "node_identity",
-    "parse_redis_address",
 ]
