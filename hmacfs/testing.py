@@ -160,11 +160,12 @@ def header_value(data: bytes, name: bytes) -> bytes | None:
     return match.group(1) if match else None
 
 
-def small_filesystem(test: Any, size: str = "20m") -> Path:
+def small_filesystem(test: Any, size: str = "20m", *, read_only: bool = False) -> Path:
     """
     A fresh tmpfs of ``size`` mounted on a directory removed after ``test``: a real
-    filesystem that fills up.  Needs root (CAP_SYS_ADMIN); without it the test is skipped,
-    except in CI (``CI`` set), where a missing capability is a failure.
+    filesystem that fills up (or, ``read_only``, that nobody can write, root included).
+    Needs root (CAP_SYS_ADMIN); without it the test is skipped, except in CI (``CI``
+    set), where a missing capability is a failure.
     """
     import subprocess
 
@@ -172,7 +173,8 @@ def small_filesystem(test: Any, size: str = "20m") -> Path:
 
     directory = Path(tempfile.mkdtemp(prefix="hmacfs-tmpfs-"))
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(directory)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755{',ro' if read_only else ''}",
+         "tmpfs", str(directory)],
         capture_output=True,
         text=True,
     ) if shutil.which("mount") else None
