@@ -163,6 +163,115 @@ class ImportFootprintTests(SynchronousTestCase):
         self.assertEqual(result.stdout.strip(), "[]")
 
 
+#: Modules a configuration without TLS, Redis and metrics never needs: pyOpenSSL and
+#: what comes with it (about 12 MiB per process), txredisapi, prometheus-client.
+_OPTIONAL = ("OpenSSL", "cryptography", "service_identity", "twisted.internet.ssl",
+             "txredisapi", "prometheus_client")
+
+# The daemon's start (twistd's Options and makeService, then the reactor, as twistd
+# imports it) or a worker's (leave_out_tls, the reactor, build_worker), in a fresh
+# interpreter: prints which of _OPTIONAL ended up imported.
+_FOOTPRINT = """
+import socket, sys
+kind, path, optional = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+if kind == "daemon":
+    from hmacfs.service.tap import Options, makeService
+    options = Options()
+    options.parseOptions(["--config", path])
+    makeService(options)
+    from twisted.internet import reactor
+else:
+    from hmacfs.service.process import leave_out_tls
+    leave_out_tls(path)
+    from twisted.internet import reactor
+    from hmacfs.config import load_config
+    from hmacfs.service.worker_process import build_worker
+    build_worker(load_config(path)[0], path, 99, socket.AF_INET, 0, reactor)
+print(",".join(sorted(m for m in optional if sys.modules.get(m) is not None)))
+"""
+
+
+class ConfigFootprintTests(SynchronousTestCase):
+    """
+    What a daemon process imports depends on its configuration: the savings of
+    leaving out TLS, Redis and prometheus-client are pinned here per shape.
+    """
+
+    def config(self, extra: str) -> str:
+        store = Path(self.mktemp()).resolve()
+        store.mkdir(parents=True)
+        path = store.parent / "config.toml"
+        path.write_text(
+            f'Secret = "0123456789abcdef0123"\nStoreDir = "{store}"\n'
+            'ListenPort = "127.0.0.1:0"\n' + extra
+        )
+        return str(path)
+
+    def imported(self, kind: str, extra: str) -> list[str]:
+        import subprocess
+        import sys
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as cwd:
+            result = subprocess.run(
+                [sys.executable, "-c", _FOOTPRINT, kind, self.config(extra), ",".join(_OPTIONAL)],
+                capture_output=True, text=True, timeout=60, cwd=cwd,
+            )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        line = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+        return [name for name in line.split(",") if name]
+
+    def test_single_process_plain(self) -> None:
+        """NumCores = 1, no TLS, Redis or metrics: none of them is imported."""
+        self.assertEqual(self.imported("daemon", "NumCores = 1\n"), [])
+
+    def test_supervisor_plain(self) -> None:
+        self.assertEqual(self.imported("daemon", "NumCores = 2\n"), [])
+
+    def test_worker_plain(self) -> None:
+        self.assertEqual(self.imported("worker", "NumCores = 2\n"), [])
+
+    def test_metrics_bring_prometheus_only(self) -> None:
+        extra = 'NumCores = 1\nMetricsEnabled = true\nMetricsPort = "127.0.0.1:0"\n'
+        self.assertEqual(self.imported("daemon", extra), ["prometheus_client"])
+        self.assertEqual(self.imported("worker", extra), ["prometheus_client"])
+
+    def test_redis_keeps_tls(self) -> None:
+        """RedisAddr: txredisapi (imported when the connection starts) needs Twisted's TLS
+        module, so pyOpenSSL is not left out."""
+        found = self.imported("worker", 'NumCores = 2\nRedisAddr = "127.0.0.1:1"\n')
+        self.assertIn("OpenSSL", found)
+        self.assertIn("twisted.internet.ssl", found)
+
+
+class TlsNeededTests(SynchronousTestCase):
+    def test_plain_config(self) -> None:
+        from hmacfs.service.process import tls_needed
+
+        self.assertFalse(tls_needed({"ListenPort": "127.0.0.1:8080", "MetricsPort": ":9090"}))
+
+    def test_tls_endpoints_and_redis(self) -> None:
+        from hmacfs.service.process import tls_needed
+
+        for raw in (
+            {"ListenPort": "ssl:8443:privateKey=k.pem"},
+            {"ComponentServer": " TLS:host=xmpp.example:port=5347"},
+            {"RedisAddr": "127.0.0.1:6379"},
+            {"Nested": {"list": ["tls:x"]}},
+        ):
+            self.assertTrue(tls_needed(raw), raw)
+
+    def test_unreadable_config_keeps_tls(self) -> None:
+        """A file that cannot be read decides nothing (load_config reports it)."""
+        import sys
+
+        from hmacfs.service.process import leave_out_tls
+
+        before = sys.modules.get("OpenSSL", "absent")
+        self.assertFalse(leave_out_tls(self.mktemp()))
+        self.assertEqual(sys.modules.get("OpenSSL", "absent"), before)
+
+
 # Run in a fresh interpreter: records what a snippet does to the process's
 # environment, signal handlers and glibc's malloc (ctypes.CDLL is patched, so
 # no mallopt call reaches the C library).

@@ -16,7 +16,9 @@ import ctypes
 import os
 import platform
 import shutil
+import sys
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,56 @@ def tune_allocator(buffer_size: int, libc: Any = None) -> tuple[int, int] | None
         log.warn("mallopt refused the heap thresholds; keeping the C library's defaults")
         return None
     return mmap_threshold, trim_threshold
+
+
+#: Endpoint descriptions that use TLS (the listeners, ComponentServer).
+_TLS_PREFIXES = ("ssl:", "tls:")
+
+
+def tls_needed(raw: dict[str, Any]) -> bool:
+    """
+    Whether the configuration file's table ``raw`` can need TLS: a ``ssl:`` or
+    ``tls:`` endpoint anywhere, or RedisAddr (txredisapi imports Twisted's TLS
+    module, and ``rediss://`` uses it).
+    """
+    if raw.get("RedisAddr"):
+        return True
+
+    def strings(value: object) -> list[str]:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return []
+
+    return any(s.strip().lower().startswith(_TLS_PREFIXES) for s in strings(raw))
+
+
+def leave_out_tls(config_path: str | os.PathLike[str]) -> bool:
+    """
+    Keep pyOpenSSL (and the cryptography and service-identity it brings) out of
+    a daemon process whose configuration uses no TLS: about 12 MiB per process.
+
+    Twisted imports pyOpenSSL when it is installed (``twisted.internet.endpoints``,
+    ``tcp`` and ``posixbase`` try it), and falls back to no TLS when the import
+    fails; this makes it fail, so it must run before any of them is imported.
+    Returns whether it did.  A file that cannot be read or parsed counts as
+    needing TLS (``load_config`` reports it).  Only for the daemon's own
+    processes, like L{tune_allocator}.
+    """
+    if "OpenSSL" in sys.modules:
+        return False
+    try:
+        with open(config_path, "rb") as file:
+            raw = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return False
+    if tls_needed(raw):
+        return False
+    sys.modules["OpenSSL"] = None  # type: ignore[assignment]
+    return True
 
 
 @attrs.define(eq=False)

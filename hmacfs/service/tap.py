@@ -2,25 +2,29 @@
 """
 ``twistd hmacfs``: the options, and the daemon's start.
 
-``makeService`` is where the daemon's process begins, so it is the one place
-(with ``hmacfs.tac`` and the worker's ``main``) that sets process-wide state
-(L{hmacfs.service.process}); the service tree itself comes from
-L{hmacfs.service.assembly}, which an embedding application uses too.
+``Options.postOptions`` and ``makeService`` are where the daemon's process
+begins, so they are the one place (with ``hmacfs.tac`` and the worker's
+``main``) that sets process-wide state (L{hmacfs.service.process}); the
+service tree itself comes from L{hmacfs.service.assembly}, which an embedding
+application uses too.  This module imports the rest of hmacfs only once the
+options have decided whether the process needs TLS (L{leave_out_tls}).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twisted.application.service import MultiService
 from twisted.logger import Logger
 from twisted.python import usage
 
-from hmacfs.config import Config, ConfigError, load_config
 from hmacfs.logs import log_router
-from hmacfs.service.assembly import assemble, supervises
-from hmacfs.service.process import MultiprocessMetrics, tune_allocator
+from hmacfs.service.process import leave_out_tls
+
+if TYPE_CHECKING:
+    from twisted.application.service import MultiService
+
+    from hmacfs.config import Config
 
 log = Logger(observer=log_router)
 
@@ -38,6 +42,11 @@ class Options(usage.Options):
         path = self["config"] or os.environ.get("HMACFS_CONFIG") or "config.toml"
         if not os.path.exists(path):
             raise usage.UsageError(f"config file {path!r} does not exist (use --config FILE)")
+        # Before hmacfs.config, which imports Twisted's endpoints (and with them
+        # pyOpenSSL, when TLS is not left out).
+        leave_out_tls(path)
+        from hmacfs.config import ConfigError, load_config
+
         try:
             config, warnings = load_config(path)
         except ConfigError as error:
@@ -54,6 +63,9 @@ def daemon_service(config: Config, config_path: str, reactor: Any = None) -> Mul
     multiprocess mode when this process will run workers and count metrics
     (before any metric exists; undone when the tree stops), then assemble.
     """
+    from hmacfs.service.assembly import assemble, supervises
+    from hmacfs.service.process import MultiprocessMetrics, tune_allocator
+
     tune_allocator(config.buffer_size)
     multiprocess = None
     if config.metrics_enabled and supervises(config, config_path):

@@ -24,14 +24,19 @@ def main(argv: list[str] | None = None) -> int:
     early_sighup: list[int] = []
     signal.signal(signal.SIGHUP, lambda signum, frame: early_sighup.append(signum))
 
-    from hmacfs.service.worker_process import FAMILIES, die_with_parent
-
     parser = argparse.ArgumentParser(prog="hmacfs.service.worker")
     parser.add_argument("--config", required=True)
     parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--family", choices=sorted(FAMILIES), required=True)
+    parser.add_argument("--family", choices=("inet", "inet6", "unix"), required=True)
     parser.add_argument("--index", type=int, default=0)
     args = parser.parse_args(argv)
+
+    from hmacfs.service.process import leave_out_tls
+
+    # Before the reactor and hmacfs.config, which import Twisted's TLS when they may.
+    leave_out_tls(args.config)
+    from hmacfs.service.worker_process import FAMILIES, die_with_parent
+
     die_with_parent()
 
     from twisted.internet import reactor
