@@ -24,7 +24,9 @@ Two rules keep logging from ever breaking a request:
   written where they happen, so no write can meet the file that SIGHUP is
   closing.  The reactor thread, which logs every access line, pays nothing
   for this but one thread-id comparison; a writer thread with a queue would
-  have cost every access line a queue put and a thread wake-up.
+  have cost every access line a queue put and a thread wake-up.  An event
+  below LogLevel is dropped before that hand-over: the commit's debug line,
+  logged on a disk thread, would otherwise cost every upload a reactor wake-up.
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ class LogRouter:
 
     def __init__(self) -> None:
         self.predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+        #: LogLevel (set by ``configure``, the only place levels are set): events
+        #: below it are dropped at once, as the predicate would drop them later
+        self._floor = LogLevel.info
         self.file_observer: ReopenableFileObserver | None = None
         self._target: ILogObserver = FilteringLogObserver(globalLogPublisher, [self.predicate])
         #: events that no observer could take (a failed write), since the start
@@ -100,6 +105,9 @@ class LogRouter:
         self._call_from_thread: Any = None
 
     def __call__(self, event: dict[str, Any]) -> None:
+        level = event.get("log_level")
+        if level is not None and level < self._floor:
+            return
         if self._call_from_thread is not None and threading.get_ident() != self._writer_thread:
             try:
                 self._call_from_thread(self._publish, event)
@@ -141,6 +149,7 @@ class LogRouter:
             self._writer_thread = threading.get_ident()
             self._call_from_thread = call_from_thread
         self.predicate.setLogLevelForNamespace("", LEVELS[level])
+        self._floor = LEVELS[level]
         if log_file is None:
             self.close()
         elif self.file_observer is None or self.file_observer.path != log_file:

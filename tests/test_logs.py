@@ -159,6 +159,23 @@ class ContainmentTests(SynchronousTestCase):
         handoff.run()
         self.assertIn("from a pool thread", self.path.read_text())
 
+    def test_events_below_the_level_are_not_handed_over(self) -> None:
+        """A debug event on a pool thread (the commit's line) with LogLevel = info is
+        dropped where it is logged: no callFromThread, so no reactor wake-up for it."""
+        handoff = ThreadHandOff()
+        self.router.configure("info", self.path, reactor=handoff)
+        thread = threading.Thread(target=self.log.debug, args=("committed",))
+        thread.start()
+        thread.join()
+        self.assertEqual(handoff.calls, [])
+        self.router.configure("debug", self.path, reactor=handoff)
+        thread = threading.Thread(target=self.log.debug, args=("committed",))
+        thread.start()
+        thread.join()
+        self.assertEqual(len(handoff.calls), 1)
+        handoff.run()
+        self.assertIn("committed", self.path.read_text())
+
     def test_reactor_thread_writes_at_once(self) -> None:
         """Events on the reactor thread (the access log) are written without a hand-off."""
         handoff = ThreadHandOff()
