@@ -99,6 +99,32 @@ class OpenParentsTests(DirTestCase):
         fsio.close_all(fds)
         self.assertEqual(open_fds(), before)
 
+    def test_existing_parents_are_opened_without_mkdir(self) -> None:
+        """create=True on directories that exist only opens them (no mkdir per level),
+        and a dangling link among them is still refused."""
+        root = self.make_dir()
+        (root / "a" / "b").mkdir(parents=True)
+        made: list[str] = []
+        real_mkdir = os.mkdir
+
+        def mkdir(path: str, *args: object, **kwargs: object) -> None:
+            made.append(path)
+            real_mkdir(path, *args, **kwargs)  # type: ignore[arg-type]
+
+        self.patch(fs_paths.os, "mkdir", mkdir)
+        root_fd = self.open_dir(root)
+        fds = fs_paths.open_parents(root_fd, ("a", "b", "c", "f"), create=True)
+        assert fds is not None
+        fsio.close_all(fds)
+        self.assertEqual(made, ["c"])
+        self.assertTrue((root / "a" / "b" / "c").is_dir())
+        os.symlink(root / "missing", root / "a" / "d")
+        e = self.assertRaises(
+            StorageError, fs_paths.open_parents, root_fd, ("a", "d", "f"), create=True
+        )
+        self.assertEqual(e.status, 403)
+        self.assertEqual(made, ["c"])
+
     def test_a_file_in_the_root_has_no_parents(self) -> None:
         root = self.make_dir()
         self.assertEqual(fs_paths.open_parents(self.open_dir(root), ("f",), create=False), [])

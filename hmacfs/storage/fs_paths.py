@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Sequence
+from typing import NoReturn
 
 from hmacfs.storage.fsio import DIR_MODE, close_all, is_link, log, open_dir
 from hmacfs.storage.interface import StorageError
@@ -72,31 +73,39 @@ def open_parents(
     parent = root_fd
     try:
         for seg in segs[:-1]:
-            if create:
+            try:
+                # Open first: the directory nearly always exists, and a mkdir that
+                # fails with EEXIST would cost every upload one syscall per level.
+                fd = open_dir(seg, parent)
+            except FileNotFoundError:
+                if not create:
+                    close_all(fds)
+                    return None
                 try:
                     os.mkdir(seg, DIR_MODE, dir_fd=parent)
                 except FileExistsError:
-                    pass
-            try:
-                fd = open_dir(seg, parent)
-            except FileNotFoundError:
-                if create:
-                    raise
-                close_all(fds)
-                return None
+                    pass  # made meanwhile by another upload
+                try:
+                    fd = open_dir(seg, parent)
+                except OSError as e:
+                    _refuse(e, seg, parent, segs, len(fds), root_prefix)
             except OSError as e:
-                if e.errno not in (errno.ENOTDIR, errno.ELOOP):
-                    raise
-                if is_link(seg, parent):
-                    log.warn(
-                        "refusing symlinked directory {path}",
-                        path=root_prefix + os.sep.join(segs[: len(fds) + 1]),
-                    )
-                    raise StorageError(403, "forbidden path") from None
-                raise StorageError(409, "path conflicts with an existing file") from None
+                _refuse(e, seg, parent, segs, len(fds), root_prefix)
             fds.append(fd)
             parent = fd
     except BaseException:
         close_all(fds)
         raise
     return fds
+
+
+def _refuse(
+    e: OSError, seg: str, parent: int, segs: tuple[str, ...], level: int, root_prefix: str
+) -> NoReturn:
+    """Why ``seg`` could not be opened as a directory: a link (403), a file (409), or ``e``."""
+    if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+        raise e
+    if is_link(seg, parent):
+        log.warn("refusing symlinked directory {path}", path=root_prefix + os.sep.join(segs[: level + 1]))
+        raise StorageError(403, "forbidden path") from None
+    raise StorageError(409, "path conflicts with an existing file") from None
