@@ -74,6 +74,13 @@ class UploadFinish:
     once, how the partial file was left; ``done`` fires once with the answer.
     """
 
+    # One per upload request: no instance dict.
+    __slots__ = (
+        "partial", "start", "total", "keep_on_interrupt", "_keep_empty", "_run_blocking",
+        "_on_end", "_expected", "_hasher", "_prefix", "_chunk_expected", "_chunk_hasher",
+        "finishing", "done",
+    )
+
     def __init__(
         self,
         partial: PartialUpload,
@@ -262,6 +269,14 @@ class UploadReceiver:
     reported to ``progress``.  How the file ends is ``finish``'s; ``done`` is
     its answer.
     """
+
+    # One per upload request: no instance dict.
+    __slots__ = (
+        "partial", "_finish", "done", "start", "total", "_run_blocking", "_flow", "_high_water",
+        "_progress", "_checkpoint_bytes", "_checkpoint_seconds", "_clock", "_synced",
+        "_synced_at", "_pending", "_queued", "_flushed", "_writing", "_paused", "_complete",
+        "_aborted", "_error", "_answer", "received",
+    )
 
     def __init__(
         self,

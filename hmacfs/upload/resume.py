@@ -178,6 +178,11 @@ class UploadEnd:
 class Lease:
     """One request's right to write one upload, from admission to the end of its writer."""
 
+    __slots__ = (
+        "uploads", "key", "segments", "owner", "started", "receiver", "record", "released",
+        "_waiters",
+    )
+
     def __init__(self, uploads: Uploads, key: str, segments: tuple[str, ...], owner: str) -> None:
         self.uploads = uploads
         self.key = key
