@@ -110,7 +110,8 @@ class Store:
 
     def exists(self, segments: Sequence[str]) -> bool:
         """Whether anything (even a dangling link) occupies the target: the caller's 409."""
-        return os.path.lexists(self.target_path(segments))
+        # The string, not target_path's Path: this runs on every PUT.
+        return os.path.lexists(target_of(self._root_prefix, check_segments(segments)))
 
     def stat(self, segments: Sequence[str]) -> StoredFile | None:
         """A finished regular file, or None (missing, directory, symlink, symlinked parent)."""

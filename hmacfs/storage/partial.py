@@ -64,7 +64,6 @@ class PartialUpload:
     private: PrivateDirs
     #: the store's clock (the metadata's ``created``)
     now: Callable[[], float]
-    path: Path
     target: Path
     segments: tuple[str, ...]
     content_type: str
@@ -84,6 +83,11 @@ class PartialUpload:
     @property
     def key(self) -> str:
         return path_key(self.segments)
+
+    @property
+    def path(self) -> Path:
+        """The partial file (for messages and tests: built when asked, not per upload)."""
+        return self.private.partial_path / partial_name(self.key)
 
     @property
     def name(self) -> str:
@@ -257,7 +261,6 @@ def start(
     return PartialUpload(
         private=private,
         now=now,
-        path=private.partial_path / name,
         target=target,
         segments=segs,
         content_type=content_type,
@@ -298,7 +301,6 @@ def resume(
     return PartialUpload(
         private=private,
         now=now,
-        path=private.partial_path / name,
         target=target,
         segments=segs,
         content_type=content_type if isinstance(content_type, str) else DEFAULT_CONTENT_TYPE,
