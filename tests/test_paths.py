@@ -107,6 +107,18 @@ class ParseSlotPathTests(SynchronousTestCase):
         self.assertEqual(slot, expected)
         self.assertEqual(slot.text, f"{UUID}/my photo.jpg")
 
+    def test_repeated_parse_is_the_same_slot(self) -> None:
+        """A path parsed twice in one request (tombstone check, then the policy) gives the
+        same immutable SlotPath; a refused path is refused every time, with a new error,
+        and the prefix still decides."""
+        raw = f"/upload/{UUID}/again.bin".encode()
+        self.assertIs(parse_slot_path(raw, "upload"), parse_slot_path(raw, "upload"))
+        first = self.assert_rejected(b"/elsewhere/x/y", 404)
+        second = self.assert_rejected(b"/elsewhere/x/y", 404)
+        self.assertIsNot(first, second)
+        self.assert_rejected(raw, 404, prefix="other")
+        self.assertEqual(parse_slot_path(raw, "").segments, ("upload", UUID, "again.bin"))
+
     def test_ejabberd_non_ascii(self) -> None:
         """ejabberd's uppercase UTF-8 escapes decode to the UTF-8 name it signed."""
         slot = parse_slot_path(b"/upload/abc/Gr%C3%BC%C3%9Fe.txt", "upload")

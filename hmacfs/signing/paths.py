@@ -20,6 +20,7 @@ response code.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
@@ -151,11 +152,12 @@ def validate_segments(segments: Sequence[bytes]) -> SlotPath:
     return SlotPath(segments=texts, signed=signed)
 
 
-def _prefix_segments(prefix: str) -> list[bytes]:
+@functools.lru_cache(maxsize=16)
+def _prefix_segments(prefix: str) -> tuple[bytes, ...]:
     stripped = prefix.strip("/")
     if not stripped:
-        return []
-    return [part.encode("utf-8") for part in stripped.split("/")]
+        return ()
+    return tuple(part.encode("utf-8") for part in stripped.split("/"))
 
 
 def parse_slot_path(raw_path: bytes, prefix: str) -> SlotPath:
@@ -168,20 +170,27 @@ def parse_slot_path(raw_path: bytes, prefix: str) -> SlotPath:
 
     Raises ``PathError`` for anything that is not a valid slot path.
     """
-    outside = PathError(404, "not under the upload prefix")
+    return _parse_slot_path(raw_path, prefix)
+
+
+# A request's path is parsed more than once (the tombstone check, then the upload
+# policy or the download), and a SlotPath is immutable: the recent ones are kept.
+# Refusals raise, so they are never cached.
+@functools.lru_cache(maxsize=64)
+def _parse_slot_path(raw_path: bytes, prefix: str) -> SlotPath:
     if not raw_path.startswith(b"/"):
-        raise outside
+        raise _outside()
     parts = raw_path[1:].split(b"/")
     expected = _prefix_segments(prefix)
     if len(parts) <= len(expected):
-        raise outside
+        raise _outside()
     for raw, wanted in zip(parts, expected, strict=False):  # the rest is the file path
         try:
             matches = _percent_decode(raw) == wanted
         except PathError:
             matches = False
         if not matches:
-            raise outside
+            raise _outside()
 
     remainder = parts[len(expected) :]
     # Bound the work before decoding: a decoded path of MAX_PATH_BYTES takes at
@@ -191,3 +200,7 @@ def parse_slot_path(raw_path: bytes, prefix: str) -> SlotPath:
     if len(remainder) > MAX_SEGMENTS:
         raise PathError(400, "too many path segments")
     return validate_segments([_percent_decode(raw) for raw in remainder])
+
+
+def _outside() -> PathError:
+    return PathError(404, "not under the upload prefix")
