@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
 
 from hypothesis import given, settings
@@ -328,7 +329,7 @@ class SignerTests(SynchronousTestCase):
         v1 = hex_hmac(SECRET, PROSODY_PATH.encode() + b" 1234").decode()
         v2 = hex_hmac(SECRET, PROSODY_PATH.encode() + b"\x001234\x00image/jpeg").decode()
         v3 = hex_hmac(SECRET, b"PUT\n1700000300\n/upload/" + PROSODY_PATH.encode()).decode()
-        cases = [
+        cases: list[tuple[dict[str, Any], str]] = [
             (dict(scheme="v"), f"?v={v1}"),
             (dict(scheme="v2", content_type="image/jpeg"), f"?v2={v2}"),
             (dict(scheme="token", content_type="image/jpeg"), f"?token={v2}"),

@@ -126,6 +126,12 @@ class ProbeStoreTests(SynchronousTestCase):
         self.assertEqual(probe_store(self.root / "gone"), "not writable: No such file or directory")
 
 
+class PathRequest(DummyRequest):
+    """A DummyRequest with the path a Request has (DummyRequest declares none)."""
+
+    path: bytes = b""
+
+
 class ResourceTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.probe = FakeProbe()
@@ -134,7 +140,7 @@ class ResourceTests(SynchronousTestCase):
         )
 
     def get(self, resource: object, method: bytes = b"GET") -> DummyRequest:
-        request = DummyRequest([b"healthz"])
+        request = PathRequest([b"healthz"])
         request.path = b"/healthz"
         request.method = method
         self.assertEqual(resource.render(request), NOT_DONE_YET)  # type: ignore[attr-defined]

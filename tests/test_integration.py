@@ -668,7 +668,12 @@ class SlowClientTests(SynchronousTestCase):
             return sock
 
         open_sockets = [keep_alive() for _ in range(3)]
-        self.addCleanup(lambda: [sock.close() for sock in open_sockets])
+
+        def close_all() -> None:
+            for sock in open_sockets:
+                sock.close()
+
+        self.addCleanup(close_all)
         extra = daemon.raw_connect()
         answer = extra.recv(4096)
         extra.close()

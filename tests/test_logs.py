@@ -6,9 +6,9 @@ import errno
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from twisted.logger import Logger, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from hmacfs.logs import LogRouter
@@ -92,7 +92,7 @@ class ContainmentTests(SynchronousTestCase):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.log = Logger(namespace="hmacfs.test", observer=self.router)
         self.reports: list[dict] = []
-        observer = self.reports.append
+        observer = cast(ILogObserver, self.reports.append)
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
 

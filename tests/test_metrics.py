@@ -71,16 +71,25 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(self.value("hmacfs_bans_total"), 1)
 
 
+class PathRequest(DummyRequest):
+    """A DummyRequest with the path a Request has (DummyRequest declares none)."""
+
+    path: bytes = b""
+
+
 class ExpositionTests(SynchronousTestCase):
     def render(self, accept: bytes | None) -> tuple[bytes, bytes]:
         metrics = Metrics()
         metrics.uploads.inc()
-        request = DummyRequest([b"metrics"])
+        request = PathRequest([b"metrics"])
         request.path = b"/metrics"
         if accept:
             request.requestHeaders.setRawHeaders(b"accept", [accept])
         body = MetricsResource(metrics.registry).render_GET(request)
-        return body, request.responseHeaders.getRawHeaders(b"content-type")[0]
+        assert isinstance(body, bytes)
+        content_type = request.responseHeaders.getRawHeaders(b"content-type")
+        assert content_type is not None
+        return body, content_type[0]
 
     def test_text_format(self) -> None:
         """Without Accept, the Prometheus text format with the original's names."""

@@ -31,7 +31,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -161,7 +161,13 @@ VirtualHost {lua(DOMAIN)}
         return "\n".join(texts)
 
 
-def run_client(prosody: Prosody, scenario: Callable[[Any], Awaitable[Any]], timeout: float = 60) -> Any:
+class XmppServer(Protocol):
+    """What run_client needs of a server under test (Prosody, or test_ejabberd's Ejabberd)."""
+
+    c2s_port: int
+
+
+def run_client(prosody: XmppServer, scenario: Callable[[Any], Awaitable[Any]], timeout: float = 60) -> Any:
     """Log alice in with slixmpp, run ``scenario(client)`` on its event loop, log out."""
     slixmpp = require_slixmpp()
 
@@ -180,7 +186,11 @@ def run_client(prosody: Prosody, scenario: Callable[[Any], Awaitable[Any]], time
             if not started.done():
                 started.set_exception(AssertionError("login failed"))
 
-        client.add_event_handler("session_start", lambda _: started.done() or started.set_result(None))
+        def start(_: Any) -> None:
+            if not started.done():
+                started.set_result(None)
+
+        client.add_event_handler("session_start", start)
         client.add_event_handler("failed_all_auth", fail)
         client.connect("127.0.0.1", prosody.c2s_port)
         try:

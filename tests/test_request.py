@@ -47,7 +47,7 @@ class ChannelTestsMixin:
     def overrides(self) -> dict:
         return {}
 
-    def connect(self, host: str = "127.0.0.1", port: int = 40000) -> tuple[StreamingChannel, StringTransport]:
+    def connect(self, host: str = "127.0.0.1", port: int = 40000) -> tuple[StreamingChannel, HalfClosingTransport]:
         address = IPv4Address("TCP", host, port)
         protocol = self.harness.site.buildProtocol(address)
         transport = HalfClosingTransport(peerAddress=address)
