@@ -30,6 +30,7 @@ import uuid
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -195,6 +196,12 @@ class Stack:
             self.daemon.stop()
 
 
+def kill_if_running(process: subprocess.Popen[bytes]) -> None:
+    """A cleanup: kill ``process`` unless it has already exited."""
+    if process.poll() is None:
+        process.kill()
+
+
 def read_response(sock: socket.socket, timeout: float) -> tuple[bytes, bytes]:
     """One HTTP/1.1 response with a Content-Length (or up to EOF), read within ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -315,7 +322,7 @@ class ThroughNginxTests(SynchronousTestCase):
                "-o", "/dev/null", "-w", "%{http_code}", self.stack.signed_url(slot, size)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
-        self.addCleanup(lambda: client.poll() is None and client.kill())
+        self.addCleanup(kill_if_running, client)
         assert client.stdin is not None
         feeder.feed(client.stdin, 100 * MIB)
         expect(lambda: self.stack.partial_bytes() >= 32 * MIB, 60, "32 MiB in the partial file")
@@ -637,7 +644,7 @@ class SignalTests(SynchronousTestCase):
                "-o", "/dev/null", "-w", "%{http_code}", stack.signed_url(slot, size)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
-        self.addCleanup(lambda: client.poll() is None and client.kill())
+        self.addCleanup(kill_if_running, client)
         assert client.stdin is not None
         feeder.feed(client.stdin, 16 * MIB)
         expect(lambda: stack.partial_bytes() >= 8 * MIB, 30, "the upload to be under way")
@@ -728,14 +735,11 @@ def outside_env() -> dict[str, str]:
 class InstalledDaemon(Daemon):
     """``twistd hmacfs`` from an installed virtualenv, started outside the source tree."""
 
-    def __init__(self, venv: Path, **kwargs: object) -> None:
+    def __init__(self, venv: Path, **kwargs: Any) -> None:
         self.venv = venv
+        self.cwd = venv
         self.env = outside_env()
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-
-    @property  # type: ignore[override]
-    def cwd(self) -> Path:
-        return self.venv
+        super().__init__(**kwargs)
 
     def command(self) -> list[str]:
         return [str(self.venv / "bin" / "twistd"), *super().command()[1:]]

@@ -78,6 +78,12 @@ class ResumeMixin:
         )
         return transport.value()
 
+    def upload_offset(self, name: str) -> int:
+        """The Upload-Offset a HEAD reports for ``name``."""
+        value = header_value(self.offset(name), b"Upload-Offset")
+        assert value is not None, "no Upload-Offset"
+        return int(value)
+
     def resume(
         self, name: str, first: int, *, token: str | None = TOKEN, extra: tuple[str, ...] = (),
         body: bytes | None = None, total: int | None = None,
@@ -129,11 +135,11 @@ class TokenResumeTests(ResumeMixin, SynchronousTestCase):
         """An upload cut five times and resumed each time from HEAD's offset ends byte-identical."""
         self.start("m.bin", 1000)
         for cut in (5_000, 70_000, 70_001, 200_000):
-            offset = int(header_value(self.offset("m.bin"), b"Upload-Offset"))
+            offset = self.upload_offset("m.bin")
             protocol, _t = self.resume("m.bin", offset)
             protocol.dataReceived(self.body[offset:cut])
             protocol.connectionLost(Failure(ConnectionLost()))
-        offset = int(header_value(self.offset("m.bin"), b"Upload-Offset"))
+        offset = self.upload_offset("m.bin")
         self.assertEqual(offset, 200_000)
         protocol, transport = self.resume("m.bin", offset)
         protocol.dataReceived(self.body[offset:])
@@ -150,7 +156,7 @@ class TokenResumeTests(ResumeMixin, SynchronousTestCase):
             self.assertEqual(status_of(answer), 409)
             self.assertEqual(header_value(answer, b"Upload-Offset"), b"50000")
             self.assertIn(b"Connection: close", answer)
-        self.assertEqual(int(header_value(self.offset("w.bin"), b"Upload-Offset")), 50_000)
+        self.assertEqual(self.upload_offset("w.bin"), 50_000)
 
     def test_other_token_cannot_resume(self) -> None:
         """Another session's token neither sees the offset nor writes into the upload."""
@@ -334,7 +340,7 @@ class WriterLockTests(ResumeMixin, SynchronousTestCase):
         self.harness.server.store.request_takeover((UUID, "q.bin"))
         self.uploads.poll_takeovers()
         self.assertTrue(transport.disconnecting)
-        self.assertEqual(int(header_value(self.offset("q.bin"), b"Upload-Offset")), 3000)
+        self.assertEqual(self.upload_offset("q.bin"), 3000)
         self.assertEqual(self.uploads.active, {})
 
 

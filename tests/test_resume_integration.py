@@ -108,14 +108,14 @@ def http(sock_factory: Any, raw: bytes, body: bytes = b"") -> tuple[int, dict[st
         lines = head.decode("latin-1").split("\r\n")
         headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
         length = int(headers.get("content-length", "0") or 0)
-        body = bytearray(rest)
+        answer = bytearray(rest)
         if not raw.startswith(b"HEAD"):
-            while len(body) < length:
+            while len(answer) < length:
                 more = sock.recv(1024 * 1024)
                 if not more:
                     break
-                body += more
-        return int(lines[0].split()[1]), headers, bytes(body)
+                answer += more
+        return int(lines[0].split()[1]), headers, bytes(answer)
     finally:
         sock.close()
 
@@ -242,7 +242,9 @@ class CurlWalkthroughTests(ResumeSuite):
         head = subprocess.run(
             [curl, "-sS", "-I", "-H", f"X-Session-Token: {token}", slot.put_url], capture_output=True, check=True
         ).stdout.decode()
-        offset = int(re.search(r"Upload-Offset: (\d+)", head).group(1))
+        match = re.search(r"Upload-Offset: (\d+)", head)
+        assert match is not None, head
+        offset = int(match.group(1))
         self.assertTrue(0 < offset < size, offset)
         self.assertIn(f"Range: bytes=0-{offset - 1}", head)
         self.assertIn(f"Upload-Length: {size}", head)

@@ -92,7 +92,7 @@ class SweeperTests(SynchronousTestCase):
         when = NOW - age_days * DAY
         os.utime(self.root.joinpath(*segments), (when, when))
 
-    def sweeper(self, **kw: object) -> Sweeper:
+    def sweeper(self, **kw: Any) -> Sweeper:
         return Sweeper(self.store, self.tombstones, RetentionSettings(**kw), self.report, now=lambda: NOW)
 
     def test_sweep_deletes_reports_tombstones_prunes(self) -> None:

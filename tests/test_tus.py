@@ -46,7 +46,8 @@ class TusMixin:
         self.harness = SiteHarness(make_config(self.store_dir, **self.overrides()), ManualRunner(auto=True))
         self.port = 41000
         self.finished: list[Any] = []
-        self.harness.site.log = self.finished.append  # type: ignore[method-assign]
+        # The finished requests, recorded in place of the access log.
+        self.harness.site.log = self.finished.append  # type: ignore[method-assign,assignment]
 
     def overrides(self) -> dict:
         return {"enable_get_retries": False, "max_upload_size": 10_000_000}
@@ -87,11 +88,15 @@ class OptionsTests(TusMixin, SynchronousTestCase):
         answer = self.send("OPTIONS", f"/upload/{UUID}/any")
         self.assertEqual(status_of(answer), 204)
         self.assertEqual(header_value(answer, b"Tus-Version"), b"1.0.0")
-        extensions = header_value(answer, b"Tus-Extension").split(b",")
+        extension_header = header_value(answer, b"Tus-Extension")
+        assert extension_header is not None
+        extensions = extension_header.split(b",")
         for name in (b"creation", b"creation-with-upload", b"termination", b"expiration", b"checksum"):
             self.assertIn(name, extensions)
         self.assertEqual(header_value(answer, b"Tus-Max-Size"), b"10000000")
-        self.assertIn(b"sha1", header_value(answer, b"Tus-Checksum-Algorithm").split(b","))
+        algorithms = header_value(answer, b"Tus-Checksum-Algorithm")
+        assert algorithms is not None
+        self.assertIn(b"sha1", algorithms.split(b","))
 
     def test_cors_lists_tus_headers(self) -> None:
         """tus-js-client on another origin may send and read the tus headers."""

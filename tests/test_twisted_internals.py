@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import abstract, tcp, unix
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import TimeoutMixin
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http, server
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 import twisted
 from hmacfs.http import _twisted_compat
@@ -236,7 +238,7 @@ class AttributeTests(SynchronousTestCase):
 
     def test_request_attributes(self) -> None:
         channel = http.HTTPChannel()
-        channel.site = server.Site(Resource())
+        channel.site = server.Site(Resource())  # type: ignore[attr-defined]  # Site.buildProtocol sets it undeclared
         channel.makeConnection(StringTransport())
         req = server.Request(channel)
         self.assertIs(req._disconnected, False)  # hmacfs.http.channel: the client left
@@ -257,6 +259,7 @@ class AttributeTests(SynchronousTestCase):
     def test_paused_producer_resumed_once_flushed(self) -> None:
         """What sendfile's wait relies on: a paused streaming producer is resumed when the buffer drains."""
 
+        @implementer(IPushProducer)
         class Producer:
             resumed = 0
 

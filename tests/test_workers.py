@@ -9,6 +9,7 @@ import re
 import signal
 import urllib.request
 import uuid
+from collections.abc import Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -32,6 +33,11 @@ def children(pid: int) -> list[int]:
         if int(fields[1]) == pid and b"hmacfs.service.worker" in cmdline:
             found.append(int(entry))
     return sorted(found)
+
+
+def gone(pid: int) -> Callable[[], bool]:
+    """A wait_for predicate: process ``pid`` has exited (its /proc entry is gone)."""
+    return lambda: not os.path.exists(f"/proc/{pid}")
 
 
 
@@ -79,6 +85,7 @@ class WorkerTests(SynchronousTestCase):
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         match = re.search(r"^hmac_file_server_uploads_total ([0-9.e+]+)$", text, re.MULTILINE)
         self.assertIsNotNone(match, text[:2000])
+        assert match is not None
         self.assertEqual(float(match.group(1)), count)
 
     def test_sigterm_stops_all_and_removes_socket(self) -> None:
@@ -88,7 +95,7 @@ class WorkerTests(SynchronousTestCase):
         daemon.process.send_signal(signal.SIGTERM)
         daemon.process.wait(30)
         for pid in workers:
-            self.assertTrue(wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), 10), pid)
+            self.assertTrue(wait_for(gone(pid), 10), pid)
         self.assertFalse(daemon.socket.exists())
 
     def test_workers_die_with_a_killed_supervisor(self) -> None:
@@ -98,7 +105,7 @@ class WorkerTests(SynchronousTestCase):
         daemon.process.kill()
         daemon.process.wait(10)
         for pid in workers:
-            self.assertTrue(wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), 15), pid)
+            self.assertTrue(wait_for(gone(pid), 15), pid)
 
 
 class SharedBanTests(SynchronousTestCase):
