@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import attrs
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from hmacfs.config import KEY_ATTRIBUTES, KNOWN_KEYS, load_config
@@ -84,12 +85,12 @@ class RestartNeededTests(SynchronousTestCase):
         self.events: list[dict] = []
         self.addCleanup(log_router.configure, "info", None)
 
-    def reload_with(self, **changes: object) -> list[str]:
+    def reload_with(self, **changes: Any) -> list[str]:
         """Reload a config that differs from the running one in ``changes``; the warnings."""
         loaded = attrs.evolve(self.config, **changes)
         service = ReloadService(reactor=self.clock, config=self.config, config_path=None, ring=self.ring)
         service._load = lambda: loaded  # type: ignore[method-assign]
-        observer = self.events.append
+        observer = cast(ILogObserver, self.events.append)
         globalLogPublisher.addObserver(observer)
         try:
             service.reload()
