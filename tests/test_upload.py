@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from hmacfs.storage import filesystem as storage
 from hmacfs.testing import ManualRunner, SiteHarness, make_config, put_head, status_of, v1_mac
+from hmacfs.upload.policy import UploadPolicy
 
 UUID = "6f1c1b5e-2c59-4a55-9b0e-0d4f4a3f2b11"
 
@@ -38,9 +39,16 @@ def partials(root: Path) -> list[str]:
     return sorted(os.listdir(directory)) if directory.exists() else []
 
 
+def upload_store(harness: SiteHarness) -> storage.Store:
+    """The Store behind a harness's site (through its body policy, the UploadPolicy)."""
+    policy = harness.site.body_policy
+    assert isinstance(policy, UploadPolicy), policy
+    return policy.store
+
+
 class UploadTestsMixin:
     def setUp(self) -> None:
-        self.store = Path(self.mktemp()).resolve()
+        self.store = Path(self.mktemp()).resolve()  # type: ignore[attr-defined]  # mixed into a TestCase
         self.store.mkdir()
         self.runner = ManualRunner(auto=True)
         self.harness = SiteHarness(make_config(self.store, **self.overrides()), self.runner)
@@ -401,7 +409,7 @@ class WriteFailureTests(UploadTestsMixin, SynchronousTestCase):
         self.assertEqual(partials(self.store), [])
         self.assertFalse((self.store / UUID / "full.bin").exists())
         self.assertEqual(self.flushLoggedErrors(), [])
-        self.assertEqual(self.harness.site.body_policy.store.reserved_bytes, 0)
+        self.assertEqual(upload_store(self.harness).reserved_bytes, 0)
         # The rest of the body is discarded, not parsed as a request.
         protocol.dataReceived(b"GET / HTTP/1.1\r\n\r\n" + b"c" * 4000)
         self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
@@ -607,7 +615,7 @@ class OneDiskJobTests(UploadTestsMixin, SynchronousTestCase):
             calls.append(None)
             return real()
 
-        transport.getHost = get_host
+        self.patch(transport, "getHost", get_host)
         first, second = os.urandom(100), os.urandom(100)
         protocol.dataReceived(
             put_head(f"{UUID}/p1.bin", 100) + first + put_head(f"{UUID}/p2.bin", 100) + second
@@ -642,12 +650,12 @@ class SpaceReservationTests(UploadTestsMixin, SynchronousTestCase):
         self.assertEqual(first_t.value(), b"")
         first.dataReceived(b"a" * (size - 1000))
         self.assertEqual(self.status(first_t), 201)
-        self.assertEqual(self.harness.site.body_policy.store.reserved_bytes, 0)
+        self.assertEqual(upload_store(self.harness).reserved_bytes, 0)
 
     def test_interrupted_upload_gives_its_space_back(self) -> None:
         protocol, transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/gone.bin", 5000) + b"a" * 100)
-        store = self.harness.site.body_policy.store
+        store = upload_store(self.harness)
         self.assertEqual(store.reserved_bytes, 4900)
         protocol.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(store.reserved_bytes, 0)
@@ -714,7 +722,7 @@ class SmallFilesystemTests(SynchronousTestCase):
         self.store.mkdir()
         self.runner = ManualRunner(auto=True)
         self.harness = SiteHarness(make_config(self.store, min_free_bytes=0), self.runner)
-        self.site_store = self.harness.site.body_policy.store
+        self.site_store = upload_store(self.harness)
 
     def tearDown(self) -> None:
         del self.harness, self.site_store  # close the store's directory descriptors
