@@ -18,7 +18,7 @@ import stat as stat_mod
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from hmacfs.storage import locks, partial
 from hmacfs.storage.fs_dirs import Dirs, PrivateDirs
@@ -46,6 +46,9 @@ __all__ = [
     "StoredFile",
     "path_key",
 ]
+
+
+T = TypeVar("T")
 
 
 class Store:
@@ -100,11 +103,20 @@ class Store:
     def meta_path(self, segments: Sequence[str]) -> Path:
         return self.meta_dir / meta_name(path_key(segments))
 
-    def _lookup(self, segs: tuple[str, ...]) -> tuple[int, list[int]] | None:
-        """The parent descriptor of a finished file and the ones to close (None: missing)."""
+    def _at_parent(self, segs: tuple[str, ...], act: Callable[[int, str], T]) -> T | None:
+        """
+        ``act(parent_fd, name)`` on the entry ``segs`` names, its parent reached by the
+        ``openat`` walk (never through a link); None if a parent is missing.  The
+        walk's descriptors are closed whatever ``act`` does; its errors propagate.
+        """
         dirs = self._dirs()
         fds = open_parents(dirs.root, segs, create=False, root_prefix=self._root_prefix)
-        return None if fds is None else (fds[-1] if fds else dirs.root, fds)
+        if fds is None:
+            return None
+        try:
+            return act(fds[-1] if fds else dirs.root, segs[-1])
+        finally:
+            close_all(fds)
 
     # -- finished files
 
@@ -118,17 +130,10 @@ class Store:
         segs = check_segments(segments)
         target = target_of(self._root_prefix, segs)
         try:
-            found = self._lookup(segs)
-            if found is None:
-                return None
-            parent, fds = found
-            try:
-                st = os.stat(segs[-1], dir_fd=parent, follow_symlinks=False)
-            finally:
-                close_all(fds)
+            st = self._at_parent(segs, _lstat_at)
         except (FileNotFoundError, NotADirectoryError, StorageError):
             return None
-        if not stat_mod.S_ISREG(st.st_mode):
+        if st is None or not stat_mod.S_ISREG(st.st_mode):
             return None
         return self._meta.stored_file(self._dirs, segs, st, target)
 
@@ -136,17 +141,8 @@ class Store:
         """Remove a finished file and its metadata; False if there was no regular file."""
         segs = check_segments(segments)
         try:
-            found = self._lookup(segs)
-            if found is None:
+            if not self._at_parent(segs, _unlink_regular_at):
                 return False
-            parent, fds = found
-            try:
-                st = os.stat(segs[-1], dir_fd=parent, follow_symlinks=False)
-                if not stat_mod.S_ISREG(st.st_mode):
-                    return False
-                os.unlink(segs[-1], dir_fd=parent)
-            finally:
-                close_all(fds)
         except (FileNotFoundError, NotADirectoryError, StorageError):
             return False
         unlink_quietly(meta_name(path_key(segs)), self._dirs().meta)
@@ -157,17 +153,9 @@ class Store:
         """``rmdir`` of a directory of the upload tree (reached by ``openat``); False if not."""
         segs = check_segments(segments)
         try:
-            found = self._lookup(segs)
-            if found is None:
-                return False
-            parent, fds = found
-            try:
-                os.rmdir(segs[-1], dir_fd=parent)
-            finally:
-                close_all(fds)
+            return self._at_parent(segs, _rmdir_at) is not None
         except (OSError, StorageError):
             return False
-        return True
 
     # -- free space
 
@@ -257,3 +245,20 @@ if TYPE_CHECKING:
     # mypy checks that the store implements its interface (structurally).
     def _implements(store: Store, upload: PartialUpload) -> tuple[ILocalStore, IPartialUpload]:
         return store, upload
+
+
+def _lstat_at(parent: int, name: str) -> os.stat_result:
+    return os.stat(name, dir_fd=parent, follow_symlinks=False)
+
+
+def _unlink_regular_at(parent: int, name: str) -> bool:
+    """Unlink ``name`` if it is a regular file (never a link or a directory)."""
+    if not stat_mod.S_ISREG(_lstat_at(parent, name).st_mode):
+        return False
+    os.unlink(name, dir_fd=parent)
+    return True
+
+
+def _rmdir_at(parent: int, name: str) -> bool:
+    os.rmdir(name, dir_fd=parent)
+    return True
