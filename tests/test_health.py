@@ -12,8 +12,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
-from hmacfs.http.health import HealthCheck, HealthReport, HealthResource, probe_store
+from hmacfs.http.health import HealthCheck, HealthReport, HealthResource
 from hmacfs.service.metrics import Metrics, MetricsResource
+from hmacfs.storage.fs_backend import probe_store
 from hmacfs.testing import ManualRunner, SiteHarness, make_config, status_of
 
 

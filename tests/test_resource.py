@@ -292,7 +292,7 @@ class StorageFailureTests(HarnessMixin, SynchronousTestCase):
         """Opening the file for the body failing with EIO is 503, not a 500."""
         import hmacfs.http.download
 
-        self.patch(hmacfs.http.download, "_open_stored", self.failing(errno.EIO))
+        self.patch(hmacfs.http.download, "open_stored", self.failing(errno.EIO))
         self.assert_clean(self.get(), 503)
         self.assertEqual(status_of(self.get("HEAD")), 200)
 

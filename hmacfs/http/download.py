@@ -24,11 +24,9 @@ Twisted internals and this module uses public API only.
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import re
-import stat
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote
 
@@ -46,6 +44,7 @@ from hmacfs.http.sendfile import (
     sendfile_transport,
 )
 from hmacfs.logs import log_router
+from hmacfs.storage.fs_backend import open_stored
 
 if TYPE_CHECKING:
     from hmacfs.storage.filesystem import StoredFile
@@ -181,7 +180,7 @@ def render_download(
             return b""
         byte_range = wanted
 
-    fd = None if is_head else _open_stored(stored)
+    fd = None if is_head else open_stored(stored)
 
     content_type, inline = _response_type(stored.content_type)
     _set_security_headers(request)
@@ -342,33 +341,3 @@ def _content_disposition(inline: bool, name: str) -> bytes:
         return b"attachment"
     encoded = quote(name.encode("utf-8", "replace"), safe=_ATTR_CHAR_PUNCTUATION)
     return b"attachment; filename*=UTF-8''" + encoded.encode("ascii")
-
-
-def _open_stored(stored: StoredFile) -> int:
-    """
-    Open the stored file for reading, refusing symlinks and anything that
-    is not the regular file of the size we are about to announce.
-    """
-    path = os.fspath(stored.path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as error:
-        if error.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise FileNotFoundError(errno.ENOENT, "not a stored file", path) from error
-        raise
-    try:
-        status = os.fstat(fd)
-        if not stat.S_ISREG(status.st_mode):
-            raise FileNotFoundError(errno.ENOENT, "not a regular file", path)
-        if status.st_size != stored.size:
-            log.warn(
-                "stored file {path} has {actual} bytes, metadata says {expected}",
-                path=path,
-                actual=status.st_size,
-                expected=stored.size,
-            )
-            raise FileNotFoundError(errno.ENOENT, "stored file changed size", path)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd

@@ -15,7 +15,6 @@ Served on the metrics listener, and on the main listener with
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,45 +26,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from hmacfs.logs import log_router
-from hmacfs.signing.paths import PRIVATE_DIR
+from hmacfs.storage.fs_backend import probe_store
 
 log = Logger(observer=log_router)
 
 HEALTH_PATH = b"/healthz"
-
-
-def probe_store(root: Path) -> str | None:
-    """
-    Create, write and remove a small file in ``root/.hmacfs`` (disk pool).
-
-    Returns None when that worked, else a short reason.  No link below
-    ``root`` is followed.
-    """
-    name = f"health-{os.getpid()}.tmp"
-    try:
-        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            try:
-                os.mkdir(PRIVATE_DIR, dir_fd=root_fd)
-            except FileExistsError:
-                pass
-            private = os.open(PRIVATE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
-            try:
-                fd = os.open(
-                    name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=private
-                )
-                try:
-                    os.write(fd, b"ok\n")
-                finally:
-                    os.close(fd)
-                os.unlink(name, dir_fd=private)
-            finally:
-                os.close(private)
-        finally:
-            os.close(root_fd)
-    except OSError as error:
-        return f"not writable: {error.strerror or error}"
-    return None
 
 
 @attrs.frozen

@@ -39,6 +39,7 @@ from hmacfs.signing.paths import PathError, parse_slot_path
 from hmacfs.storage.filesystem import Store
 from hmacfs.storage.fs_dirs import PrivateDir
 from hmacfs.storage.fsio import write_file
+from hmacfs.storage.interface import FileEntry
 from hmacfs.storage.layout import PRIVATE_DIR, SWEEP_LOCK_FILE, TMP_SUFFIX, TOMBSTONES_DIR, path_key
 
 log = Logger(observer=log_router)
@@ -93,15 +94,6 @@ class RetentionSettings:
         if self.policy_enabled:
             ages.append(self.max_time)
         return max(ages) if ages else 0.0
-
-
-@attrs.frozen
-class FileEntry:
-    """One finished file, as the sweep sees it."""
-
-    segments: tuple[str, ...]
-    size: int
-    mtime: float
 
 
 @attrs.define

@@ -1,0 +1,199 @@
+"""
+The store interface's contract (``StoreContractMixin``), run against the filesystem
+backend; other backends run the same mixin against their own real server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.interfaces import IConsumer
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from hmacfs.storage.filesystem import Store
+from hmacfs.storage.fs_backend import FilesystemBackend
+from hmacfs.storage.interface import ByteRange, IByteSource, IStore, IUpload, StorageError
+
+
+@implementer(IConsumer)
+class Collector:
+    """A consumer that keeps what it is given and can hold its producer back."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.producer: Any = None
+        self.registered = 0
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+        self.registered += 1
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.data.append(data)
+
+
+class StoreContractMixin:
+    """What every ``IStore`` promises; ``make_store`` gives a fresh, empty one."""
+
+    make_store: Callable[[], IStore]
+    assertEqual: Callable[..., None]
+    assertIsNone: Callable[..., None]
+    assertTrue: Callable[..., None]
+    assertFalse: Callable[..., None]
+    assertIsInstance: Callable[..., None]
+    failUnlessFailure: Callable[..., Deferred[Any]]
+
+    @inlineCallbacks
+    def _stored(self, store: IStore, segments: tuple[str, ...], data: bytes) -> Any:
+        upload = yield store.admit(segments, "text/plain", len(data), record={"k": "v"})
+        self.assertIsInstance(upload, IUpload)
+        taken = yield upload.write([data[: len(data) // 2], data[len(data) // 2 :]])
+        self.assertEqual(taken, len(data))
+        stored = yield upload.commit(hashlib.sha256(data).hexdigest())
+        return stored
+
+    @inlineCallbacks
+    def test_admit_write_commit_lookup(self) -> Any:
+        store = self.make_store()
+        self.assertIsInstance(store, IStore)
+        self.assertFalse((yield store.exists(("a", "f.txt"))))
+        stored = yield self._stored(store, ("a", "f.txt"), b"hello world")
+        self.assertEqual(stored.size, 11)
+        found = yield store.lookup(("a", "f.txt"))
+        self.assertEqual((found.size, found.content_type), (11, "text/plain"))
+        self.assertEqual(found.path.name, "f.txt")
+        self.assertTrue((yield store.exists(("a", "f.txt"))))
+
+    @inlineCallbacks
+    def test_admit_refuses_an_existing_file(self) -> Any:
+        store = self.make_store()
+        yield self._stored(store, ("f",), b"x")
+        error = yield self.failUnlessFailure(store.admit(("f",), "text/plain", 1), StorageError)
+        self.assertEqual(error.status, 409)
+
+    @inlineCallbacks
+    def test_open_range_streams_the_bytes(self) -> Any:
+        store = self.make_store()
+        data = os.urandom(700_000)
+        stored = yield self._stored(store, ("r",), data)
+        source = yield store.open_range(stored, ByteRange(5, 600_000))
+        self.assertIsInstance(source, IByteSource)
+        consumer = Collector()
+        try:
+            yield source.stream(consumer)
+        finally:
+            source.close()
+        self.assertEqual(b"".join(consumer.data), data[5:600_005])
+        self.assertIsNone(consumer.producer)
+
+    @inlineCallbacks
+    def test_lookup_of_nothing(self) -> Any:
+        store = self.make_store()
+        self.assertIsNone((yield store.lookup(("nothing",))))
+
+    @inlineCallbacks
+    def test_release_then_resume(self) -> Any:
+        store = self.make_store()
+        upload = yield store.admit(("big",), "text/plain", 10, record={"k": "v"})
+        yield upload.write([b"12345"])
+        yield upload.checkpoint()
+        kept = yield upload.release()
+        self.assertEqual(kept, 5)
+        status = yield store.upload_status(("big",))
+        self.assertEqual(status[0], 5)
+        again = yield store.resume(("big",), 5)
+        self.assertEqual(again.written, 5)
+        yield again.write([b"67890"])
+        stored = yield again.commit(None)
+        self.assertEqual(stored.size, 10)
+        self.assertIsNone((yield store.upload_status(("big",))))
+
+    @inlineCallbacks
+    def test_abort_leaves_nothing(self) -> Any:
+        store = self.make_store()
+        upload = yield store.admit(("gone",), "text/plain", 4, record={"k": "v"})
+        yield upload.write([b"ab"])
+        yield upload.abort()
+        self.assertIsNone((yield store.upload_status(("gone",))))
+        self.assertFalse((yield store.exists(("gone",))))
+
+    @inlineCallbacks
+    def test_list_files_in_pages_and_usage(self) -> Any:
+        store = self.make_store()
+        names = [("d", f"f{i}") for i in range(5)]
+        for segments in names:
+            yield self._stored(store, segments, b"abc")
+        seen: list[tuple[str, ...]] = []
+        cursor = None
+        for _ in range(10):
+            page = yield store.list_files(cursor, limit=2)
+            self.assertTrue(len(page.entries) <= 2)
+            seen.extend(entry.segments for entry in page.entries)
+            cursor = page.cursor
+            if cursor is None:
+                break
+        self.assertEqual(sorted(seen), names)
+        usage = yield store.usage()
+        self.assertEqual((usage.files, usage.bytes), (5, 15))
+
+    @inlineCallbacks
+    def test_delete(self) -> Any:
+        store = self.make_store()
+        yield self._stored(store, ("del",), b"abc")
+        self.assertTrue((yield store.delete(("del",))))
+        self.assertFalse((yield store.delete(("del",))))
+        self.assertIsNone((yield store.lookup(("del",))))
+
+    @inlineCallbacks
+    def test_tombstones(self) -> Any:
+        store = self.make_store()
+        self.assertFalse((yield store.tombstoned(("t",))))
+        yield store.add_tombstone(("t",), 4_000_000_000)
+        self.assertTrue((yield store.tombstoned(("t",))))
+        yield store.add_tombstone(("old",), 1)
+        self.assertEqual((yield store.purge_tombstones()), 1)
+
+    @inlineCallbacks
+    def test_probe(self) -> Any:
+        store = self.make_store()
+        yield store.probe()
+
+
+class FilesystemBackendTests(StoreContractMixin, TestCase):
+    def make_store(self) -> IStore:
+        root = Path(self.mktemp())
+        return FilesystemBackend(Store(root), lambda f, *a: maybeDeferred(f, *a))
+
+    def test_the_paused_stream_waits(self) -> None:
+        root = Path(self.mktemp())
+        backend = FilesystemBackend(Store(root), lambda f, *a: maybeDeferred(f, *a))
+        data = b"z" * 600_000
+        stored = self.successResultOf(self._stored(backend, ("p",), data))
+        source = self.successResultOf(backend.open_range(stored, ByteRange(0, len(data))))
+        self.addCleanup(source.close)
+        consumer = Collector()
+        paused: list[int] = []
+        original = consumer.write
+
+        def write(chunk: bytes) -> None:
+            original(chunk)
+            if not paused:
+                paused.append(len(consumer.data))
+                consumer.producer.pauseProducing()
+
+        consumer.write = write  # type: ignore[method-assign]
+        done = source.stream(consumer)
+        self.assertNoResult(done)
+        self.assertEqual(len(consumer.data), 1)
+        consumer.producer.resumeProducing()
+        self.successResultOf(done)
+        self.assertEqual(b"".join(consumer.data), data)
