@@ -44,7 +44,7 @@ class Collector:
 class StoreContractMixin:
     """What every ``IStore`` promises; ``make_store`` gives a fresh, empty one."""
 
-    make_store: Callable[[], IStore]
+    make_store: Callable[..., IStore]
     assertEqual: Callable[..., None]
     assertIsNone: Callable[..., None]
     assertTrue: Callable[..., None]
@@ -104,6 +104,7 @@ class StoreContractMixin:
     def test_release_then_resume(self) -> Any:
         store = self.make_store()
         upload = yield store.admit(("big",), "text/plain", 10, record={"k": "v"})
+        upload.expect(5)
         yield upload.write([b"12345"])
         yield upload.checkpoint()
         kept = yield upload.release()
@@ -112,6 +113,7 @@ class StoreContractMixin:
         self.assertEqual(status[0], 5)
         again = yield store.resume(("big",), 5)
         self.assertEqual(again.written, 5)
+        again.expect(5)
         yield again.write([b"67890"])
         stored = yield again.commit(None)
         self.assertEqual(stored.size, 10)
@@ -190,7 +192,7 @@ class FilesystemBackendTests(StoreContractMixin, TestCase):
                 paused.append(len(consumer.data))
                 consumer.producer.pauseProducing()
 
-        consumer.write = write  # type: ignore[method-assign]
+        consumer.write = write  # type: ignore[method-assign, assignment]
         done = source.stream(consumer)
         self.assertNoResult(done)
         self.assertEqual(len(consumer.data), 1)

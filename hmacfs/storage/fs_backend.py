@@ -83,6 +83,9 @@ class FilesystemUpload:
     def record(self, value: dict[str, object] | None) -> None:
         self.partial.record = value
 
+    def expect(self, count: int) -> None:
+        """Every byte written is kept: nothing to plan."""
+
     def write(self, chunks: Sequence[bytes]) -> Deferred[int]:
         return self._run(self.partial.write, chunks)
 

@@ -153,6 +153,14 @@ class IUpload(Protocol):
     #: settable: a resume that announces a checksum the creation did not updates it
     record: dict[str, object] | None
 
+    def expect(self, count: int) -> None:
+        """
+        This request brings ``count`` more bytes (a tus PATCH may bring less than the rest
+        of the upload).  A backend that stores whole parts plans them with it: the bytes
+        of a request that ends inside a part are kept all the same.  Without it, a request
+        is taken to bring the rest of the upload.
+        """
+
     def write(self, chunks: Sequence[bytes]) -> Deferred[int]:
         """
         Append ``chunks``; fires with the number of bytes taken once the store can take
@@ -184,7 +192,12 @@ class IUpload(Protocol):
         """Drop the upload and everything stored of it (idempotent)."""
 
     def release(self) -> Deferred[int]:
-        """Let go, keeping the upload for a resume; fires with the offset kept."""
+        """
+        Let go, keeping the upload for a resume; fires with the offset kept.  Every byte of
+        a request that brought what it announced (``expect``) is kept; of a request cut
+        short, a backend that stores whole parts keeps only those (the client resumes from
+        the offset this gives).
+        """
 
 
 @runtime_checkable
