@@ -178,12 +178,17 @@ def _resolve_storage(data: Mapping[str, object], values: dict[str, object], ctx:
     _check_part_size(data, values)
 
 
+def _raw(data: Mapping[str, object], key: str) -> object:
+    """A key's value as the file has it, or its default as TOML would hold it, for a message."""
+    return data.get(key, _KEYS_BY_NAME[key].default)
+
+
 def _check_part_size(data: Mapping[str, object], values: dict[str, object]) -> None:
     """An S3 object has at most 10,000 parts and 5 TiB: MaxUploadSize must fit in both."""
     part_size, max_upload = int(values["s3_part_size"]), int(values["max_upload_size"])  # type: ignore[call-overload]
     if max_upload > MAX_OBJECT_SIZE:
         raise ConfigError(
-            "MaxUploadSize", data.get("MaxUploadSize", max_upload),
+            "MaxUploadSize", _raw(data, "MaxUploadSize"),
             f"a size of at most {format_size(MAX_OBJECT_SIZE)} (S3's largest object), or 0",
             'is larger than S3 allows, and StorageBackend = "s3"',
         )
@@ -191,7 +196,7 @@ def _check_part_size(data: Mapping[str, object], values: dict[str, object]) -> N
         needed = max(-(-max_upload // MAX_PARTS), MIN_PART_SIZE)
         needed = -(-needed // 1024**2) * 1024**2  # whole MiB, for an operator to write
         raise ConfigError(
-            "S3PartSize", data.get("S3PartSize", part_size),
+            "S3PartSize", _raw(data, "S3PartSize"),
             f"a size of at least {format_size(needed)}: S3 allows {MAX_PARTS:,} parts per "
             f"object, and MaxUploadSize is {format_size(max_upload)}",
             "is too small",

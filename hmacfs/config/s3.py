@@ -67,16 +67,16 @@ def s3_endpoint(value: object, key: str, ctx: Context) -> str:
     scheme, separator, _ = text.partition("://")
     if not separator or scheme.lower() not in ("http", "https"):
         raise ConfigError(key, shown, S3_ENDPOINT_FORMS, "is not an http:// or https:// URL")
+    if "@" in text:
+        raise ConfigError(
+            key, shown, S3_ENDPOINT_FORMS,
+            "has a user part (put the credentials in S3AccessKey and S3SecretKey)",
+        )
     try:
         parts = urlsplit(text)
         port = parts.port
     except ValueError:
         raise ConfigError(key, shown, S3_ENDPOINT_FORMS, "has a port or host that is not valid") from None
-    if "@" in parts.netloc:
-        raise ConfigError(
-            key, shown, S3_ENDPOINT_FORMS,
-            "has a user part (put the credentials in S3AccessKey and S3SecretKey)",
-        )
     if "?" in text or "#" in text:
         raise ConfigError(key, shown, S3_ENDPOINT_FORMS, "has a query or fragment")
     if parts.path not in ("", "/"):
@@ -86,10 +86,11 @@ def s3_endpoint(value: object, key: str, ctx: Context) -> str:
     host = parts.hostname or ""
     if parts.netloc.startswith("["):
         try:
-            ipaddress.IPv6Address(host)
+            if "%" in host:
+                raise ValueError("a zone id is no use to a service URL")
+            hostport = f"[{ipaddress.IPv6Address(host)}]"
         except ValueError:
             raise ConfigError(key, shown, S3_ENDPOINT_FORMS, "has an IPv6 address that is not valid") from None
-        hostport = f"[{host}]"
     elif not _is_ipv4(host):
         if not HOSTNAME.fullmatch(host) or host.endswith("."):
             raise ConfigError(key, shown, S3_ENDPOINT_FORMS, "has a host that is not valid")
