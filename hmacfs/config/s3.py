@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.test_config_s3 -*-
 """
 The converters of the storage keys: C{StorageBackend} and the C{S3*} keys.
 
