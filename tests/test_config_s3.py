@@ -7,6 +7,7 @@ secret never leaks.
 from __future__ import annotations
 
 import ipaddress
+import re
 import string
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -286,6 +287,9 @@ class EndpointTests(S3TestCase):
             "https://s3.exa\tmple.org": "has a space or control character",
             "https://bücher.example": "is not ASCII",
             "https://[::1": "has a port or host that is not valid",
+            "https://[::1]x": "has a port or host that is not valid",
+            "https://[::1]:80x": "has a port or host that is not valid",
+            "https://h]:80": "has a port or host that is not valid",
             "https://[fe80::1%25eth0]": "has an IPv6 address that is not valid",
             "https://10.0.0.300": "has a host that is not valid",
             "https://s3.example.org.": "has a host that is not valid",
@@ -352,11 +356,21 @@ class EndpointTests(S3TestCase):
         self.assertEqual(s3_endpoint(endpoint, "S3Endpoint", self.ctx), endpoint)
 
     @PROPERTY
-    @given(st.text(alphabet=string.printable + "é[]@:/?#%", max_size=40).map(lambda t: t if t[:1] == "h" else "http://" + t))
+    @given(
+        st.text(alphabet=string.printable + "é[]@:/?#%", max_size=40).map(
+            lambda t: t if t[:1] == "h" else "http://" + t
+        )
+        | st.tuples(
+            st.sampled_from(["http://", "https://"]),
+            st.sampled_from(["s3.example.org", "127.0.0.1", "[::1]", "[2001:db8::1]", "h"]),
+            st.text(alphabet="x]:[09/@%.", max_size=5),
+        ).map("".join)
+    )
     def test_anything_is_refused_or_normal(self, text: str) -> None:
         """For any text the converter either raises a ConfigError naming S3Endpoint or returns
         an http(s) URL with a host and nothing but an optional port (no path, query,
-        fragment or user), which converts to itself."""
+        fragment or user), which converts to itself and names the host and port written:
+        nothing of the input is dropped but a trailing "/"."""
         try:
             endpoint = s3_endpoint(text, "S3Endpoint", self.ctx)
         except ConfigError as error:
@@ -372,6 +386,15 @@ class EndpointTests(S3TestCase):
         self.assertIsNot(parts.port, 0)
         self.assertEqual(endpoint, endpoint.lower())
         self.assertEqual(s3_endpoint(endpoint, "S3Endpoint", self.ctx), endpoint)
+        written = text.strip().partition("://")[2].removesuffix("/").lower()
+        match = re.fullmatch(r"(\[[^\]]*\]|[^:]*)(?::([0-9]+))?", written)
+        assert match is not None, (text, endpoint)
+        host, port = match.groups()
+        if host.startswith("["):
+            self.assertEqual(ipaddress.IPv6Address(host[1:-1]), ipaddress.IPv6Address(parts.hostname))
+        else:
+            self.assertEqual(host, parts.hostname)
+        self.assertEqual(None if port is None else int(port), parts.port)
 
 
 # An independent statement of AWS's bucket naming rules (general purpose buckets), with the

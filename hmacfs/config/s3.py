@@ -43,6 +43,8 @@ S3_ENDPOINT_FORMS = (
 )
 # urlsplit drops tabs and newlines silently, and a space is never part of a URL: refuse them first.
 _NOT_IN_URL = re.compile(r"[\x00-\x20\x7f]")
+#: host or [IPv6], then an optional port: what urlsplit leaves unchecked (such as "[::1]x").
+_NETLOC = re.compile(r"(?:\[[0-9A-Za-z:.%]*\]|[^\[\]:]*)(?::[0-9]*)?")
 
 
 def s3_endpoint(value: object, key: str, ctx: Context) -> str:
@@ -81,6 +83,8 @@ def s3_endpoint(value: object, key: str, ctx: Context) -> str:
         raise ConfigError(key, shown, S3_ENDPOINT_FORMS, "has a query or fragment")
     if parts.path not in ("", "/"):
         raise ConfigError(key, shown, S3_ENDPOINT_FORMS, "has a path")
+    if not _NETLOC.fullmatch(parts.netloc):
+        raise ConfigError(key, shown, S3_ENDPOINT_FORMS, "has a port or host that is not valid")
     if parts.netloc.endswith(":") or port == 0:
         raise ConfigError(key, shown, S3_ENDPOINT_FORMS, "has a port outside 1..65535")
     host = parts.hostname or ""
