@@ -29,7 +29,9 @@ from hmacfs.signing.paths import PRIVATE_DIR
 from hmacfs.storage.filesystem import PartialUpload, Store
 from hmacfs.storage.fsio import log
 from hmacfs.storage.interface import (
+    TOMBSTONED,
     ByteRange,
+    Hasher,
     IByteSource,
     IStore,
     IUpload,
@@ -86,8 +88,40 @@ class FilesystemUpload:
     def expect(self, count: int) -> None:
         """Every byte written is kept: nothing to plan."""
 
-    def write(self, chunks: Sequence[bytes]) -> Deferred[int]:
+    def write(self, chunks: Sequence[bytes], hashers: Sequence[Hasher] = ()) -> Deferred[int]:
+        if hashers:
+            return self._run(self._write, chunks, hashers)
         return self._run(self.partial.write, chunks)
+
+    def _write(self, chunks: Sequence[bytes], hashers: Sequence[Hasher]) -> int:
+        """On the pool: hash (``hashlib`` lets go of the GIL for big buffers), then write."""
+        for hasher in hashers:
+            for chunk in chunks:
+                hasher.update(chunk)
+        return self.partial.write(chunks)
+
+    def write_and_commit(
+        self,
+        chunks: Sequence[bytes],
+        hashers: Sequence[Hasher] = (),
+        digest: Callable[[], str | None] | None = None,
+    ) -> Deferred[StoredFile]:
+        return self._run(self._write_and_commit, chunks, hashers, digest)
+
+    def _write_and_commit(
+        self,
+        chunks: Sequence[bytes],
+        hashers: Sequence[Hasher],
+        digest: Callable[[], str | None] | None,
+    ) -> StoredFile:
+        if chunks:
+            self._write(chunks, hashers)
+        try:
+            sha256_hex = digest() if digest is not None else None
+        except BaseException:
+            self.partial.abort()
+            raise
+        return self.partial.commit(sha256_hex)
 
     def checkpoint(self) -> Deferred[int]:
         return self._run(self.partial.datasync)
@@ -95,7 +129,7 @@ class FilesystemUpload:
     def truncate(self, length: int) -> Deferred[None]:
         return self._run(self.partial.truncate, length)
 
-    def hash_prefix(self, hasher: object, length: int) -> Deferred[None]:
+    def hash_prefix(self, hasher: Hasher, length: int) -> Deferred[None]:
         return self._run(self.partial.hash_prefix, hasher, length)
 
     def commit(self, sha256_hex: str | None) -> Deferred[StoredFile]:
@@ -296,6 +330,8 @@ class FilesystemBackend:
         record: dict[str, object] | None,
         resumable: bool,
     ) -> IUpload:
+        if self.tombstones.blocks(segments):
+            raise StorageError(403, TOMBSTONED)
         if self.store.exists(segments):
             raise StorageError(409, "file already exists")
         reservation = self.store.reserve(size or 0)
@@ -313,6 +349,8 @@ class FilesystemBackend:
         return self._run(self._resume, tuple(segments), remaining)
 
     def _resume(self, segments: tuple[str, ...], remaining: int | None) -> IUpload | None:
+        if self.tombstones.blocks(segments):
+            raise StorageError(403, TOMBSTONED)
         partial = self.store.resume_partial(segments)
         if partial is None:
             return None
