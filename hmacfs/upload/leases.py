@@ -132,7 +132,7 @@ class UploadStarter:
             error = failure.value
             if error.reason == "upload already in progress":
                 return self.uploads.busy_elsewhere(slot.segments, takeover=takeover)
-            raise UploadFailed(error.status, error.reason)
+            raise UploadFailed(error.status, error.reason, error.headers)
 
         if fresh:
             # One store step: tombstone, existence, the space the whole upload needs
