@@ -323,7 +323,7 @@ class UploadsOffTheReactorThreadTests(TestCase):
         self.addCleanup(pool.stop)
 
         def run_blocking(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
-            return deferToThreadPool(reactor, pool, function, *args)
+            return deferToThreadPool(reactor, pool, function, *args)  # type: ignore[arg-type]
 
         self.harness = SiteHarness(make_config(root), run_blocking)  # type: ignore[arg-type]
         self.on_reactor: list[str] = []
@@ -376,7 +376,7 @@ class UploadsOffTheReactorThreadTests(TestCase):
             if (b"\r\n\r\n" in value and not value.startswith(b"HTTP/1.1 100")) or tries > 400:
                 done.callback(value)
             else:
-                reactor.callLater(0.01, poll, tries + 1)  # type: ignore[attr-defined]
+                reactor.callLater(0.01, poll, tries + 1)
 
         protocol.dataReceived(data)
         poll()

@@ -64,7 +64,7 @@ class UploadTestsMixin:
 
     def admit(self) -> None:
         """Run the one store job of an upload's admission (``IStore.admit``), nothing after it."""
-        self.assertEqual(len(self.runner.jobs), 1)
+        self.assertEqual(len(self.runner.jobs), 1)  # type: ignore[attr-defined]  # mixed into a TestCase
         self.runner.run_next()
 
 

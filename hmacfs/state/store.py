@@ -217,7 +217,7 @@ class RedisState:
             elif holder is None:  # expired between the two commands
                 taken = await client.set(lock_key(key), owner, pexpire=px, only_if_not_exists=True)
             elif owner_host(str(holder)) == self.host and await maybeDeferred(
-                self.writer_lock_free, key
+                self.writer_lock_free, key  # type: ignore[call-overload]  # bool or Deferred
             ):
                 log.info("taking over the lock of {key} from a dead process", key=key)
                 taken = await client.eval(_STEAL, [lock_key(key)], [holder, owner, px])

@@ -76,8 +76,7 @@ class UploadStarter:
                 slot, record, fresh=fresh, takeover=takeover, first=first, length=length,
                 resumable=resumable,
             )
-            d.addCallbacks(opened, not_opened, callbackArgs=(lease,), errbackArgs=(lease,))
-            return d
+            return d.addCallbacks(opened, not_opened, callbackArgs=(lease,), errbackArgs=(lease,))
 
         def not_opened(failure: Failure, lease: Lease) -> Failure:
             lease.release()

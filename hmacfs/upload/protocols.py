@@ -75,13 +75,12 @@ class PutUploads:
             # A whole file: the store's admission (one step: tombstone, existence,
             # space, the upload) is all the store work before the body.
             return self._fresh(request, slot, total, length, content_type, expected, token, False)
-        d = check.check_tombstone(slot)
+        d: Deferred[Any] = check.check_tombstone(slot)
         d.addCallback(lambda _: check.check_absent(slot, (offset_header(total),)))
         d.addCallback(lambda _: check.resumable(slot))
-        d.addCallback(
+        return d.addCallback(
             self._ranged, request, slot, first, total, length, content_type, expected, token
         )
-        return d
 
     def _fresh(
         self,
@@ -240,7 +239,7 @@ class TusUploads:
         length = require_length(length)
         chunk = tus.chunk_checksum(request)
 
-        def complete(failure: Failure) -> None:
+        def complete(failure: Failure) -> UploadReceiver:
             failure.trap(_Complete)
             raise UploadFailed(409, "the upload is complete", (offset_header(failure.value.stored.size),))
 
@@ -285,7 +284,7 @@ class TusUploads:
     def delete(
         self, request: StreamingRequest, slot: SlotPath, length: int | None
     ) -> Deferred[Answer]:
-        def complete(failure: Failure) -> None:
+        def complete(failure: Failure) -> Answer:
             failure.trap(_Complete)
             raise UploadFailed(404, "no upload in progress (the file is complete)")
 
