@@ -241,6 +241,24 @@ class HandStoreAdmissionTests(SynchronousTestCase):
             self.store.names(), ["tombstoned", "exists", "upload_status"]
         )
 
+    def test_ranged_put_to_an_existing_file_is_409(self) -> None:
+        """``exists`` says yes: 409 with Upload-Offset at the whole size, before the body."""
+        path = f"{UUID}/e.bin"
+        head = (
+            f"PUT /upload/{path}?v={v1_mac(path, 10)} HTTP/1.1\r\nHost: x\r\n"
+            "Content-Length: 5\r\nContent-Range: bytes 5-9/10\r\nExpect: 100-continue\r\n\r\n"
+        ).encode()
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(head)
+        self.store.calls[-1][2].callback(False)  # no tombstone
+        self.assertNotIn(b"100 Continue", transport.value())
+        self.store.calls[-1][2].callback(True)  # exists
+        response = transport.value()
+        self.assertEqual(status_of(response), 409)
+        self.assertIn(b"Upload-Offset: 10", response)
+        self.assertNotIn(b"100 Continue", response)
+        self.assertEqual(self.store.names(), ["tombstoned", "exists"])
+
     def test_ranged_put_to_a_tombstone_is_403(self) -> None:
         size = 10
         path = f"{UUID}/t.bin"
