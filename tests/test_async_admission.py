@@ -129,6 +129,9 @@ class HandStore:
     def takeover_requested(self, segments: Any, since: float) -> Deferred[bool]:
         return succeed(False)
 
+    def takeovers_requested(self, uploads: Any) -> Deferred[list[bool]]:
+        return succeed([False for _ in uploads])
+
 
 class HandStoreAdmissionTests(SynchronousTestCase):
     """A real channel and UploadPolicy over a store the test answers for."""
@@ -424,6 +427,8 @@ class UploadsOffTheReactorThreadTests(TestCase):
             "Content-Length: 10\r\n\r\n12345".encode()
         )
         await self.wait_idle_after_admission()
+        # the takeover poll asks the store about the upload being written, off the reactor
+        await self.harness.server.resumable.uploads.poll_takeovers()
         protocol.connectionLost(None)
         await self.wait_idle()
         head = await self.request(
@@ -460,8 +465,6 @@ class UploadsOffTheReactorThreadTests(TestCase):
                 self.assertIn(b"Upload-Offset: 5", theaded)
         await self.wait_idle()
         self.assertEqual((self.root / UUID / "t.bin").read_bytes(), b"abcdefghij")
-        # the takeover poll asks the store, off the reactor thread too
-        await self.harness.server.resumable.uploads.poll_takeovers()
 
     async def wait_idle_after_admission(self) -> None:
         from twisted.internet import reactor

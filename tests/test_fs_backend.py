@@ -236,6 +236,22 @@ class StoreContractMixin:
         self.assertEqual((yield store.upload_status(("t", "r")))[0], 2)
 
     @inlineCallbacks
+    def test_takeovers(self) -> Any:
+        """A takeover request is seen (one by one and in a batch) until it is cleared."""
+        store = self.make_store()
+        upload = yield store.admit(("k",), "text/plain", 4, record={"k": "v"})
+        self.assertFalse((yield store.takeover_requested(("k",), 0)))
+        yield store.request_takeover(("k",))
+        self.assertTrue((yield store.takeover_requested(("k",), 0)))
+        self.assertFalse((yield store.takeover_requested(("k",), 4_000_000_000)))
+        both = yield store.takeovers_requested([(("k",), 0), (("other",), 0), (("k",), 4e9)])
+        self.assertEqual(both, [True, False, False])
+        self.assertEqual((yield store.takeovers_requested([])), [])
+        yield store.clear_takeover(("k",))
+        self.assertEqual((yield store.takeovers_requested([(("k",), 0)])), [False])
+        yield upload.abort()
+
+    @inlineCallbacks
     def test_probe(self) -> Any:
         store = self.make_store()
         yield store.probe()

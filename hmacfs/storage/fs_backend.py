@@ -384,6 +384,20 @@ class FilesystemBackend:
     def takeover_requested(self, segments: Sequence[str], since: float) -> Deferred[bool]:
         return self._run(self.store.takeover_requested, segments, since)
 
+    def takeovers_requested(
+        self, uploads: Sequence[tuple[Sequence[str], float]]
+    ) -> Deferred[list[bool]]:
+        return self._run(self._takeovers_requested, list(uploads))
+
+    def _takeovers_requested(self, uploads: list[tuple[Sequence[str], float]]) -> list[bool]:
+        asked = []
+        for segments, since in uploads:
+            try:
+                asked.append(self.store.takeover_requested(segments, since))
+            except (OSError, StorageError):  # one broken upload must not hide the others
+                asked.append(False)
+        return asked
+
     def clear_takeover(self, segments: Sequence[str]) -> Deferred[None]:
         return self._run(self.store.clear_takeover, segments)
 

@@ -381,5 +381,13 @@ class IStore(Protocol):
     def takeover_requested(self, segments: Sequence[str], since: float) -> Deferred[bool]:
         """Whether a takeover was requested at or after ``since`` (epoch seconds)."""
 
+    def takeovers_requested(
+        self, uploads: Sequence[tuple[Sequence[str], float]]
+    ) -> Deferred[list[bool]]:
+        """
+        ``takeover_requested`` for each ``(segments, since)``, in one go: the once-a-second
+        poll of every upload a process writes is one store round trip, not one per upload.
+        """
+
     def clear_takeover(self, segments: Sequence[str]) -> Deferred[None]:
         """Forget a takeover request (the new writer has the upload)."""

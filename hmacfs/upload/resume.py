@@ -377,23 +377,23 @@ class Uploads:
         """
         Close the connections of uploads another process has asked to take over.
 
-        One store call per upload written here, none on the reactor thread; the next
-        poll waits for this one (``PeriodicService``), so a slow disk cannot pile them up.
+        One store call for all the uploads written here (``IStore.takeovers_requested``),
+        none on the reactor thread; the next poll waits for this one (``PeriodicService``),
+        so a slow disk cannot pile them up.
         """
-        polls = []
-        for lease in list(self.active.values()):
-            if lease.receiver is None:
-                continue
-            d = self.store.takeover_requested(lease.segments, lease.started)
-            polls.append(d.addCallbacks(self._asked, lambda _: None, callbackArgs=(lease,)))
-        return gatherResults(polls).addCallback(lambda _: None)
+        leases = [lease for lease in self.active.values() if lease.receiver is not None]
+        if not leases:
+            return succeed(None)
+        d = self.store.takeovers_requested([(lease.segments, lease.started) for lease in leases])
+        return d.addCallbacks(self._asked, lambda _: None, callbackArgs=(leases,))
 
-    def _asked(self, asked: bool, lease: Lease) -> None:
-        if asked and not lease.released and lease.receiver is not None:
-            log.info("upload {path} taken over by another process", path="/".join(lease.segments))
-            self.takeovers += 1
-            lease.clear_marker = True
-            lease.receiver.take_over()
+    def _asked(self, asked: list[bool], leases: list[Lease]) -> None:
+        for lease, wanted in zip(leases, asked, strict=True):
+            if wanted and not lease.released and lease.receiver is not None:
+                log.info("upload {path} taken over by another process", path="/".join(lease.segments))
+                self.takeovers += 1
+                lease.clear_marker = True
+                lease.receiver.take_over()
 
 
 class PartialSweeper:
