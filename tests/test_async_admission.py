@@ -43,6 +43,10 @@ class FakeUpload:
         self.record: dict[str, object] | None = None
         self.data = bytearray()
         self.committed = False
+        self.expected: list[int] = []
+
+    def expect(self, count: int) -> None:
+        self.expected.append(count)
 
     def write(self, chunks: Any, hashers: Any = ()) -> Deferred[int]:
         for chunk in chunks:

@@ -83,6 +83,9 @@ class UploadStarter:
             return failure
 
         def opened(upload: IUpload, lease: Lease) -> UploadReceiver:
+            # What this request brings (a tus PATCH may bring less than the rest): a store
+            # that keeps whole parts plans them with it.
+            upload.expect(length)
             finish = UploadFinish(
                 upload,
                 total=record.size,
