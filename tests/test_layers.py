@@ -32,6 +32,8 @@ LAYERS: dict[str, set[str]] = {
     "hmacfs.storage": FOUNDATION | {"hmacfs.signing", "hmacfs.storage.interface"},
     # what callers use of a store: backends build on it, so it imports none of them
     "hmacfs.storage.interface": FOUNDATION,
+    # the S3 protocol layer: an HTTP *client* (see NO_TWISTED_WEB), below any store
+    "hmacfs.storage.s3": FOUNDATION,
     # the upload protocols: they implement the channel's IBodyPolicy/IBodyConsumer
     "hmacfs.upload": FOUNDATION
     | {"hmacfs.signing", "hmacfs.state", "hmacfs.storage", "hmacfs.http.channel"},
@@ -59,6 +61,10 @@ NO_TWISTED_WEB = {
     "hmacfs.errors", "hmacfs.logs", "hmacfs.periodic", "hmacfs.signing", "hmacfs.config", "hmacfs.state",
     "hmacfs.storage", "hmacfs.storage.interface",
 }
+#: Layers that talk HTTP to another server: they may use twisted.web's client side only (S3
+#: is reached through twisted.web.client.Agent), never the server side.
+WEB_CLIENT_ONLY = {"hmacfs.storage.s3"}
+WEB_CLIENT_MODULES = ("twisted.web.client", "twisted.web.iweb", "twisted.web.http_headers")
 
 #: Imports refused outright: test fakes in production code.
 FORBIDDEN = {"twisted.internet.testing", "twisted.trial"}
@@ -116,8 +122,11 @@ def violations() -> list[str]:
             where = f"{path.relative_to(PACKAGE.parent)}:{line}"
             root = target.split(".")[0]
             if root == "twisted":
-                if layer in NO_TWISTED_WEB and (target == "twisted.web" or target.startswith("twisted.web.")):
+                is_web = target == "twisted.web" or target.startswith("twisted.web.")
+                if layer in NO_TWISTED_WEB and is_web:
                     found.append(f"{where}: {layer} must not import twisted.web ({target})")
+                if layer in WEB_CLIENT_ONLY and is_web and target not in WEB_CLIENT_MODULES:
+                    found.append(f"{where}: {layer} may use twisted.web's client only ({target})")
                 if layer not in MAY_IMPORT_TEST_FAKES and any(
                     target == bad or target.startswith(bad + ".") for bad in FORBIDDEN
                 ):
@@ -162,3 +171,19 @@ class LayerTests(SynchronousTestCase):
         self.assertIn("hmacfs.service.tap", problems[1])
         self.assertIn("hmacfs.embed", problems[2])
         self.assertIn("must not import twisted.web", problems[3])
+
+    def test_s3_client_uses_the_web_client_only(self) -> None:
+        """hmacfs.storage.s3 may use Agent and friends, never twisted.web's server side."""
+        sample = PACKAGE / "storage" / "s3" / "_layer_probe.py"
+        sample.write_text(
+            "from twisted.web.client import Agent\n"
+            "from twisted.web.server import Site\n"
+            "from twisted.web import resource\n"
+            "from hmacfs.storage import filesystem\n"
+        )
+        self.addCleanup(sample.unlink)
+        problems = [p for p in violations() if "_layer_probe" in p]
+        self.assertEqual(len(problems), 3, problems)
+        self.assertIn("may use twisted.web's client only (twisted.web.server)", problems[0])
+        self.assertIn("twisted.web", problems[1])
+        self.assertIn("hmacfs.storage.s3 may not import hmacfs.storage.filesystem", problems[2])
