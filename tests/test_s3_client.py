@@ -426,6 +426,50 @@ class S3ClientTests(TestCase):
 
         return ensureDeferred(run())
 
+    def test_wrong_secret_big_body(self) -> Deferred[None]:
+        """A 20 MiB upload with a wrong secret ends in AccessDenied, on a write or on finish()."""
+
+        async def run() -> None:
+            bad = self.make_client(secret_key="not-the-secret")
+            upload = bad.put_object("k", 20 * MIB)
+            chunk = b"z" * 65536
+            with self.assertRaises(AccessDenied):
+                for _ in range(20 * MIB // len(chunk)):
+                    await upload.write(chunk)
+                await upload.finish()
+
+        return ensureDeferred(run())
+
+    def test_connection_lost_mid_body(self) -> Deferred[None]:
+        """A server that drops the connection mid-upload or mid-download gives S3Unavailable."""
+        from twisted.internet.protocol import Factory, Protocol
+
+        class Dropper(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                if data.startswith(b"GET"):
+                    self.transport.write(  # type: ignore[union-attr]
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"a" * 1000
+                    )
+                self.received = getattr(self, "received", 0) + len(data)
+                if self.received > 300_000 or data.startswith(b"GET"):
+                    self.transport.loseConnection()  # type: ignore[union-attr]
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Dropper), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+
+        async def run() -> None:
+            dropping = self.make_client(endpoint=f"http://127.0.0.1:{port.getHost().port}")
+            upload = dropping.put_object("k", 10 * MIB)
+            with self.assertRaises(S3Unavailable):
+                for _ in range(10 * MIB // 65536):
+                    await upload.write(b"q" * 65536)
+                await upload.finish()
+            download = await dropping.get_object("k")
+            with self.assertRaises(S3Unavailable):
+                await download.deliver(Collector())
+
+        return ensureDeferred(run())
+
     def test_abort_upload(self) -> Deferred[None]:
         """abort() mid-body fails the upload and leaves no object."""
 
@@ -549,6 +593,19 @@ class NeverAnswers:
         return d
 
 
+@implementer(IAgent)
+class PausedAgent:
+    """An IAgent that starts taking the body, then pauses it for good (a stuck S3)."""
+
+    def __init__(self) -> None:
+        self.transport = StringTransport()
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Deferred[Any]:
+        bodyProducer.startProducing(self.transport)
+        bodyProducer.pauseProducing()
+        return Deferred(lambda d: bodyProducer.stopProducing())
+
+
 class TimeoutAndSettingsTests(SynchronousTestCase):
     def settings(self, **changes: Any) -> S3Settings:
         values: dict[str, Any] = {
@@ -580,6 +637,40 @@ class TimeoutAndSettingsTests(SynchronousTestCase):
         d = upload.finish()
         clock.advance(5.1)  # type: ignore[attr-defined]
         self.assertEqual(self.failureResultOf(d, S3Unavailable).value.code, "Timeout")
+
+    def test_upload_stalled(self) -> None:
+        """A write that waits request_timeout for a paused S3 fails the upload with a Timeout."""
+        clock = MemoryReactorClock()
+        client = S3Client(self.settings(), clock, agent=PausedAgent())
+        upload = client.put_object("k", 10)
+        waiting = upload.write(b"12345")
+        clock.advance(4.9)
+        self.assertNoResult(waiting)
+        clock.advance(0.2)
+        self.assertEqual(self.failureResultOf(waiting, S3Unavailable).value.code, "Timeout")
+        self.assertEqual(self.failureResultOf(upload.finish(), S3Unavailable).value.code, "Timeout")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_download_idle_timeout(self) -> None:
+        """S3 silent for the timeout while we read fails the download; a paused downstream does not."""
+        from twisted.python.failure import Failure
+        from twisted.web.client import ResponseFailed
+
+        clock = MemoryReactorClock()
+        receiver = DownloadReceiver(StringTransport(), "GetObject", clock, 5.0)
+        upstream = StringTransport()
+        receiver.makeConnection(upstream)
+        clock.advance(4)
+        receiver.dataReceived(b"x")
+        clock.advance(4)  # 8 s in, 4 s since the last byte
+        receiver.pauseProducing()
+        clock.advance(60)  # the downstream's pace, not S3's
+        self.assertNoResult(receiver.done)
+        receiver.resumeProducing()
+        clock.advance(5.1)
+        self.assertEqual(upstream.producerState, "stopped")
+        receiver.connectionLost(Failure(ResponseFailed([Failure(ConnectionError("aborted"))])))
+        self.assertEqual(self.failureResultOf(receiver.done, S3Unavailable).value.code, "Timeout")
 
     def test_secret_not_shown(self) -> None:
         """The secret key is in neither the settings' repr nor a signed request's headers."""

@@ -12,11 +12,10 @@ producer, so a slow downstream pauses the S3 connection's transport.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -43,8 +42,8 @@ class UploadBody:
         self._finished: Deferred[None] | None = None
         self._finish_requested = False
         self._failure: S3Error | None = None
-        #: called once when the connection stops taking the body before its end
-        self.on_stop: Callable[[], None] = lambda: None
+        #: the connection stopped taking the body (S3 answered early, or it was lost)
+        self._stopped = False
 
     # IBodyProducer, called by the Agent's HTTP client protocol
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
@@ -68,8 +67,9 @@ class UploadBody:
             self._release()
 
     def stopProducing(self) -> None:
-        if self.sent < self.length or not self._finish_requested:
-            self.on_stop()
+        # What ended it (S3's early answer or the connection's failure) reaches the request's
+        # Deferred; the upload then fail()s the waiting write with it.
+        self._stopped = True
 
     # the caller's side
     def write(self, data: bytes) -> Deferred[None]:
@@ -85,7 +85,9 @@ class UploadBody:
         if self.sent + len(data) > self.length:
             raise ValueError(f"body longer than its Content-Length {self.length}")
         self.sent += len(data)
-        if self._consumer is None:
+        if self._stopped:
+            pass  # nowhere to write: the caller waits for fail()
+        elif self._consumer is None:
             self._pending = data
         else:
             self._consumer.write(data)
@@ -124,24 +126,43 @@ class DownloadReceiver(Protocol):
     ``TransportProxyProducer``) so nothing piles up in memory.
     """
 
-    def __init__(self, consumer: IConsumer, operation: str) -> None:
+    def __init__(
+        self,
+        consumer: IConsumer,
+        operation: str,
+        clock: IReactorTime | None = None,
+        idle_timeout: float | None = None,
+    ) -> None:
         self.consumer = consumer
         self.operation = operation
         self.received = 0
         self.done: Deferred[int] = Deferred()
         self._stopped = False
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._idle: IDelayedCall | None = None
+        self._timed_out = False
+        self._paused = False
 
     def connectionMade(self) -> None:
         self.consumer.registerProducer(self, True)
+        self._arm()
 
     def dataReceived(self, data: bytes) -> None:
         self.received += len(data)
         self.consumer.write(data)
+        if self._idle is not None and self._idle.active() and self._idle_timeout is not None:
+            self._idle.reset(self._idle_timeout)
 
     def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
+        self._disarm()
         self.consumer.unregisterProducer()
         if reason.check(ResponseDone):
             self.done.callback(self.received)
+        elif self._timed_out:
+            self.done.errback(
+                Failure(S3Unavailable(0, "Timeout", "S3 sent nothing in time", self.operation))
+            )
         elif self._stopped:
             self.done.errback(Failure(S3Aborted(0, "Aborted", "download stopped", self.operation)))
         else:
@@ -149,12 +170,32 @@ class DownloadReceiver(Protocol):
                 Failure(S3Unavailable(0, "ConnectionLost", _describe(reason), self.operation))
             )
 
+    # S3 going quiet while we want data is S3's fault; the downstream pausing us is not
+    def _arm(self) -> None:
+        if self._clock is not None and self._idle_timeout is not None and self._idle is None:
+            self._idle = self._clock.callLater(self._idle_timeout, self._quiet)
+
+    def _disarm(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+
+    def _quiet(self) -> None:
+        self._idle = None
+        self._timed_out = True
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
     # IPushProducer, called by the downstream consumer
     def pauseProducing(self) -> None:
+        self._paused = True
+        self._disarm()
         if self.transport is not None:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def resumeProducing(self) -> None:
+        self._paused = False
+        self._arm()
         if self.transport is not None:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 

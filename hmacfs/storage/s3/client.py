@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
@@ -162,9 +162,15 @@ class S3Download:
     def deliver(self, consumer: IConsumer) -> Deferred[int]:
         """
         Write the body into ``consumer`` (which gets us as its push producer, so pausing it
-        pauses the S3 connection); fires with the byte count at its end.
+        pauses the S3 connection); fires with the byte count at its end.  S3 sending nothing
+        for ``request_timeout`` while we are not paused fails it with S3Unavailable.
         """
-        receiver = DownloadReceiver(consumer, "GetObject")
+        receiver = DownloadReceiver(
+            consumer,
+            "GetObject",
+            self._client._reactor,
+            self._client.settings.request_timeout,
+        )
         self._response.deliverBody(receiver)
 
         def report(result: int | Failure) -> int | Failure:
@@ -190,9 +196,10 @@ class S3Upload:
         self._client = client
         self._operation = signed.operation
         self.body = UploadBody(length)
-        self.body.on_stop = self._stopped
+        self._stall: IDelayedCall | None = None
         self._started = time.monotonic()
         self._aborted = False
+        self._timed_out = False
         self._outcome: PutResult | S3Error | None = None
         self._waiters: list[Deferred[PutResult]] = []
         self._request = client._agent.request(
@@ -206,6 +213,8 @@ class S3Upload:
             response = await self._request
             body = await readBody(response)
         except Exception as e:
+            if self._timed_out:
+                raise S3Unavailable(0, "Timeout", "S3 took no data in time", self._operation) from e
             raise self._client._unavailable(self._operation, e, aborted=self._aborted) from e
         parsed = self._client._protocol.parse(
             self._operation, response.code, _flat(response), body
@@ -238,13 +247,29 @@ class S3Upload:
         elif self._outcome is not None:
             waiter.callback(self._outcome)
 
-    def _stopped(self) -> None:
-        # The connection went away before the whole body was sent: the answer (an early error
-        # from S3, or the connection's failure) will settle the waiting write.
-        pass
-
     def write(self, data: bytes) -> Deferred[None]:
-        return self.body.write(data)
+        """
+        Hand ``data`` on (wait for the Deferred before the next write).  If S3 takes nothing
+        for ``request_timeout`` while a write waits, the upload fails with S3Unavailable.
+        """
+        written = self.body.write(data)
+        if not written.called and self._outcome is None:
+            self._stall = self._client._reactor.callLater(
+                self._client.settings.request_timeout, self._stalled
+            )
+            written.addBoth(self._unstall)
+        return written
+
+    def _stalled(self) -> None:
+        self._stall = None
+        self._timed_out = True
+        self._request.cancel()
+
+    def _unstall(self, result: T) -> T:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+        return result
 
     def finish(self) -> Deferred[PutResult]:
         """Fires with S3's answer (``PreconditionFailed`` for an If-None-Match: * loss)."""
