@@ -470,6 +470,19 @@ class S3ClientTests(TestCase):
 
         return ensureDeferred(run())
 
+    def test_discard_download(self) -> Deferred[None]:
+        """discard() drops a body unread; the client goes on working (a fresh connection)."""
+
+        async def run() -> None:
+            await self.put("d", pattern(2 * MIB))
+            download = await self.client.get_object("d")
+            download.discard()
+            _, got = await self.get("d", range="bytes=0-3")
+            self.assertEqual(got, pattern(4))
+            self.assertIn(("GetObject", "aborted", 0, 0), self.observer.calls)
+
+        return ensureDeferred(run())
+
     def test_abort_upload(self) -> Deferred[None]:
         """abort() mid-body fails the upload and leaves no object."""
 
@@ -604,6 +617,103 @@ class PausedAgent:
         bodyProducer.startProducing(self.transport)
         bodyProducer.pauseProducing()
         return Deferred(lambda d: bodyProducer.stopProducing())
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A CA-less self-signed certificate for DNS:localhost (PEM cert, PEM key)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+class TLSTests(TestCase):
+    """TLS to S3 is verified: an unknown CA is refused, the one in ca_file is trusted."""
+
+    def setUp(self) -> None:
+        from twisted.internet.ssl import PrivateCertificate
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        self.cert, key = self_signed(directory)
+        pem = self.cert.read_bytes() + key.read_bytes()
+        options = PrivateCertificate.loadPEM(pem).options()
+
+        class Bucket(Resource):
+            isLeaf = True
+
+            def render_HEAD(self, request: Any) -> bytes:
+                return b""
+
+        site = Site(Bucket())
+        self.port = reactor.listenSSL(0, site, options, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+
+    def client(self, ca_file: str | None) -> S3Client:
+        settings = S3Settings(
+            bucket="b", access_key="a", secret_key="s", addressing_style="path",
+            endpoint=f"https://localhost:{self.port.getHost().port}", ca_file=ca_file,
+        )
+        client = S3Client(settings, reactor)
+        self.addCleanup(client.close)
+        return client
+
+    def test_unknown_ca_refused(self) -> Deferred[None]:
+        """Without ca_file, a self-signed server certificate fails verification: S3Unavailable."""
+
+        async def run() -> None:
+            with self.assertRaises(S3Unavailable) as raised:
+                await self.client(None).head_bucket()
+            self.assertIn("certificate verify failed", str(raised.exception))
+
+        return ensureDeferred(run())
+
+    def test_ca_file_trusted(self) -> Deferred[None]:
+        """With its certificate as ca_file, the same server answers."""
+
+        async def run() -> None:
+            headers = await self.client(str(self.cert)).head_bucket()
+            self.assertIn("date", headers)
+
+        return ensureDeferred(run())
+
+    def test_ca_file_without_certificate(self) -> None:
+        """A ca_file with no PEM certificate is refused when the client is made, naming it."""
+        path = Path(self.mktemp())
+        path.write_text("not a certificate\n")
+        with self.assertRaises(ValueError) as raised:
+            self.client(str(path))
+        self.assertIn("ca_file", str(raised.exception))
 
 
 class TimeoutAndSettingsTests(SynchronousTestCase):

@@ -136,9 +136,14 @@ class S3Protocol:
         """
         model = self.operation(name)
         lowered = {k.lower(): v for k, v in headers.items()}
-        if status == 200 and name == "CompleteMultipartUpload" and b"<Error>" in body[:512]:
-            # S3 answers 200 and then fails in the body (it keeps the connection alive while
-            # it assembles); botocore's own handler turns that into a 500, so does this.
+        if (
+            status == 200
+            and name == "CompleteMultipartUpload"
+            and b"<Error>" in body
+            and b"<CompleteMultipartUploadResult" not in body
+        ):
+            # S3 answers 200 and then fails in the body (it sends whitespace to keep the
+            # connection alive while it assembles); botocore's handler makes that a 500, so does this.
             status = 500
         # the parser looks headers up by their modelled names (Content-Length): case-insensitive
         response = {"status_code": status, "headers": HeadersDict(lowered), "body": body}
