@@ -123,14 +123,30 @@ class S3Server:
 
 
 _shared: S3Server | None = None
+_failed: BaseException | None = None
 
 
 def shared_s3() -> S3Server:
-    """One server for the whole test process (started on first use, stopped at exit)."""
-    global _shared
+    """
+    One server for the whole test process (started on first use, stopped at exit).  A start
+    that failed is not retried by every later test: they get the same skip or failure.
+    """
+    global _shared, _failed
+    if _failed is not None:
+        raise _failed
     if _shared is None:
         import atexit
 
-        _shared = S3Server().start()
-        atexit.register(_shared.cleanup)
+        try:
+            server = S3Server()
+        except BaseException as e:
+            _failed = e
+            raise
+        try:
+            _shared = server.start()
+        except BaseException as e:
+            _failed = e
+            server.cleanup()  # its log tail is in the error already
+            raise
+        atexit.register(server.cleanup)
     return _shared

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_s3_client -*-
+# -*- test-case-name: tests.test_s3_units,tests.test_s3_client -*-
 """
 The two streamed bodies, with flow control both ways and nothing held but the chunk in hand.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_s3_client -*-
+# -*- test-case-name: tests.test_s3_units,tests.test_s3_client -*-
 """
 What can go wrong talking to S3, as types a store can map onto HTTP answers.
 

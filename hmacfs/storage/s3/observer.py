@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_s3_client -*-
+# -*- test-case-name: tests.test_s3_units,tests.test_s3_client -*-
 """
 The client's metrics seam.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_s3_client -*-
+# -*- test-case-name: tests.test_s3_units,tests.test_s3_client -*-
 """
 botocore for everything S3 is (the service model, serialisation, SigV4, presigning, response
 and error parsing), and nothing of how bytes travel: the client sends what this module

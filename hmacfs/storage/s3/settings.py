@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_s3_client -*-
+# -*- test-case-name: tests.test_s3_units,tests.test_s3_client -*-
 """
 What the S3 client needs to know, as one frozen value (the config layer builds it from the
 ``S3*`` keys; the checks here are the ones the client itself relies on).
