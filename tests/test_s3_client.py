@@ -435,9 +435,24 @@ class S3ClientTests(TestCase):
             await self.put("d", pattern(2 * MIB))
             download = await self.client.get_object("d")
             download.discard()
+            download.discard()
+            self.assertRaises(RuntimeError, download.deliver, Collector())
             _, got = await self.get("d", range="bytes=0-3")
             self.assertEqual(got, pattern(4))
             self.assertIn(("GetObject", "aborted", 0, 0), self.observer.calls)
+            # mid-delivery: the consumer pauses, then the download is let go of
+            download = await self.client.get_object("d")
+            sink = Collector()
+            delivered = download.deliver(sink)
+            download.discard()
+            with self.assertRaises(S3Error) as raised:
+                await delivered
+            self.assertEqual(raised.exception.code, "Aborted")
+            self.assertLess(len(sink.data), 2 * MIB)
+            # after a whole delivery: nothing to do
+            download = await self.client.get_object("d", range="bytes=0-9")
+            await download.deliver(Collector())
+            download.discard()
 
         return ensureDeferred(run())
 

@@ -140,7 +140,8 @@ class PutResult:
 class S3Download:
     """
     A GetObject whose headers arrived (200 or 206); the body is still on the connection.
-    Call exactly one of ``deliver(consumer)`` or ``discard()``.
+    Call ``deliver(consumer)`` at most once, and ``discard()`` when done with it (always:
+    it frees the connection of a body that was not, or not wholly, delivered).
     """
 
     def __init__(
@@ -154,6 +155,8 @@ class S3Download:
         self.content_length = int(parsed.data.get("ContentLength", 0))
         self.content_range: str | None = parsed.data.get("ContentRange")
         self._started = started
+        self._receiver: DownloadReceiver | None = None
+        self._discarded = False
 
     @property
     def headers(self) -> dict[str, str]:
@@ -165,7 +168,9 @@ class S3Download:
         pauses the S3 connection); fires with the byte count at its end.  S3 sending nothing
         for ``request_timeout`` while we are not paused fails it with S3Unavailable.
         """
-        receiver = DownloadReceiver(
+        if self._receiver is not None or self._discarded:
+            raise RuntimeError("the body was delivered or discarded already")
+        receiver = self._receiver = DownloadReceiver(
             consumer,
             "GetObject",
             self._client._reactor,
@@ -181,9 +186,19 @@ class S3Download:
         return receiver.done.addBoth(report)
 
     def discard(self) -> None:
-        """Drop the body unread (closes the connection; S3 would send it all otherwise)."""
-        self._response.deliverBody(_Discard())
-        self._client._report("GetObject", self._started, S3Aborted(0, "Aborted"), 0, 0)
+        """
+        Let go of the body: unread, it is dropped (closing the connection; S3 would send it
+        all otherwise); mid-delivery, the delivery stops; after it, nothing.  Idempotent, so
+        it suits a ``close()`` that is always called.
+        """
+        if self._discarded:
+            return
+        self._discarded = True
+        if self._receiver is None:
+            self._response.deliverBody(_Discard())
+            self._client._report("GetObject", self._started, S3Aborted(0, "Aborted"), 0, 0)
+        elif not self._receiver.done.called:
+            self._receiver.stopProducing()
 
 
 class S3Upload:
