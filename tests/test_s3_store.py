@@ -212,3 +212,32 @@ class S3UploadTests(S3Case):
         url = store.download_url(stored, b"text/plain; charset=utf-8", b'attachment; filename="p.txt"')
         self.assertIn("response-content-disposition", url)
         self.assertIsNone(S3Store(self.client).download_url(stored, b"text/plain", b"inline"))
+
+
+class StartupCheckTests(S3Case):
+    """Before listening: the bucket, the credentials, and the conditional-write probe."""
+
+    def check(self, **changes: Any) -> Any:
+        from hmacfs.storage.s3.startup import check_bucket
+
+        values = {"bucket": self.bucket, **changes}
+        return check_bucket(settings_for(self.server, **values), timeout=5)
+
+    def test_a_working_bucket(self) -> None:
+        report = self.check()
+        # Swift 2.38.3 answers 412 to a create over an existing key.
+        self.assertTrue(report.conditional_writes)
+
+    def test_each_problem_names_its_key(self) -> None:
+        from hmacfs.storage.s3.startup import S3StartupError
+
+        cases = [
+            ({"bucket": "no-such-bucket-here"}, "S3Bucket"),
+            ({"secret_key": "wrong"}, "S3AccessKey"),
+            ({"endpoint": "http://127.0.0.1:9"}, "S3Endpoint"),
+        ]
+        for changes, key in cases:
+            with self.assertRaises(S3StartupError) as caught:
+                self.check(**changes)
+            self.assertEqual(caught.exception.key, key, changes)
+            self.assertNotIn("wrong", str(caught.exception))
