@@ -32,8 +32,9 @@ LAYERS: dict[str, set[str]] = {
     "hmacfs.storage": FOUNDATION | {"hmacfs.signing", "hmacfs.storage.interface"},
     # what callers use of a store: backends build on it, so it imports none of them
     "hmacfs.storage.interface": FOUNDATION,
-    # the S3 protocol layer: an HTTP *client* (see NO_TWISTED_WEB), below any store
-    "hmacfs.storage.s3": FOUNDATION,
+    # the S3 backend: an HTTP *client* (see NO_TWISTED_WEB) and the IStore built on it;
+    # of the rest of storage it sees only the interface (no filesystem code)
+    "hmacfs.storage.s3": FOUNDATION | {"hmacfs.storage.interface"},
     # the upload protocols: they implement the channel's IBodyPolicy/IBodyConsumer
     "hmacfs.upload": FOUNDATION
     | {"hmacfs.signing", "hmacfs.state", "hmacfs.storage", "hmacfs.http.channel"},

@@ -16,10 +16,9 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from hmacfs.storage.interface import ByteRange, IStore, StorageError
-from hmacfs.storage.layout import path_key
 from hmacfs.storage.s3.client import S3Client
 from hmacfs.storage.s3.settings import MIB
-from hmacfs.storage.s3.store import INCOMPLETE, UPLOADS, S3Store
+from hmacfs.storage.s3.store import INCOMPLETE, UPLOADS, S3Store, path_key
 
 from .s3_server import shared_s3
 from .test_fs_backend import Collector, StoreContractMixin

@@ -30,6 +30,7 @@ hmacfs writers of one path apart.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -53,7 +54,6 @@ from hmacfs.storage.interface import (
     StoredFile,
     Usage,
 )
-from hmacfs.storage.layout import path_key
 
 from .client import ObjectInfo, Part, S3Client, S3Download, S3Upload
 from .errors import NotFound, PreconditionFailed, S3Error, S3Unavailable
@@ -84,6 +84,12 @@ def _as_storage_error(failure: Any) -> Any:
     if failure.check(S3Error):
         raise storage_error(failure.value) from failure.value
     return failure
+
+
+def path_key(segments: Sequence[str]) -> str:
+    """An upload's name under ``.hmacfs/``: hashed, so it never depends on client input
+    (the filesystem's ``storage.layout.path_key``, so both name an upload alike)."""
+    return hashlib.sha256("/".join(segments).encode("utf-8")).hexdigest()
 
 
 def _key(segments: Sequence[str]) -> str:
