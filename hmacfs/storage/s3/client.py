@@ -27,7 +27,6 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succe
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -38,7 +37,7 @@ from twisted.web.client import (
     readBody,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from hmacfs.logs import log_router
@@ -327,9 +326,12 @@ class S3Client:
                 pool.maxPersistentPerHost = settings.max_connections
                 pool.cachedConnectionTimeout = settings.idle_connection_timeout
                 pool.retryAutomatically = True
+            # No TLS machinery for a plain-http endpoint: the daemon may have left
+            # pyOpenSSL out (hmacfs.service.process.leave_out_tls).
+            https = settings.endpoint_url.startswith("https://")
             agent = Agent(
                 reactor,
-                contextFactory=tls_policy(settings.ca_file),
+                contextFactory=tls_policy(settings.ca_file) if https else _NoTLS(),
                 connectTimeout=settings.connect_timeout,
                 pool=pool,
             )
@@ -709,8 +711,18 @@ class S3Client:
             log.failure("S3 metrics observer failed")
 
 
+@implementer(IPolicyForHTTPS)
+class _NoTLS:
+    """The policy for an http:// endpoint: an https URL (a redirect, a bug) is refused."""
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        raise ValueError("this S3 endpoint is plain http: no TLS configured")
+
+
 def tls_policy(ca_file: str | None) -> BrowserLikePolicyForHTTPS:
     """Verified TLS (service-identity checks the host name); ``ca_file``: trust only its CAs."""
+    from twisted.internet.ssl import Certificate, trustRootFromCertificates
+
     if not ca_file:
         return BrowserLikePolicyForHTTPS()
     text = Path(ca_file).read_bytes()
