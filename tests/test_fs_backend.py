@@ -52,6 +52,9 @@ class StoreContractMixin:
     """What every ``IStore`` promises; ``make_store`` gives a fresh, empty one."""
 
     make_store: Callable[..., IStore]
+    #: whether ``IUpload.hash_prefix`` can read back what an upload holds (an object
+    #: store's unfinished parts cannot be read: see its own tests for the refusal)
+    prefix_readable = True
     assertEqual: Callable[..., None]
     assertIsNone: Callable[..., None]
     assertTrue: Callable[..., None]
@@ -190,7 +193,10 @@ class StoreContractMixin:
         upload = yield store.admit(("wc",), "text/plain", 6, record={"k": "v"})
         yield upload.write([b"abc"])
         hasher = hashlib.sha256()
-        yield upload.hash_prefix(hasher, 3)
+        if self.prefix_readable:
+            yield upload.hash_prefix(hasher, 3)
+        else:
+            hasher.update(b"abc")
         stored = yield upload.write_and_commit([b"de", b"f"], (hasher,), hasher.hexdigest)
         self.assertEqual((stored.size, stored.sha256), (6, hashlib.sha256(b"abcdef").hexdigest()))
         found = yield store.lookup(("wc",))
@@ -224,6 +230,7 @@ class StoreContractMixin:
         """A path a tombstone blocks: 403 from ``admit`` and ``resume``, nothing created."""
         store = self.make_store()
         upload = yield store.admit(("t", "r"), "text/plain", 4, record={"k": "v"})
+        upload.expect(2)
         yield upload.write([b"ab"])
         yield upload.release()
         for segments in (("t", "n"), ("t", "r")):

@@ -37,15 +37,18 @@ from collections.abc import Callable, Sequence
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, succeed
+import attrs
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
 from twisted.internet.interfaces import IConsumer
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from hmacfs.logs import log_router
 from hmacfs.storage.interface import (
+    TOMBSTONED,
     ByteRange,
     FileEntry,
+    Hasher,
     IByteSource,
     IStore,
     IUpload,
@@ -90,6 +93,18 @@ def path_key(segments: Sequence[str]) -> str:
     """An upload's name under ``.hmacfs/``: hashed, so it never depends on client input
     (the filesystem's ``storage.layout.path_key``, so both name an upload alike)."""
     return hashlib.sha256("/".join(segments).encode("utf-8")).hexdigest()
+
+
+async def _both(first: Any, second: Any) -> tuple[Any, Any]:
+    """Two coroutines at once (one round trip of latency); the first failure is raised,
+    and the other's failure, if any, is consumed rather than left unhandled."""
+    try:
+        a, b = await gatherResults(
+            [Deferred.fromCoroutine(first), Deferred.fromCoroutine(second)], consumeErrors=True
+        )
+    except FirstError as error:
+        raise error.subFailure.value from None
+    return a, b
 
 
 def _key(segments: Sequence[str]) -> str:
@@ -240,8 +255,42 @@ class S3FileUpload:
         """This request brings ``count`` bytes (a tus PATCH may bring less than the rest)."""
         self._request_left = count
 
-    def write(self, chunks: Sequence[bytes]) -> Deferred[int]:
+    def write(self, chunks: Sequence[bytes], hashers: Sequence[Hasher] = ()) -> Deferred[int]:
+        # Hashed here, on the reactor thread: only uploads that announce a checksum ask.
+        for hasher in hashers:
+            for chunk in chunks:
+                hasher.update(chunk)
         return Deferred.fromCoroutine(self._write(chunks)).addErrback(_as_storage_error)
+
+    def write_and_commit(
+        self,
+        chunks: Sequence[bytes],
+        hashers: Sequence[Hasher] = (),
+        digest: Callable[[], str | None] | None = None,
+    ) -> Deferred[StoredFile]:
+        return Deferred.fromCoroutine(self._write_and_commit(chunks, hashers, digest)).addErrback(
+            _as_storage_error
+        )
+
+    async def _write_and_commit(
+        self,
+        chunks: Sequence[bytes],
+        hashers: Sequence[Hasher],
+        digest: Callable[[], str | None] | None,
+    ) -> StoredFile:
+        # The digest is decided before the last bytes go out: a PutObject's object exists
+        # as soon as S3 has its last byte, so a checksum that fails must stop it first.
+        for hasher in hashers:
+            for chunk in chunks:
+                hasher.update(chunk)
+        try:
+            sha256_hex = digest() if digest is not None else None
+        except BaseException:
+            await self._abort()
+            raise
+        if chunks:
+            await self._write(chunks)
+        return await self._commit(sha256_hex)
 
     async def _write(self, chunks: Sequence[bytes]) -> int:
         taken = 0
@@ -348,7 +397,7 @@ class S3FileUpload:
                 await self._client.delete_object(INCOMPLETE + self.pkey)
         self.written = self._boundary + self._pending
 
-    def hash_prefix(self, hasher: object, length: int) -> Deferred[None]:
+    def hash_prefix(self, hasher: Hasher, length: int) -> Deferred[None]:
         if length == 0:
             return succeed(None)
         # The parts of an unfinished multipart upload cannot be read back.
@@ -361,9 +410,9 @@ class S3FileUpload:
         )
 
     def commit(self, sha256_hex: str | None) -> Deferred[StoredFile]:
-        return Deferred.fromCoroutine(self._commit()).addErrback(_as_storage_error)
+        return Deferred.fromCoroutine(self._commit(sha256_hex)).addErrback(_as_storage_error)
 
-    async def _commit(self) -> StoredFile:
+    async def _commit(self, sha256_hex: str | None = None) -> StoredFile:
         if self.written != self.size:
             raise StorageError(400, "the upload is not complete")
         try:
@@ -385,6 +434,10 @@ class S3FileUpload:
         stored = await self._store.lookup(self.segments)
         if stored is None:
             raise StorageError(503, "the object store lost the file it just stored")
+        if sha256_hex and not stored.sha256:
+            # The object's metadata was fixed before its bytes were known (S3 takes it at
+            # the create); the commit knows the checksum, later lookups do not.
+            stored = attrs.evolve(stored, sha256=sha256_hex)
         self._store._known[self.key] = time.monotonic()
         return stored
 
@@ -652,7 +705,11 @@ class S3Store:
             raise StorageError(411, "object storage needs the upload's length")
         key = _key(segments)
         pkey = path_key(segments)
-        if await self._exists(key):
+        # Both questions at once: one round trip of latency, not two.
+        blocked, found = await _both(self._tombstoned(pkey), self._exists(key))
+        if blocked:
+            raise StorageError(403, TOMBSTONED)
+        if found:
             raise StorageError(409, "file already exists")
         # Whatever an earlier attempt left is dropped: this upload starts over.
         await self._forget_upload(pkey, key)
@@ -722,12 +779,17 @@ class S3Store:
         return self._run(self._resume(tuple(segments)))
 
     async def _resume(self, segments: tuple[str, ...]) -> IUpload | None:
-        if await self._exists(_key(segments)):
+        blocked, found = await _both(
+            self._tombstoned(path_key(segments)), self._exists(_key(segments))
+        )
+        if blocked:
+            raise StorageError(403, TOMBSTONED)
+        if found:
             raise StorageError(409, "file already exists")
-        found = await self._state(segments)
-        if found is None:
+        progress = await self._state(segments)
+        if progress is None:
             return None
-        state, parts, pending, _ = found
+        state, parts, pending, _ = progress
         return S3FileUpload(
             self, segments, str(state["content_type"]), int(state["size"]),
             upload_id=str(state["upload_id"]), parts=parts, pending=pending,
@@ -850,6 +912,23 @@ class S3Store:
             return float(found[0]) >= since
         except ValueError:
             return False
+
+    def takeovers_requested(
+        self, uploads: Sequence[tuple[Sequence[str], float]]
+    ) -> Deferred[list[bool]]:
+        return self._run(self._takeovers(uploads))
+
+    async def _takeovers(self, uploads: Sequence[tuple[Sequence[str], float]]) -> list[bool]:
+        asked = [
+            Deferred.fromCoroutine(self._takeover_requested(path_key(segments), since))
+            for segments, since in uploads
+        ]
+        if not asked:
+            return []
+        try:
+            return list(await gatherResults(asked, consumeErrors=True))
+        except FirstError as error:
+            raise error.subFailure.value from None
 
     def clear_takeover(self, segments: Sequence[str]) -> Deferred[None]:
         return self.client.delete_object(TAKEOVER + path_key(segments)).addErrback(_as_storage_error)
