@@ -190,7 +190,7 @@ class FilesystemBackendTests(StoreContractMixin, TestCase):
                 paused.append(len(consumer.data))
                 consumer.producer.pauseProducing()
 
-        consumer.write = write  # type: ignore[method-assign]
+        consumer.write = write  # type: ignore[method-assign,assignment]
         done = source.stream(consumer)
         self.assertNoResult(done)
         self.assertEqual(len(consumer.data), 1)

@@ -249,6 +249,8 @@ class StorageFailureTests(HarnessMixin, SynchronousTestCase):
         (self.store / UUID).mkdir()
         (self.store / UUID / "f.txt").write_bytes(b"content")
         self.resource = self.harness.site.resource
+        #: the blocking store under the resource's IStore (its calls run on the runner)
+        self.blocking = self.resource.store.store
         self.warnings: list[dict] = []
         self.errors = capture_errors(self)
 
@@ -280,7 +282,7 @@ class StorageFailureTests(HarnessMixin, SynchronousTestCase):
         for code, status in (
             (errno.EIO, 503), (errno.EACCES, 403), (errno.ELOOP, 404), (errno.ENOTDIR, 404),
         ):
-            self.resource.store.stat = self.failing(code)  # type: ignore[method-assign]
+            self.blocking.stat = self.failing(code)  # type: ignore[method-assign]
             for method in ("GET", "HEAD"):
                 self.warnings.clear()
                 self.assert_clean(self.get(method), status)
@@ -290,9 +292,9 @@ class StorageFailureTests(HarnessMixin, SynchronousTestCase):
 
     def test_open_error(self) -> None:
         """Opening the file for the body failing with EIO is 503, not a 500."""
-        import hmacfs.http.download
+        import hmacfs.storage.fs_backend
 
-        self.patch(hmacfs.http.download, "open_stored", self.failing(errno.EIO))
+        self.patch(hmacfs.storage.fs_backend, "open_stored", self.failing(errno.EIO))
         self.assert_clean(self.get(), 503)
         self.assertEqual(status_of(self.get("HEAD")), 200)
 
@@ -303,7 +305,7 @@ class StorageFailureTests(HarnessMixin, SynchronousTestCase):
         path = f"{UUID}/up.bin"
         url = f"/upload/{path}?v={v1_mac(path, 10)}"
         for code, status in ((errno.EIO, 503), (errno.ENOENT, 404)):
-            self.resource.store.partial_status = self.failing(code)  # type: ignore[method-assign]
+            self.blocking.partial_status = self.failing(code)  # type: ignore[method-assign]
             for header in ("X-Session-Token: status-token-1", "Tus-Resumable: 1.0.0"):
                 answer = self.request(f"HEAD {url} HTTP/1.1\r\nHost: h\r\n{header}\r\n\r\n".encode())
                 self.assert_clean(answer, status)
@@ -315,7 +317,7 @@ class StorageFailureTests(HarnessMixin, SynchronousTestCase):
         def refuse(*_args: Any) -> None:
             raise StorageError(403, "forbidden path")
 
-        self.resource.store.stat = refuse  # type: ignore[method-assign]
+        self.blocking.stat = refuse  # type: ignore[method-assign]
         self.assert_clean(self.get(), 403)
 
 
@@ -327,20 +329,20 @@ class StorageFailureRetryTests(StorageFailureTests):
 
     def get(self, method: str = "GET") -> bytes:
         """The first look finds nothing; the one after RetryDelay meets the failing store."""
-        store_stat = self.resource.store.stat
+        store_stat = self.blocking.stat
         looks: list[object] = []
 
         def first_missing(segments: Any) -> Any:
             looks.append(segments)
             return None if len(looks) == 1 else store_stat(segments)
 
-        self.resource.store.stat = first_missing  # type: ignore[method-assign]
+        self.blocking.stat = first_missing  # type: ignore[method-assign]
         try:
             protocol, transport = self.harness.connect()
             protocol.dataReceived(f"{method} /upload/{UUID}/f.txt HTTP/1.1\r\nHost: h\r\n\r\n".encode())
             self.assertEqual(transport.value(), b"")
             self.harness.reactor.advance(1.0)
         finally:
-            self.resource.store.stat = store_stat  # type: ignore[method-assign]
+            self.blocking.stat = store_stat  # type: ignore[method-assign]
         self.assertEqual(len(looks), 2)
         return transport.value()

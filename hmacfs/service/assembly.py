@@ -33,6 +33,7 @@ from hmacfs.service.workers import WorkerSupervisor
 from hmacfs.signing.rotation import SecretRing
 from hmacfs.state.bans import BanSettings
 from hmacfs.storage.filesystem import Store
+from hmacfs.storage.fs_backend import FilesystemBackend
 from hmacfs.storage.retention import RetentionService, Tombstones
 
 
@@ -180,11 +181,12 @@ def make_supervisor(
         )
         state.setServiceParent(top)
         lock = state.locks
+    tombstones = Tombstones(store.root)
+    backend = FilesystemBackend(store, disk.run_blocking, tombstones)
     if metrics is not None:
         health = HealthResource(
             HealthCheck(
-                store_dir=store.root,
-                run_blocking=disk.run_blocking,
+                store=backend,
                 clock=reactor,
                 redis_connected=(lambda: state.connected) if config.redis_addr else None,
             )

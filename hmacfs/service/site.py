@@ -27,6 +27,7 @@ from hmacfs.signing.auth import Authenticator
 from hmacfs.signing.rotation import SecretRing
 from hmacfs.state.bans import BanList, BanSettings, BanSyncService, SharedBans, ban_check
 from hmacfs.storage.filesystem import Store
+from hmacfs.storage.fs_backend import FilesystemBackend
 from hmacfs.storage.retention import Tombstones, tombstone_check
 from hmacfs.upload.policy import UploadLimits, UploadPolicy
 from hmacfs.upload.resume import Resumable, make_resumable
@@ -40,6 +41,8 @@ class ServerParts:
 
     site: StreamingSite
     store: Store
+    #: the store as everything above ``storage/`` uses it (every call on the disk pool)
+    backend: FilesystemBackend
     ring: SecretRing
     policy: UploadPolicy
     resumable: Resumable
@@ -111,6 +114,8 @@ def build_server(
     """The upload Site for a configuration and the parts behind it; ``.site`` is what
     embedding applications mount."""
     store = Store(config.store_dir, min_free_bytes=config.min_free_bytes)
+    tombstones = Tombstones(store.root)
+    backend = FilesystemBackend(store, run_blocking, tombstones)
     if ring is None:
         ring = SecretRing(config.secret, reactor, config.secret_grace_period)
     authenticator = Authenticator(ring.secrets, reactor, config.clock_skew)
@@ -143,7 +148,7 @@ def build_server(
     )
     resource = UploadResource(
         prefix=config.upload_subdir,
-        store=store,
+        store=backend,
         clock=reactor,
         downloads=DownloadSettings(
             enable_get_retries=config.enable_get_retries,
@@ -151,6 +156,7 @@ def build_server(
             retry_delay=config.retry_delay,
             write_timeout=config.write_timeout,
             chunk_size=max(config.buffer_size, 65536),
+            read_ahead=max(config.buffer_size, 65536),
         ),
         uploads=resumable.uploads,
         max_upload_size=config.max_upload_size,
@@ -158,8 +164,7 @@ def build_server(
     state_service = resumable.state_service
     health = HealthResource(
         HealthCheck(
-            store_dir=store.root,
-            run_blocking=run_blocking,
+            store=backend,
             clock=reactor,
             redis_connected=(lambda: state_service.connected) if config.redis_addr else None,
         )
@@ -177,16 +182,19 @@ def build_server(
     )
     site.metrics = metrics
     site.admission_checks.append(ban_check(bans, client_of))
-    tombstones = Tombstones(store.root)
     site.admission_checks.append(tombstone_check(tombstones, config.upload_subdir))
     return ServerParts(
         site=site,
         store=store,
+        backend=backend,
         ring=ring,
         policy=policy,
         resumable=resumable,
         bans=bans,
-        ban_sync=BanSyncService(clock=reactor, bans=bans, store_dir=store.root, shared=shared_bans),
+        ban_sync=BanSyncService(
+            clock=reactor, bans=bans, store_dir=store.root, shared=shared_bans,
+            run_blocking=run_blocking,
+        ),
         tombstones=tombstones,
         health=health,
     )
