@@ -104,7 +104,8 @@ class DownloadSettings:
     retry_delay: float = 2.0
     write_timeout: float = 120.0
     chunk_size: int = 262144
-    #: files up to this size are read with the open (one job on the disk pool per GET)
+    #: files up to this size are read with the open (one job on the disk pool per
+    #: GET); the same as SENDFILE_MIN, below which a body is read, not sendfile'd
     read_ahead: int = 262144
 
 

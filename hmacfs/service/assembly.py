@@ -121,7 +121,7 @@ def assemble_single(config: Config, reactor: Any, config_path: str | None = None
     if tree.metrics is not None:
         add_metrics_listener(top, config, reactor, tree.metrics, parts.health)
     tree.retention = add_retention(
-        top, config, reactor, store=parts.store, tombstones=parts.tombstones,
+        top, config, reactor, backend=parts.backend,
         run_blocking=tree.disk.run_blocking, metrics=tree.metrics, reload=tree.reload,
         lock=parts.resumable.state_service.locks,
     )
@@ -193,7 +193,7 @@ def make_supervisor(
         )
         add_metrics_listener(top, config, reactor, metrics, health)
     retention = add_retention(
-        top, config, reactor, store=store, tombstones=Tombstones(store.root),
+        top, config, reactor, backend=backend,
         run_blocking=disk.run_blocking, metrics=metrics, reload=reload, lock=lock,
     )
     supervisor.setServiceParent(top)

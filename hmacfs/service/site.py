@@ -156,7 +156,6 @@ def build_server(
             retry_delay=config.retry_delay,
             write_timeout=config.write_timeout,
             chunk_size=max(config.buffer_size, 65536),
-            read_ahead=max(config.buffer_size, 65536),
         ),
         uploads=resumable.uploads,
         max_upload_size=config.max_upload_size,

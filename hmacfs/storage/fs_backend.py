@@ -15,8 +15,11 @@ across nodes on a shared mount).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import secrets
 import stat as stat_mod
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -31,6 +34,7 @@ from hmacfs.storage.filesystem import PartialUpload, Store
 from hmacfs.storage.fsio import log
 from hmacfs.storage.interface import (
     ByteRange,
+    FileEntry,
     IByteSource,
     ILocalByteSource,
     IStore,
@@ -40,9 +44,13 @@ from hmacfs.storage.interface import (
     StoredFile,
     Usage,
 )
+from hmacfs.storage.layout import SWEEP_LOCK_FILE
 from hmacfs.storage.retention import Tombstones, scan_store
 
-__all__ = ["FilesystemBackend", "probe_store"]
+#: listings in pages kept between ``list_files`` calls (one per sweep in progress)
+_LISTINGS_KEPT = 4
+
+__all__ = ["FileLock", "FilesystemBackend", "probe_store"]
 
 T = TypeVar("T")
 RunBlocking = Callable[..., Deferred]
@@ -192,10 +200,11 @@ class FileRange:
 
     def stream(self, consumer: IConsumer) -> Deferred[None]:
         self._consumer = consumer
-        self._done = Deferred()
+        done: Deferred[None] = Deferred()
+        self._done = done
         consumer.registerProducer(self, True)
-        self._next()
-        return self._done
+        self._next()  # may finish at once (a file held in memory)
+        return done
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -271,6 +280,45 @@ class FileRange:
             )
 
 
+class FileLock:
+    """
+    ``flock`` of ``.hmacfs/<name>`` (opened through the store's descriptor, never a
+    link): one holder across the processes of a host, and across nodes on a shared
+    mount whose filesystem supports flock.  Taken and released on the pool.
+    """
+
+    def __init__(self, store: Store, run_blocking: RunBlocking, name: str) -> None:
+        self.store = store
+        self._run = run_blocking
+        self.name = name
+
+    def acquire(self) -> Deferred[Callable[[], Deferred[None]] | None]:
+        return self._run(self._take).addCallback(self._held)
+
+    def _take(self) -> int | None:
+        fd = self.store.open_private_file(self.name)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return None
+            raise
+        return fd
+
+    def _held(self, fd: int | None) -> Callable[[], Deferred[None]] | None:
+        if fd is None:
+            return None
+        return lambda: self._run(_unlock_and_close, fd)
+
+
+def _unlock_and_close(fd: int) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def _sendfile_until_full(out: int, fd: int, offset: int, count: int) -> int:
     """
     ``sendfile`` from ``fd`` to the non-blocking socket ``out`` until it is full or
@@ -309,6 +357,9 @@ class FilesystemBackend:
         self.store = store
         self._run = run_blocking
         self.tombstones = tombstones if tombstones is not None else Tombstones(store.root)
+        #: the rest of listings in pages (``list_files``), by token
+        self._listings: dict[str, list[FileEntry]] = {}
+        self._listings_lock = threading.Lock()
 
     @property
     def root(self) -> Path:
@@ -350,20 +401,51 @@ class FilesystemBackend:
         return None
 
     def delete(self, segments: Sequence[str]) -> Deferred[bool]:
-        return self._run(self.store.delete, segments)
+        return self._run(self._delete, tuple(segments))
+
+    def _delete(self, segments: tuple[str, ...]) -> bool:
+        """Unlink, then prune the directories that emptied (up to, not including, the root)."""
+        if not self.store.delete(segments):
+            return False
+        for depth in range(len(segments) - 1, 0, -1):
+            # Walked with openat like every store path: never rmdir through a link.
+            if not self.store.remove_empty_dir(segments[:depth]):
+                break  # not empty (or gone): stop climbing
+        return True
+
+    @property
+    def sweep_lock(self) -> FileLock:
+        """The retention sweep's lock on this store (``retention.ExclusiveLock``)."""
+        return FileLock(self.store, self._run, SWEEP_LOCK_FILE)
 
     def list_files(self, cursor: str | None = None, limit: int = 1000) -> Deferred[ListPage]:
         return self._run(self._list_files, cursor, limit)
 
     def _list_files(self, cursor: str | None, limit: int) -> ListPage:
-        # One walk per page: the directory tree has no stable cursor of its own.
-        entries = sorted(scan_store(self.store.root), key=lambda e: e.segments)
+        # The directory tree has no stable cursor of its own: the first page walks it
+        # and keeps the rest (sorted) for the next pages under a token, so a walk in
+        # pages costs one walk.  A token unknown here (another process, or dropped)
+        # walks again and starts after the cursor's path.
+        entries: list[FileEntry] | None = None
+        after: tuple[str, ...] | None = None
         if cursor is not None:
-            after = tuple(cursor.split("/"))
-            entries = [e for e in entries if e.segments > after]
-        page = entries[:limit]
-        more = len(entries) > limit
-        return ListPage(tuple(page), "/".join(page[-1].segments) if more and page else None)
+            token, _, last = cursor.partition("|")
+            with self._listings_lock:
+                entries = self._listings.pop(token, None)
+            after = tuple(last.split("/"))
+        if entries is None:
+            entries = sorted(scan_store(self.store.root), key=lambda e: e.segments)
+            if after is not None:
+                entries = [e for e in entries if e.segments > after]
+        page, rest = entries[:limit], entries[limit:]
+        if not rest or not page:
+            return ListPage(tuple(page), None)
+        token = secrets.token_hex(8)
+        with self._listings_lock:
+            self._listings[token] = rest
+            while len(self._listings) > _LISTINGS_KEPT:
+                self._listings.pop(next(iter(self._listings)))
+        return ListPage(tuple(page), token + "|" + "/".join(page[-1].segments))
 
     def usage(self) -> Deferred[Usage]:
         return self._run(self._usage)
