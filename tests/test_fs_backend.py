@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from hmacfs.storage.filesystem import Store
-from hmacfs.storage.fs_backend import FilesystemBackend
+from hmacfs.storage.fs_backend import FileRange, FilesystemBackend
 from hmacfs.storage.interface import ByteRange, IByteSource, IStore, IUpload, StorageError
 
 
@@ -256,6 +256,11 @@ class OpenFileJobsTests(TestCase):
         self.runner = CountingRunner()
         self.backend = FilesystemBackend(Store(Path(self.mktemp())), self.runner)
 
+    def open_file(self, read_ahead: int = 0) -> FileRange:
+        source = self.successResultOf(self.backend.open_file(("f",), read_ahead))
+        assert isinstance(source, FileRange)
+        return source
+
     def stored(self, data: bytes) -> None:
         upload = self.successResultOf(self.backend.admit(("f",), "text/plain", len(data)))
         self.successResultOf(upload.write([data]))
@@ -265,7 +270,7 @@ class OpenFileJobsTests(TestCase):
     def test_small_file_one_job(self) -> None:
         """A file within read_ahead: looked up, opened, read and closed in one job; no descriptor kept."""
         self.stored(b"x" * 1000)
-        source = self.successResultOf(self.backend.open_file(("f",), read_ahead=1000))
+        source = self.open_file(read_ahead=1000)
         self.assertIsNone(source.fd)
         consumer = Collector()
         self.successResultOf(source.stream(consumer))
@@ -276,7 +281,7 @@ class OpenFileJobsTests(TestCase):
     def test_big_file_descriptor(self) -> None:
         """A bigger file: one job opens it, each read is one, and the close is one."""
         self.stored(b"y" * 600_000)
-        source = self.successResultOf(self.backend.open_file(("f",), read_ahead=1000))
+        source = self.open_file(read_ahead=1000)
         self.assertIsNotNone(source.fd)
         consumer = Collector()
         self.successResultOf(source.stream(consumer))
@@ -288,7 +293,7 @@ class OpenFileJobsTests(TestCase):
         """close while a read is on the pool closes after it: the descriptor is never closed under it."""
         self.stored(b"z" * 600_000)
         held: list[Deferred[Any]] = []
-        source = self.successResultOf(self.backend.open_file(("f",)))
+        source = self.open_file()
         self.runner.jobs.clear()
 
         def hold(function: Any, *args: Any) -> Deferred[Any]:
@@ -298,7 +303,7 @@ class OpenFileJobsTests(TestCase):
             d.addCallback(lambda _: function(*args))
             return d
 
-        source._run = hold  # type: ignore[attr-defined]
+        source._run = hold
         reading = source.read(0, 10)
         source.close()
         self.assertEqual(self.runner.jobs, ["pread"])

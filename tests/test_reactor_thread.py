@@ -24,10 +24,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from twisted.internet import reactor, task, threads
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
@@ -191,7 +192,7 @@ class StoreCallRecorder:
             if concerns:
                 with self._lock:
                     if name == "close":
-                        self._tracked.discard(fd)  # type: ignore[arg-type]
+                        self._tracked.discard(fd)
                     elif name == "dup" and isinstance(result, int):
                         self._tracked.add(result)
             return result
@@ -238,7 +239,7 @@ class ReactorThreadTests(TestCase):
 
     timeout = 60
 
-    def setUp(self) -> Deferred[None]:
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]
         self.root = Path(self.mktemp()).resolve()
         self.root.mkdir(parents=True)
         self.recorder = StoreCallRecorder(self.root)
@@ -250,9 +251,10 @@ class ReactorThreadTests(TestCase):
         )
         uploads.service.startService()
         self.addCleanup(uploads.service.stopService)
-        port = reactor.listenTCP(0, uploads.site, interface="127.0.0.1")
+        site: Any = uploads.site
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        self.port = port.getHost().port
+        self.port = cast(IPv4Address, port.getHost()).port
         return task.deferLater(reactor, 0.05, lambda: None)
 
     def url(self, name: str, size: int) -> str:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 from urllib.parse import quote
 
 from twisted.internet.interfaces import IReactorTime
@@ -261,10 +261,13 @@ def _render(
     if length == 0:
         source.close()
         return b""
-    if local and isinstance(source, ILocalByteSource):
+    if local:
+        # IStore.local: its sources are ILocalByteSource (no isinstance on the
+        # runtime Protocol: some 30 us a call).
+        local_source = cast(ILocalByteSource, source)
         producer = FileProducer(
             request,
-            source,
+            local_source,
             offset=first,
             length=length,
             clock=clock,
@@ -272,7 +275,7 @@ def _render(
             chunk_size=chunk_size,
             transport=(
                 sendfile_transport(request)
-                if length >= SENDFILE_MIN and source.fd is not None
+                if length >= SENDFILE_MIN and local_source.fd is not None
                 else None
             ),
         )

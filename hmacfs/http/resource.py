@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import os
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -29,7 +29,6 @@ from hmacfs.errors import Refusal, storage_refusal
 from hmacfs.http.download import render_download
 from hmacfs.logs import log_router
 from hmacfs.signing.paths import PathError, parse_slot_path
-from hmacfs.storage.interface import IByteSource
 from hmacfs.upload import tus
 from hmacfs.upload.policy import ALLOW
 from hmacfs.upload.receiver import Progress
@@ -40,7 +39,7 @@ if TYPE_CHECKING:
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
-    from hmacfs.storage.interface import IStore, StoredFile
+    from hmacfs.storage.interface import IByteSource, IStore, StoredFile
 
 log = Logger(observer=log_router)
 
@@ -344,9 +343,12 @@ class UploadResource(Resource):
         retries: int,
         gone: list[Failure],
     ) -> None:
+        # GET opened a source, HEAD looked up a StoredFile.  (Not isinstance on the
+        # runtime Protocol: that costs some 15 us a call, a tenth of a small GET.)
+        is_get = request.method != b"HEAD"
         if gone:
-            if isinstance(found, IByteSource):
-                found.close()
+            if found is not None and is_get:
+                cast("IByteSource", found).close()
             return
         if found is None:
             if retries > 0:
@@ -357,10 +359,11 @@ class UploadResource(Resource):
                 return
             self._answer(request, error_page(request, 404, "no such file"))
             return
-        if isinstance(found, IByteSource):
-            result = self._serve(request, found.stored, found)
+        if is_get:
+            source = cast("IByteSource", found)
+            result = self._serve(request, source.stored, source)
         else:
-            result = self._serve(request, found, None)
+            result = self._serve(request, cast("StoredFile", found), None)
         if isinstance(result, bytes):
             self._answer(request, result)
 
@@ -383,7 +386,7 @@ class UploadResource(Resource):
     def _answer_failed(self, failure: Failure, request: Any, gone: list[Failure]) -> None:
         """Anything unexpected: logged once, and a plain 500 if nothing was sent yet."""
         log.failure("GET/HEAD failed", failure)
-        if gone or request.finished or request.startedWriting:
+        if gone or request.finished or getattr(request, "startedWriting", False):
             return
         self._answer(request, error_page(request, 500, "internal error"))
 

@@ -250,7 +250,8 @@ class IStore(Protocol):
     space, 503 the store is unreachable for now); anything else is a failure of the store.
     """
 
-    #: whether ``IByteSource.fd`` is a local descriptor (``sendfile`` may be used)
+    #: whether the byte sources are ``ILocalByteSource`` (a local descriptor that may be
+    #: ``sendfile``d, reads on the backend's pool); otherwise they stream themselves
     local: bool
 
     # -- finished files
