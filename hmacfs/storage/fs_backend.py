@@ -275,9 +275,21 @@ class FileRange:
         self._close_wanted = False
         fd, self.fd = self.fd, None
         if fd is not None:
-            self._run(os.close, fd).addErrback(
-                lambda failure: log.failure("closing a stored file failed", failure)
-            )
+            self._run(os.close, fd).addErrback(_close_here, fd)
+
+
+def _close_here(failure: Failure, fd: int) -> None:
+    """
+    The pool refused the close (it stopped: the process is shutting down, and no job
+    can use the descriptor any more): close it here rather than leak it.
+    """
+    if failure.check(RuntimeError):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        return
+    log.failure("closing a stored file failed", failure)
 
 
 class FileLock:
