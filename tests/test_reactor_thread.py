@@ -33,6 +33,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from hmacfs.embed import embed
+from hmacfs.storage.retention import RetentionService
 from hmacfs.testing import make_config, v1_mac
 
 UUID = "5f0e3c1a-2b4d-4e6f-8a9b-0c1d2e3f4a5b"
@@ -245,10 +246,14 @@ class ReactorThreadTests(TestCase):
         self.recorder = StoreCallRecorder(self.root)
         self.recorder.install(self.patch)
         uploads = embed(
-            make_config(self.root, enable_get_retries=False, max_upload_size=50 * 1024 * 1024),
+            make_config(
+                self.root, enable_get_retries=False, max_upload_size=50 * 1024 * 1024,
+                health_on_main_port=True, delete_files=True, delete_files_after_period=86400.0,
+            ),
             reactor=reactor,
             handle_sighup=False,
         )
+        self.retention = next(s for s in uploads.service if isinstance(s, RetentionService))
         uploads.service.startService()
         self.addCleanup(uploads.service.stopService)
         site: Any = uploads.site
@@ -339,6 +344,38 @@ class ReactorThreadTests(TestCase):
         opened = [call for call in self.recorder.calls if call.function == "open"
                   and call.target.endswith("h.txt")]
         self.assertEqual(opened, [])
+
+    # -- housekeeping
+
+    @inlineCallbacks
+    def test_housekeeping(self) -> Any:
+        """
+        A retention sweep that deletes an old file (listing, delete and pruning,
+        tombstone, report, the sweep lock), a /healthz probe and a second of the
+        timers (ban sync's unban requests): every call on the pool.
+        """
+        yield self.put("old.bin", b"o" * 1000)
+        yield self.put("new.bin", b"n" * 10)
+        os.utime(self.root / UUID / "old.bin", (1_000_000_000, 1_000_000_000))
+        answers: list[Any] = []
+
+        @inlineCallbacks
+        def scenario() -> Any:
+            for _ in range(100):  # the start-up sweep may still be running
+                sweeping = self.retention.sweep()
+                if sweeping is not None:
+                    break
+                yield task.deferLater(reactor, 0.05, lambda: None)
+            answers.append((yield sweeping))
+            answers.append((yield self.client(request, self.port, "GET", "/healthz")))
+            yield task.deferLater(reactor, 1.2, lambda: None)
+
+        yield self.recorded(scenario)
+        result, (status, _, body) = answers
+        self.assertEqual(result.deleted, {"age": 1})
+        self.assertFalse((self.root / UUID / "old.bin").exists())
+        self.assertEqual((status, body), (200, b'{"status": "ok", "store": "writable"}\n'))
+        self.assert_off_reactor("scandir", "unlink", "fcntl.flock", "mkdir", "write")
 
     # -- the upload side
 
