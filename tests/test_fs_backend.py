@@ -18,7 +18,14 @@ from zope.interface import implementer
 
 from hmacfs.storage.filesystem import Store
 from hmacfs.storage.fs_backend import FileRange, FilesystemBackend
-from hmacfs.storage.interface import ByteRange, IByteSource, IStore, IUpload, StorageError
+from hmacfs.storage.interface import (
+    TOMBSTONED,
+    ByteRange,
+    IByteSource,
+    IStore,
+    IUpload,
+    StorageError,
+)
 
 
 @implementer(IConsumer)
@@ -44,7 +51,7 @@ class Collector:
 class StoreContractMixin:
     """What every ``IStore`` promises; ``make_store`` gives a fresh, empty one."""
 
-    make_store: Callable[[], IStore]
+    make_store: Callable[..., IStore]
     assertEqual: Callable[..., None]
     assertIsNone: Callable[..., None]
     assertTrue: Callable[..., None]
@@ -143,6 +150,7 @@ class StoreContractMixin:
     def test_release_then_resume(self) -> Any:
         store = self.make_store()
         upload = yield store.admit(("big",), "text/plain", 10, record={"k": "v"})
+        upload.expect(5)
         yield upload.write([b"12345"])
         yield upload.checkpoint()
         kept = yield upload.release()
@@ -151,6 +159,7 @@ class StoreContractMixin:
         self.assertEqual(status[0], 5)
         again = yield store.resume(("big",), 5)
         self.assertEqual(again.written, 5)
+        again.expect(5)
         yield again.write([b"67890"])
         stored = yield again.commit(None)
         self.assertEqual(stored.size, 10)
@@ -202,6 +211,86 @@ class StoreContractMixin:
         self.assertEqual((yield store.purge_tombstones()), 1)
 
     @inlineCallbacks
+    def test_write_feeds_the_hashers(self) -> Any:
+        """Every chunk reaches every hasher, in order, before ``write`` fires."""
+        store = self.make_store()
+        upload = yield store.admit(("h",), "text/plain", 9)
+        first, second = hashlib.sha256(), hashlib.md5()
+        yield upload.write([b"abc", b"def"], (first, second))
+        yield upload.write([b"ghi"], (first,))
+        self.assertEqual(first.hexdigest(), hashlib.sha256(b"abcdefghi").hexdigest())
+        self.assertEqual(second.hexdigest(), hashlib.md5(b"abcdef").hexdigest())
+        yield upload.abort()
+
+    @inlineCallbacks
+    def test_write_and_commit(self) -> Any:
+        """The last chunks and the commit in one step: the digest sees every byte hashed."""
+        store = self.make_store()
+        upload = yield store.admit(("wc",), "text/plain", 6, record={"k": "v"})
+        yield upload.write([b"abc"])
+        hasher = hashlib.sha256()
+        yield upload.hash_prefix(hasher, 3)
+        stored = yield upload.write_and_commit([b"de", b"f"], (hasher,), hasher.hexdigest)
+        self.assertEqual((stored.size, stored.sha256), (6, hashlib.sha256(b"abcdef").hexdigest()))
+        found = yield store.lookup(("wc",))
+        self.assertEqual(found.size, 6)
+        self.assertIsNone((yield store.upload_status(("wc",))))
+
+    @inlineCallbacks
+    def test_write_and_commit_without_chunks(self) -> Any:
+        store = self.make_store()
+        upload = yield store.admit(("e",), "text/plain", 2)
+        yield upload.write([b"xy"])
+        stored = yield upload.write_and_commit([])
+        self.assertEqual((stored.size, stored.sha256), (2, None))
+
+    @inlineCallbacks
+    def test_write_and_commit_digest_refuses(self) -> Any:
+        """A digest that raises: nothing is published, the upload is gone, the error comes out."""
+        store = self.make_store()
+        upload = yield store.admit(("bad",), "text/plain", 3, record={"k": "v"})
+
+        def digest() -> str:
+            raise StorageError(400, "checksum mismatch")
+
+        error = yield self.failUnlessFailure(upload.write_and_commit([b"abc"], (), digest), StorageError)
+        self.assertEqual(error.status, 400)
+        self.assertFalse((yield store.exists(("bad",))))
+        self.assertIsNone((yield store.upload_status(("bad",))))
+
+    @inlineCallbacks
+    def test_admit_and_resume_refuse_a_tombstoned_path(self) -> Any:
+        """A path a tombstone blocks: 403 from ``admit`` and ``resume``, nothing created."""
+        store = self.make_store()
+        upload = yield store.admit(("t", "r"), "text/plain", 4, record={"k": "v"})
+        yield upload.write([b"ab"])
+        yield upload.release()
+        for segments in (("t", "n"), ("t", "r")):
+            yield store.add_tombstone(segments, 4_000_000_000)
+        error = yield self.failUnlessFailure(store.admit(("t", "n"), "text/plain", 1), StorageError)
+        self.assertEqual((error.status, error.reason), (403, TOMBSTONED))
+        self.assertIsNone((yield store.upload_status(("t", "n"))))
+        error = yield self.failUnlessFailure(store.resume(("t", "r"), 2), StorageError)
+        self.assertEqual((error.status, error.reason), (403, TOMBSTONED))
+        self.assertEqual((yield store.upload_status(("t", "r")))[0], 2)
+
+    @inlineCallbacks
+    def test_takeovers(self) -> Any:
+        """A takeover request is seen (one by one and in a batch) until it is cleared."""
+        store = self.make_store()
+        upload = yield store.admit(("k",), "text/plain", 4, record={"k": "v"})
+        self.assertFalse((yield store.takeover_requested(("k",), 0)))
+        yield store.request_takeover(("k",))
+        self.assertTrue((yield store.takeover_requested(("k",), 0)))
+        self.assertFalse((yield store.takeover_requested(("k",), 4_000_000_000)))
+        both = yield store.takeovers_requested([(("k",), 0), (("other",), 0), (("k",), 4e9)])
+        self.assertEqual(both, [True, False, False])
+        self.assertEqual((yield store.takeovers_requested([])), [])
+        yield store.clear_takeover(("k",))
+        self.assertEqual((yield store.takeovers_requested([(("k",), 0)])), [False])
+        yield upload.abort()
+
+    @inlineCallbacks
     def test_probe(self) -> Any:
         store = self.make_store()
         yield store.probe()
@@ -229,7 +318,7 @@ class FilesystemBackendTests(StoreContractMixin, TestCase):
                 paused.append(len(consumer.data))
                 consumer.producer.pauseProducing()
 
-        consumer.write = write  # type: ignore[method-assign,assignment]
+        consumer.write = write  # type: ignore[method-assign, assignment]
         done = source.stream(consumer)
         self.assertNoResult(done)
         self.assertEqual(len(consumer.data), 1)

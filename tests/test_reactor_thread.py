@@ -37,12 +37,6 @@ from hmacfs.storage.retention import RetentionService
 from hmacfs.testing import make_config, v1_mac
 
 UUID = "5f0e3c1a-2b4d-4e6f-8a9b-0c1d2e3f4a5b"
-#: why the upload scenarios are expected to fail on this branch
-UPLOAD_PATH_PENDING = (
-    "the upload path (hmacfs/upload, the PUT half of the resource, the tombstone admission "
-    "check) still calls the blocking store on the reactor thread: another branch of issue 11 "
-    "moves it onto IStore; remove this todo when it is merged"
-)
 
 
 @attrs.frozen
@@ -387,7 +381,6 @@ class ReactorThreadTests(TestCase):
         self.assertEqual((self.root / UUID / "p.bin").read_bytes(), data)
         self.assert_off_reactor("open", "write", "link")
 
-    test_put.todo = UPLOAD_PATH_PENDING  # type: ignore[attr-defined]
 
     @inlineCallbacks
     def test_resumed_put(self) -> Any:
@@ -423,7 +416,6 @@ class ReactorThreadTests(TestCase):
         self.assertEqual((self.root / UUID / name).read_bytes(), data)
         self.assert_off_reactor("open", "write", "link")
 
-    test_resumed_put.todo = UPLOAD_PATH_PENDING  # type: ignore[attr-defined]
 
     @inlineCallbacks
     def test_tus_patch(self) -> Any:
@@ -455,7 +447,6 @@ class ReactorThreadTests(TestCase):
         self.assertEqual((self.root / UUID / name).read_bytes(), data)
         self.assert_off_reactor("open", "write", "link")
 
-    test_tus_patch.todo = UPLOAD_PATH_PENDING  # type: ignore[attr-defined]
 
 
 class RecorderTests(TestCase):

@@ -268,7 +268,7 @@ class UploadResource(Resource):
             offset = result.size if stored else result.offset  # type: ignore[union-attr]
             headers.setRawHeaders(b"Upload-Offset", [str(offset).encode("ascii")])
             if not stored and self.uploads is not None and state.slot is not None:
-                name, value = tus.expires_header(self.uploads.expires_at(state.slot.segments))
+                name, value = tus.expires_header(self.uploads.expires_after_write())
                 headers.setRawHeaders(name, [value])
             if kind == "tus-create":
                 request.setResponseCode(201)

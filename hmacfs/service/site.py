@@ -28,7 +28,8 @@ from hmacfs.signing.rotation import SecretRing
 from hmacfs.state.bans import BanList, BanSettings, BanSyncService, SharedBans, ban_check
 from hmacfs.storage.filesystem import Store
 from hmacfs.storage.fs_backend import FilesystemBackend
-from hmacfs.storage.retention import Tombstones, tombstone_check
+from hmacfs.storage.interface import IStore
+from hmacfs.storage.retention import Tombstones
 from hmacfs.upload.policy import UploadLimits, UploadPolicy
 from hmacfs.upload.resume import Resumable, make_resumable
 
@@ -40,8 +41,9 @@ class ServerParts:
     """What L{build_server} assembled around one StreamingSite."""
 
     site: StreamingSite
+    #: the blocking store (retention, operations); everything on the request path uses ``backend``
     store: Store
-    #: the store as everything above ``storage/`` uses it (every call on the disk pool)
+    #: the one asynchronous store (``IStore``) the upload policy, resume and resources share
     backend: FilesystemBackend
     ring: SecretRing
     policy: UploadPolicy
@@ -80,9 +82,8 @@ def make_access_logger(resolver: ClientAddressResolver) -> Any:
 def make_upload_policy(
     config: Config,
     *,
-    store: Store,
+    store: IStore,
     authenticator: Authenticator,
-    run_blocking: Any,
     reactor: Any,
     on_auth_failure: Any,
     resumable: Resumable,
@@ -97,7 +98,6 @@ def make_upload_policy(
         ),
         store=store,
         authenticator=authenticator,
-        run_blocking=run_blocking,
         clock=reactor,
         on_auth_failure=on_auth_failure,
         uploads=resumable.uploads,
@@ -115,6 +115,7 @@ def build_server(
     embedding applications mount."""
     store = Store(config.store_dir, min_free_bytes=config.min_free_bytes)
     tombstones = Tombstones(store.root)
+    # Built once: every call on the disk pool, never on the reactor thread.
     backend = FilesystemBackend(store, run_blocking, tombstones)
     if ring is None:
         ring = SecretRing(config.secret, reactor, config.secret_grace_period)
@@ -126,7 +127,7 @@ def build_server(
 
     bans = BanList(reactor, BanSettings.from_config(config))
     # Resumable uploads: state backend (embedded or Redis), registry, timers.
-    resumable = make_resumable(config, reactor, run_blocking, store)
+    resumable = make_resumable(config, reactor, backend)
     # Failures and blocks shared by every node and worker (with Redis; embedded: nothing shared).
     shared_bans = SharedBans(bans=bans, share=resumable.state_service.bans)
 
@@ -139,9 +140,8 @@ def build_server(
 
     policy = make_upload_policy(
         config,
-        store=store,
+        store=backend,
         authenticator=authenticator,
-        run_blocking=run_blocking,
         reactor=reactor,
         on_auth_failure=auth_failed,
         resumable=resumable,
@@ -180,8 +180,9 @@ def build_server(
         connection_key=resolver.connection_key,
     )
     site.metrics = metrics
+    # Bans at header time, before any other work; tombstones are the store's
+    # admission's (``IStore.admit``/``resume``: 403 before the body is read).
     site.admission_checks.append(ban_check(bans, client_of))
-    site.admission_checks.append(tombstone_check(tombstones, config.upload_subdir))
     return ServerParts(
         site=site,
         store=store,

@@ -33,8 +33,10 @@ from hmacfs.signing.paths import PRIVATE_DIR
 from hmacfs.storage.filesystem import PartialUpload, Store
 from hmacfs.storage.fsio import log
 from hmacfs.storage.interface import (
+    TOMBSTONED,
     ByteRange,
     FileEntry,
+    Hasher,
     IByteSource,
     ILocalByteSource,
     IStore,
@@ -93,8 +95,43 @@ class FilesystemUpload:
     def record(self, value: dict[str, object] | None) -> None:
         self.partial.record = value
 
-    def write(self, chunks: Sequence[bytes]) -> Deferred[int]:
+    def expect(self, count: int) -> None:
+        """Every byte written is kept: nothing to plan."""
+
+    def write(self, chunks: Sequence[bytes], hashers: Sequence[Hasher] = ()) -> Deferred[int]:
+        if hashers:
+            return self._run(self._write, chunks, hashers)
         return self._run(self.partial.write, chunks)
+
+    def _write(self, chunks: Sequence[bytes], hashers: Sequence[Hasher]) -> int:
+        """On the pool: hash (``hashlib`` lets go of the GIL for big buffers), then write."""
+        for hasher in hashers:
+            for chunk in chunks:
+                hasher.update(chunk)
+        return self.partial.write(chunks)
+
+    def write_and_commit(
+        self,
+        chunks: Sequence[bytes],
+        hashers: Sequence[Hasher] = (),
+        digest: Callable[[], str | None] | None = None,
+    ) -> Deferred[StoredFile]:
+        return self._run(self._write_and_commit, chunks, hashers, digest)
+
+    def _write_and_commit(
+        self,
+        chunks: Sequence[bytes],
+        hashers: Sequence[Hasher],
+        digest: Callable[[], str | None] | None,
+    ) -> StoredFile:
+        if chunks:
+            self._write(chunks, hashers)
+        try:
+            sha256_hex = digest() if digest is not None else None
+        except BaseException:
+            self.partial.abort()
+            raise
+        return self.partial.commit(sha256_hex)
 
     def checkpoint(self) -> Deferred[int]:
         return self._run(self.partial.datasync)
@@ -102,7 +139,7 @@ class FilesystemUpload:
     def truncate(self, length: int) -> Deferred[None]:
         return self._run(self.partial.truncate, length)
 
-    def hash_prefix(self, hasher: object, length: int) -> Deferred[None]:
+    def hash_prefix(self, hasher: Hasher, length: int) -> Deferred[None]:
         return self._run(self.partial.hash_prefix, hasher, length)
 
     def commit(self, sha256_hex: str | None) -> Deferred[StoredFile]:
@@ -509,6 +546,8 @@ class FilesystemBackend:
         record: dict[str, object] | None,
         resumable: bool,
     ) -> IUpload:
+        if self.tombstones.blocks(segments):
+            raise StorageError(403, TOMBSTONED)
         if self.store.exists(segments):
             raise StorageError(409, "file already exists")
         reservation = self.store.reserve(size or 0)
@@ -526,6 +565,8 @@ class FilesystemBackend:
         return self._run(self._resume, tuple(segments), remaining)
 
     def _resume(self, segments: tuple[str, ...], remaining: int | None) -> IUpload | None:
+        if self.tombstones.blocks(segments):
+            raise StorageError(403, TOMBSTONED)
         partial = self.store.resume_partial(segments)
         if partial is None:
             return None
@@ -558,6 +599,20 @@ class FilesystemBackend:
 
     def takeover_requested(self, segments: Sequence[str], since: float) -> Deferred[bool]:
         return self._run(self.store.takeover_requested, segments, since)
+
+    def takeovers_requested(
+        self, uploads: Sequence[tuple[Sequence[str], float]]
+    ) -> Deferred[list[bool]]:
+        return self._run(self._takeovers_requested, list(uploads))
+
+    def _takeovers_requested(self, uploads: list[tuple[Sequence[str], float]]) -> list[bool]:
+        asked = []
+        for segments, since in uploads:
+            try:
+                asked.append(self.store.takeover_requested(segments, since))
+            except (OSError, StorageError):  # one broken upload must not hide the others
+                asked.append(False)
+        return asked
 
     def clear_takeover(self, segments: Sequence[str]) -> Deferred[None]:
         return self._run(self.store.clear_takeover, segments)

@@ -24,7 +24,7 @@ on it alone (``Deferred`` and ``IConsumer`` appear in annotations only).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -37,8 +37,10 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IConsumer
 
 __all__ = [
+    "TOMBSTONED",
     "ByteRange",
     "FileEntry",
+    "Hasher",
     "IByteSource",
     "ILocalByteSource",
     "IReservation",
@@ -53,6 +55,16 @@ __all__ = [
 
 class StorageError(Refusal):
     """A refusal the HTTP layer turns into ``status`` with ``reason``."""
+
+
+#: The 403 of ``IStore.admit``/``resume`` for a path a tombstone blocks.
+TOMBSTONED = "this file was deleted by the retention policy; request a new slot"
+
+
+class Hasher(Protocol):
+    """What ``IUpload.write`` feeds the bytes to: a ``hashlib`` object."""
+
+    def update(self, data: bytes, /) -> None: ...
 
 
 @attrs.frozen
@@ -154,11 +166,42 @@ class IUpload(Protocol):
     #: settable: a resume that announces a checksum the creation did not updates it
     record: dict[str, object] | None
 
-    def write(self, chunks: Sequence[bytes]) -> Deferred[int]:
+    def expect(self, count: int) -> None:
+        """
+        This request brings ``count`` more bytes (a tus PATCH may bring less than the rest
+        of the upload).  A backend that stores whole parts plans them with it: the bytes
+        of a request that ends inside a part are kept all the same.  Without it, a request
+        is taken to bring the rest of the upload.
+        """
+
+    def write(self, chunks: Sequence[bytes], hashers: Sequence[Hasher] = ()) -> Deferred[int]:
         """
         Append ``chunks``; fires with the number of bytes taken once the store can take
         more.  Writing no faster than these fire is the store's back-pressure: the caller
         pauses the client's socket while a write is outstanding beyond its high-water mark.
+
+        Each of ``hashers`` is fed every chunk, in order, before this fires: where the
+        backend has a thread for the write (the filesystem's pool job) it hashes there,
+        so a big upload's checksums cost the reactor thread nothing; another backend
+        hashes wherever it likes.
+        """
+
+    def write_and_commit(
+        self,
+        chunks: Sequence[bytes],
+        hashers: Sequence[Hasher] = (),
+        digest: Callable[[], str | None] | None = None,
+    ) -> Deferred[StoredFile]:
+        """
+        ``write`` the last chunks, then ``commit``, as one step where the backend can (the
+        filesystem's is one pool job: a small upload costs one hop, not two).
+
+        ``digest`` (plain CPU work, called in whichever thread the backend likes, after
+        the chunks are written and hashed) gives ``commit``'s ``sha256_hex``; if it raises,
+        the upload is aborted and this fails with its error.  If the write fails, this
+        fails with the write's error and the upload is still held, as after a failed
+        ``write`` (``written`` is short of what was asked); otherwise a failure means the
+        upload is gone, as after a failed ``commit``.
         """
 
     def checkpoint(self) -> Deferred[int]:
@@ -171,7 +214,7 @@ class IUpload(Protocol):
     def truncate(self, length: int) -> Deferred[None]:
         """Cut the upload back to ``length`` bytes (a tus chunk whose checksum failed)."""
 
-    def hash_prefix(self, hasher: object, length: int) -> Deferred[None]:
+    def hash_prefix(self, hasher: Hasher, length: int) -> Deferred[None]:
         """Feed the first ``length`` bytes already stored to ``hasher`` (``hashlib`` object)."""
 
     def commit(self, sha256_hex: str | None) -> Deferred[StoredFile]:
@@ -185,7 +228,12 @@ class IUpload(Protocol):
         """Drop the upload and everything stored of it (idempotent)."""
 
     def release(self) -> Deferred[int]:
-        """Let go, keeping the upload for a resume; fires with the offset kept."""
+        """
+        Let go, keeping the upload for a resume; fires with the offset kept.  Every byte of
+        a request that brought what it announced (``expect``) is kept; of a request cut
+        short, a backend that stores whole parts keeps only those (the client resumes from
+        the offset this gives).
+        """
 
 
 @runtime_checkable
@@ -320,9 +368,11 @@ class IStore(Protocol):
         resumable: bool = True,
     ) -> Deferred[IUpload]:
         """
-        Start an upload from byte 0, in one step: 409 if the file exists or another writer
-        holds the upload, 507 if the store cannot take ``size`` more bytes (counting what
-        is promised to uploads in flight), and the space promised to it until it ends.
+        Start an upload from byte 0, in one step: 403 (``TOMBSTONED``) if a tombstone blocks
+        the path, 409 if the file exists or another writer holds the upload, 507 if the
+        store cannot take ``size`` more bytes (counting what is promised to uploads in
+        flight), and the space promised to it until it ends.  One step, so that a small
+        upload is admitted with one round trip to the store.
 
         An interrupted upload that nobody is writing to is started over: a client that
         retries a plain PUT must not be refused because an earlier attempt could have been
@@ -335,8 +385,9 @@ class IStore(Protocol):
         """
         Reopen an interrupted upload to append to it, or None if there is none.
 
-        409 if the file exists by now or another writer holds the upload; 507 if the store
-        cannot take the ``remaining`` bytes.  The offset to resume from is ``written``.
+        403 (``TOMBSTONED``) if a tombstone blocks the path, 409 if the file exists by now
+        or another writer holds the upload; 507 if the store cannot take the ``remaining``
+        bytes.  The offset to resume from is ``written``.
         """
 
     def upload_status(self, segments: Sequence[str]) -> Deferred[tuple[int, dict[str, object]] | None]:
@@ -367,6 +418,14 @@ class IStore(Protocol):
 
     def takeover_requested(self, segments: Sequence[str], since: float) -> Deferred[bool]:
         """Whether a takeover was requested at or after ``since`` (epoch seconds)."""
+
+    def takeovers_requested(
+        self, uploads: Sequence[tuple[Sequence[str], float]]
+    ) -> Deferred[list[bool]]:
+        """
+        ``takeover_requested`` for each ``(segments, since)``, in one go: the once-a-second
+        poll of every upload a process writes is one store round trip, not one per upload.
+        """
 
     def clear_takeover(self, segments: Sequence[str]) -> Deferred[None]:
         """Forget a takeover request (the new writer has the upload)."""
