@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from hmacfs.storage.filesystem import Store
-from hmacfs.storage.fs_backend import FilesystemBackend
+from hmacfs.storage.fs_backend import FileRange, FilesystemBackend
 from hmacfs.storage.interface import (
     TOMBSTONED,
     ByteRange,
@@ -104,6 +104,45 @@ class StoreContractMixin:
             source.close()
         self.assertEqual(b"".join(consumer.data), data[5:600_005])
         self.assertIsNone(consumer.producer)
+
+    @inlineCallbacks
+    def test_open_file_then_select(self) -> Any:
+        """open_file opens the whole file in one call; select narrows it before streaming."""
+        store = self.make_store()
+        data = os.urandom(300_000)
+        yield self._stored(store, ("o", "f.bin"), data)
+        for read_ahead in (0, len(data)):
+            source = yield store.open_file(("o", "f.bin"), read_ahead)
+            self.assertIsInstance(source, IByteSource)
+            self.assertEqual((source.stored.size, source.byte_range), (len(data), ByteRange(0, len(data))))
+            source.select(ByteRange(7, 200_000))
+            consumer = Collector()
+            try:
+                yield source.stream(consumer)
+            finally:
+                source.close()
+            self.assertEqual(b"".join(consumer.data), data[7:200_007], read_ahead)
+
+    @inlineCallbacks
+    def test_open_file_select_outside_refused(self) -> Any:
+        """A range beyond the file is a programming error, not a short read."""
+        store = self.make_store()
+        yield self._stored(store, ("s",), b"abc")
+        source = yield store.open_file(("s",))
+        try:
+            for outside in (ByteRange(0, 4), ByteRange(3, 1), ByteRange(-1, 1), ByteRange(0, -1)):
+                try:
+                    source.select(outside)
+                except ValueError:
+                    continue
+                self.assertFalse(f"{outside} was accepted")
+        finally:
+            source.close()
+
+    @inlineCallbacks
+    def test_open_file_of_nothing(self) -> Any:
+        store = self.make_store()
+        self.assertIsNone((yield store.open_file(("nothing",))))
 
     @inlineCallbacks
     def test_lookup_of_nothing(self) -> Any:
@@ -293,3 +332,79 @@ class FilesystemBackendTests(StoreContractMixin, TestCase):
         consumer.producer.resumeProducing()
         self.successResultOf(done)
         self.assertEqual(b"".join(consumer.data), data)
+
+
+class CountingRunner:
+    """Runs each job at once and counts them (one job = one hop to the disk pool)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[str] = []
+
+    def __call__(self, function: Any, *args: Any) -> Deferred[Any]:
+        self.jobs.append(getattr(function, "__name__", repr(function)))
+        return maybeDeferred(function, *args)
+
+
+class OpenFileJobsTests(TestCase):
+    """What a GET costs on the disk pool with the filesystem backend."""
+
+    def setUp(self) -> None:
+        self.runner = CountingRunner()
+        self.backend = FilesystemBackend(Store(Path(self.mktemp())), self.runner)
+
+    def open_file(self, read_ahead: int = 0) -> FileRange:
+        source = self.successResultOf(self.backend.open_file(("f",), read_ahead))
+        assert isinstance(source, FileRange)
+        return source
+
+    def stored(self, data: bytes) -> None:
+        upload = self.successResultOf(self.backend.admit(("f",), "text/plain", len(data)))
+        self.successResultOf(upload.write([data]))
+        self.successResultOf(upload.commit(None))
+        self.runner.jobs.clear()
+
+    def test_small_file_one_job(self) -> None:
+        """A file within read_ahead: looked up, opened, read and closed in one job; no descriptor kept."""
+        self.stored(b"x" * 1000)
+        source = self.open_file(read_ahead=1000)
+        self.assertIsNone(source.fd)
+        consumer = Collector()
+        self.successResultOf(source.stream(consumer))
+        source.close()
+        self.assertEqual(b"".join(consumer.data), b"x" * 1000)
+        self.assertEqual(self.runner.jobs, ["_open_file"])
+
+    def test_big_file_descriptor(self) -> None:
+        """A bigger file: one job opens it, each read is one, and the close is one."""
+        self.stored(b"y" * 600_000)
+        source = self.open_file(read_ahead=1000)
+        self.assertIsNotNone(source.fd)
+        consumer = Collector()
+        self.successResultOf(source.stream(consumer))
+        source.close()
+        self.assertIsNone(source.fd)
+        self.assertEqual(self.runner.jobs, ["_open_file", "pread", "pread", "pread", "close"])
+
+    def test_close_waits_for_a_job(self) -> None:
+        """close while a read is on the pool closes after it: the descriptor is never closed under it."""
+        self.stored(b"z" * 600_000)
+        held: list[Deferred[Any]] = []
+        source = self.open_file()
+        self.runner.jobs.clear()
+
+        def hold(function: Any, *args: Any) -> Deferred[Any]:
+            self.runner.jobs.append(function.__name__)
+            d: Deferred[Any] = Deferred()
+            held.append(d)
+            d.addCallback(lambda _: function(*args))
+            return d
+
+        source._run = hold
+        reading = source.read(0, 10)
+        source.close()
+        self.assertEqual(self.runner.jobs, ["pread"])
+        held[0].callback(None)
+        self.assertEqual(self.successResultOf(reading), b"z" * 10)
+        self.assertEqual(self.runner.jobs, ["pread", "close"])
+        held[1].callback(None)
+        self.assertIsNone(source.fd)

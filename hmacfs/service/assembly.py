@@ -33,6 +33,7 @@ from hmacfs.service.workers import WorkerSupervisor
 from hmacfs.signing.rotation import SecretRing
 from hmacfs.state.bans import BanSettings
 from hmacfs.storage.filesystem import Store
+from hmacfs.storage.fs_backend import FilesystemBackend
 from hmacfs.storage.retention import RetentionService, Tombstones
 
 
@@ -120,7 +121,7 @@ def assemble_single(config: Config, reactor: Any, config_path: str | None = None
     if tree.metrics is not None:
         add_metrics_listener(top, config, reactor, tree.metrics, parts.health)
     tree.retention = add_retention(
-        top, config, reactor, store=parts.store, tombstones=parts.tombstones,
+        top, config, reactor, backend=parts.backend,
         run_blocking=tree.disk.run_blocking, metrics=tree.metrics, reload=tree.reload,
         lock=parts.resumable.state_service.locks,
     )
@@ -180,18 +181,19 @@ def make_supervisor(
         )
         state.setServiceParent(top)
         lock = state.locks
+    tombstones = Tombstones(store.root)
+    backend = FilesystemBackend(store, disk.run_blocking, tombstones)
     if metrics is not None:
         health = HealthResource(
             HealthCheck(
-                store_dir=store.root,
-                run_blocking=disk.run_blocking,
+                store=backend,
                 clock=reactor,
                 redis_connected=(lambda: state.connected) if config.redis_addr else None,
             )
         )
         add_metrics_listener(top, config, reactor, metrics, health)
     retention = add_retention(
-        top, config, reactor, store=store, tombstones=Tombstones(store.root),
+        top, config, reactor, backend=backend,
         run_blocking=disk.run_blocking, metrics=metrics, reload=reload, lock=lock,
     )
     supervisor.setServiceParent(top)

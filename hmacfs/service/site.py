@@ -148,7 +148,7 @@ def build_server(
     )
     resource = UploadResource(
         prefix=config.upload_subdir,
-        store=store,
+        store=backend,
         clock=reactor,
         downloads=DownloadSettings(
             enable_get_retries=config.enable_get_retries,
@@ -163,8 +163,7 @@ def build_server(
     state_service = resumable.state_service
     health = HealthResource(
         HealthCheck(
-            store_dir=store.root,
-            run_blocking=run_blocking,
+            store=backend,
             clock=reactor,
             redis_connected=(lambda: state_service.connected) if config.redis_addr else None,
         )
@@ -192,7 +191,10 @@ def build_server(
         policy=policy,
         resumable=resumable,
         bans=bans,
-        ban_sync=BanSyncService(clock=reactor, bans=bans, store_dir=store.root, shared=shared_bans),
+        ban_sync=BanSyncService(
+            clock=reactor, bans=bans, store_dir=store.root, shared=shared_bans,
+            run_blocking=run_blocking,
+        ),
         tombstones=tombstones,
         health=health,
     )

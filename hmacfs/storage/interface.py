@@ -42,6 +42,7 @@ __all__ = [
     "FileEntry",
     "Hasher",
     "IByteSource",
+    "ILocalByteSource",
     "IReservation",
     "IStore",
     "IUpload",
@@ -256,8 +257,35 @@ class IByteSource(Protocol):
         written, fails if the store failed or ``stopProducing`` was called.
         """
 
+    def select(self, byte_range: ByteRange) -> None:
+        """
+        Stream only ``byte_range`` (within the range opened): ``IStore.open_file`` opens
+        the whole file before the request's Range is weighed against its size.  Called
+        before ``stream``, if at all.
+        """
+
     def close(self) -> None:
         """Release what the source holds (descriptor, connection)."""
+
+
+@runtime_checkable
+class ILocalByteSource(IByteSource, Protocol):
+    """
+    A byte source with a local descriptor (``fd`` not None while open): the HTTP layer
+    may ``sendfile`` from it or read it in chunks, each on the backend's disk pool, so
+    the reactor thread never waits for the disk.
+    """
+
+    def read(self, offset: int, count: int) -> Deferred[bytes]:
+        """Up to ``count`` bytes at ``offset`` (fewer only at the end of the file)."""
+
+    def sendfile(self, out_fd: int, offset: int, count: int) -> Deferred[int]:
+        """
+        ``sendfile(2)`` up to ``count`` bytes at ``offset`` to the non-blocking socket
+        ``out_fd`` until it is full; fires with the bytes sent (0: the file ended).  The
+        caller's ``out_fd`` may be closed meanwhile: the source sends on its own duplicate.
+        Fails with the ``OSError`` of sendfile (EINVAL and the like: not on this file).
+        """
 
 
 @runtime_checkable
@@ -270,7 +298,8 @@ class IStore(Protocol):
     space, 503 the store is unreachable for now); anything else is a failure of the store.
     """
 
-    #: whether ``IByteSource.fd`` is a local descriptor (``sendfile`` may be used)
+    #: whether the byte sources are ``ILocalByteSource`` (a local descriptor that may be
+    #: ``sendfile``d, reads on the backend's pool); otherwise they stream themselves
     local: bool
 
     # -- finished files
@@ -280,6 +309,15 @@ class IStore(Protocol):
 
     def exists(self, segments: Sequence[str]) -> Deferred[bool]:
         """Whether anything occupies the path (the caller's 409, decided before the body)."""
+
+    def open_file(self, segments: Sequence[str], read_ahead: int = 0) -> Deferred[IByteSource | None]:
+        """
+        ``lookup`` and ``open_range`` of the whole file in one step (a GET is one call to
+        the store, not two), or None where ``lookup`` gives None; the caller narrows the
+        source with ``select`` once it has weighed the Range against ``source.stored``.
+        A backend may read a file of at most ``read_ahead`` bytes in the same step and
+        hold it (then ``fd`` is None): a small GET is then one call in all.
+        """
 
     def open_range(self, stored: StoredFile, byte_range: ByteRange) -> Deferred[IByteSource]:
         """
