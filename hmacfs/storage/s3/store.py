@@ -38,7 +38,7 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
+from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
 from twisted.internet.interfaces import IConsumer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -184,24 +184,58 @@ class _Pipe:
 
 
 class S3Range:
-    """``IByteSource`` of an object: a ranged GetObject whose body is still on the wire."""
+    """
+    ``IByteSource`` of an object: the ranged GetObject is sent when the range is streamed
+    (after ``select``), with ``If-Match`` on the ETag the lookup saw, so a file replaced
+    meanwhile is never served under the old headers.  No descriptor (``fd`` is None).
+    """
 
-    def __init__(self, stored: StoredFile, byte_range: ByteRange, download: S3Download | None) -> None:
-        #: no descriptor: the bytes come over HTTP from the object store
+    def __init__(self, client: S3Client, stored: StoredFile, byte_range: ByteRange) -> None:
         self.fd: int | None = None
         self.stored = stored
         self.byte_range = byte_range
-        self._download = download
-        self._delivered = False
+        self._client = client
+        self._download: S3Download | None = None
+        self._closed = False
+
+    def select(self, byte_range: ByteRange) -> None:
+        end = self.byte_range.first + self.byte_range.length
+        if (
+            byte_range.length < 0
+            or byte_range.first < self.byte_range.first
+            or byte_range.first + byte_range.length > end
+        ):
+            raise ValueError(f"{byte_range} is outside the opened {self.byte_range}")
+        self.byte_range = byte_range
 
     def stream(self, consumer: IConsumer) -> Deferred[None]:
-        download, self._download = self._download, None
-        if download is None:
-            return succeed(None)
-        self._delivered = True
-        return download.deliver(consumer).addCallback(lambda _: None)
+        return Deferred.fromCoroutine(self._stream(consumer))
+
+    async def _stream(self, consumer: IConsumer) -> None:
+        wanted = self.byte_range
+        if wanted.length == 0 or self._closed:
+            return
+        last = wanted.first + wanted.length - 1
+        key = str(self.stored.path)
+        try:
+            download = await self._client.get_object(
+                key, range=f"bytes={wanted.first}-{last}", if_match=self.stored.etag
+            )
+        except (NotFound, PreconditionFailed) as error:
+            raise FileNotFoundError(2, "the object is gone or changed", key) from error
+        except S3Error as error:
+            raise storage_error(error) from error
+        if self._closed:
+            download.discard()
+            return
+        if download.content_length != wanted.length:
+            download.discard()
+            raise FileNotFoundError(2, "the object changed size", key)
+        self._download = download
+        await download.deliver(consumer)
 
     def close(self) -> None:
+        self._closed = True
         download, self._download = self._download, None
         if download is not None:
             download.discard()
@@ -564,25 +598,18 @@ class S3Store:
                 self._known.clear()
         return found
 
-    def open_range(self, stored: StoredFile, byte_range: ByteRange) -> Deferred[IByteSource]:
-        return Deferred.fromCoroutine(self._open_range(stored, byte_range))
+    def open_file(self, segments: Sequence[str], read_ahead: int = 0) -> Deferred[IByteSource | None]:
+        # One HEAD; the GetObject goes out when the selected range is streamed.
+        return self.lookup(segments).addCallback(
+            lambda stored: None
+            if stored is None
+            else S3Range(self.client, stored, ByteRange(0, stored.size))
+        )
 
-    async def _open_range(self, stored: StoredFile, byte_range: ByteRange) -> IByteSource:
-        if byte_range.length == 0:
-            return S3Range(stored, byte_range, None)
-        last = byte_range.first + byte_range.length - 1
-        try:
-            download = await self.client.get_object(
-                str(stored.path), range=f"bytes={byte_range.first}-{last}", if_match=stored.etag
-            )
-        except (NotFound, PreconditionFailed) as error:
-            raise FileNotFoundError(2, "the object is gone or changed", str(stored.path)) from error
-        except S3Error as error:
-            raise storage_error(error) from error
-        if download.content_length != byte_range.length:
-            download.discard()
-            raise FileNotFoundError(2, "the object changed size", str(stored.path))
-        return S3Range(stored, byte_range, download)
+    def open_range(self, stored: StoredFile, byte_range: ByteRange) -> Deferred[IByteSource]:
+        if byte_range.first + byte_range.length > stored.size:
+            return fail(FileNotFoundError(2, "the range is past the file's end", str(stored.path)))
+        return succeed(S3Range(self.client, stored, byte_range))
 
     def download_url(self, stored: StoredFile, content_type: bytes, disposition: bytes) -> str | None:
         if not self.redirect_downloads:
