@@ -190,8 +190,14 @@ _OPTIONAL = ("OpenSSL", "cryptography", "service_identity", "twisted.internet.ss
 # imports it) or a worker's (leave_out_tls, the reactor, build_worker), in a fresh
 # interpreter: prints which of _OPTIONAL ended up imported.
 _FOOTPRINT = """
-import socket, sys
+import socket, sys, types
 kind, path, optional = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+# What is measured is the imports: the S3 start-up check (a real S3 in tests.test_s3_store
+# and tests.test_s3_daemon) answers here without a server, and imports nothing itself.
+startup = types.ModuleType("hmacfs.storage.s3.startup")
+startup.S3StartupError = type("S3StartupError", (Exception,), {})
+startup.check_bucket = lambda settings, timeout=10.0: types.SimpleNamespace(conditional_writes=True)
+sys.modules["hmacfs.storage.s3.startup"] = startup
 if kind == "daemon":
     from hmacfs.service.tap import Options, makeService
     options = Options()

@@ -29,11 +29,11 @@ from hmacfs.service.operations import add_component, add_metrics_listener, add_r
 from hmacfs.service.process import MultiprocessMetrics, UndoOnStop
 from hmacfs.service.reload import ReloadService
 from hmacfs.service.site import ServerParts, build_server
+from hmacfs.service.storage import build_store
 from hmacfs.service.workers import WorkerSupervisor
 from hmacfs.signing.rotation import SecretRing
 from hmacfs.state.bans import BanSettings
 from hmacfs.storage.filesystem import Store
-from hmacfs.storage.fs_backend import FilesystemBackend
 from hmacfs.storage.retention import RetentionService, Tombstones
 
 
@@ -182,7 +182,7 @@ def make_supervisor(
         state.setServiceParent(top)
         lock = state.locks
     tombstones = Tombstones(store.root)
-    backend = FilesystemBackend(store, disk.run_blocking, tombstones)
+    backend = build_store(config, reactor, store, disk.run_blocking, metrics, tombstones)
     if metrics is not None:
         health = HealthResource(
             HealthCheck(

@@ -20,6 +20,7 @@ from hmacfs.service.reload import ReloadService
 from hmacfs.signing.paths import PRIVATE_DIR
 from hmacfs.signing.rotation import SecretRing
 from hmacfs.storage.fs_backend import FilesystemBackend
+from hmacfs.storage.interface import IStore
 from hmacfs.storage.retention import RetentionService, RetentionSettings, Sweeper, SweepLock
 
 
@@ -45,7 +46,7 @@ def add_metrics_listener(
 
 
 def add_retention(
-    top: MultiService, config: Config, reactor: Any, *, backend: FilesystemBackend,
+    top: MultiService, config: Config, reactor: Any, *, backend: IStore,
     run_blocking: Any, metrics: Metrics | None, reload: ReloadService, lock: SweepLock | None = None,
 ) -> RetentionService:
     """The retention sweeps (and the store gauges), re-configured by SIGHUP."""
@@ -54,7 +55,8 @@ def add_retention(
         RetentionSettings.from_config(config),
         deletion_report_path(config),
         run_blocking=run_blocking,
-        exclusive=backend.sweep_lock,
+        # Nodes sharing a filesystem take its flock; an object store has the Redis lock only.
+        exclusive=backend.sweep_lock if isinstance(backend, FilesystemBackend) else None,
     )
     retention = RetentionService(clock=reactor, sweeper=sweeper, metrics=metrics, lock=lock)
     # Always a child, idle unless retention or metrics need sweeps: a SIGHUP

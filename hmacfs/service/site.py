@@ -23,11 +23,11 @@ from hmacfs.http.clientaddr import ClientAddressResolver, request_client
 from hmacfs.http.health import HealthCheck, HealthGate, HealthResource
 from hmacfs.http.resource import DownloadSettings, UploadResource
 from hmacfs.logs import log_router
+from hmacfs.service.storage import build_store
 from hmacfs.signing.auth import Authenticator
 from hmacfs.signing.rotation import SecretRing
 from hmacfs.state.bans import BanList, BanSettings, BanSyncService, SharedBans, ban_check
 from hmacfs.storage.filesystem import Store
-from hmacfs.storage.fs_backend import FilesystemBackend
 from hmacfs.storage.interface import IStore
 from hmacfs.storage.retention import Tombstones
 from hmacfs.upload.policy import UploadLimits, UploadPolicy
@@ -44,7 +44,7 @@ class ServerParts:
     #: the blocking store (retention, operations); everything on the request path uses ``backend``
     store: Store
     #: the one asynchronous store (``IStore``) the upload policy, resume and resources share
-    backend: FilesystemBackend
+    backend: IStore
     ring: SecretRing
     policy: UploadPolicy
     resumable: Resumable
@@ -115,8 +115,9 @@ def build_server(
     embedding applications mount."""
     store = Store(config.store_dir, min_free_bytes=config.min_free_bytes)
     tombstones = Tombstones(store.root)
-    # Built once: every call on the disk pool, never on the reactor thread.
-    backend = FilesystemBackend(store, run_blocking, tombstones)
+    # Built once: the filesystem's every call on the disk pool, never on the reactor
+    # thread; or the S3 bucket (StorageBackend).
+    backend = build_store(config, reactor, store, run_blocking, metrics, tombstones)
     if ring is None:
         ring = SecretRing(config.secret, reactor, config.secret_grace_period)
     authenticator = Authenticator(ring.secrets, reactor, config.clock_skew)

@@ -21,6 +21,7 @@ from hmacfs.logs import log_router
 from hmacfs.storage.filesystem import Store
 from hmacfs.storage.fs_backend import FilesystemBackend
 from hmacfs.storage.interface import IStore
+from hmacfs.storage.retention import Tombstones
 
 if TYPE_CHECKING:
     from hmacfs.service.metrics import Metrics
@@ -100,10 +101,11 @@ def build_store(
     store: Store,
     run_blocking: Callable[..., Deferred],
     metrics: Metrics | None = None,
+    tombstones: Tombstones | None = None,
 ) -> IStore:
     """The process's ``IStore``: over ``store`` on the disk pool, or on the S3 bucket."""
     if config.storage_backend != "s3":
-        return FilesystemBackend(store, run_blocking)
+        return FilesystemBackend(store, run_blocking, tombstones)
     from hmacfs.storage.s3.client import S3Client
     from hmacfs.storage.s3.store import S3Store
 
