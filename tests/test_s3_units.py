@@ -290,3 +290,20 @@ class TimeoutAndSettingsTests(SynchronousTestCase):
             env=dict(os.environ, PYTHONPATH=str(ROOT)),
         )
         self.assertEqual(out.stdout.strip(), "False", out.stderr)
+
+
+class StorageErrorTests(SynchronousTestCase):
+    """What a client is told when S3 fails under its request."""
+
+    def test_unavailable_and_refused_are_503_with_retry_after(self) -> None:
+        """S3 down (or answering an error hmacfs cannot act on): 503 with Retry-After, as a
+        filesystem error that may pass; a 412 on the create is 409 without one."""
+        from hmacfs.storage.s3.errors import PreconditionFailed, S3Error
+        from hmacfs.storage.s3.store import storage_error
+
+        for error in (S3Unavailable(0, "Error", "refused"), S3Error(500, "InternalError", "", "PutObject")):
+            answer = storage_error(error)
+            self.assertEqual(answer.status, 503)
+            self.assertEqual(dict(answer.headers), {b"Retry-After": b"5"})
+        conflict = storage_error(PreconditionFailed(412, "PreconditionFailed", "", "PutObject"))
+        self.assertEqual((conflict.status, conflict.headers), (409, ()))

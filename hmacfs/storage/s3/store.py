@@ -43,6 +43,7 @@ from twisted.internet.interfaces import IConsumer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from hmacfs.errors import STORAGE_RETRY_AFTER
 from hmacfs.logs import log_router
 from hmacfs.storage.interface import (
     TOMBSTONED,
@@ -75,12 +76,15 @@ EXISTS_CACHE_SECONDS = 5.0
 
 
 def storage_error(error: S3Error) -> StorageError:
-    """What a client is told when S3 failed under its request (never a 500)."""
+    """What a client is told when S3 failed under its request (never a 500); a 503 says
+    when to come back, as the filesystem's does (``Retry-After``, which resuming clients
+    and tuspy wait for)."""
+    retry = ((b"Retry-After", STORAGE_RETRY_AFTER),)
     if isinstance(error, S3Unavailable):
-        return StorageError(503, "the object store is unavailable; try again later")
+        return StorageError(503, "the object store is unavailable; try again later", retry)
     if isinstance(error, PreconditionFailed):
         return StorageError(409, "file already exists")
-    return StorageError(503, f"the object store refused: {error.code or error.status}")
+    return StorageError(503, f"the object store refused: {error.code or error.status}", retry)
 
 
 def _as_storage_error(failure: Any) -> Any:
