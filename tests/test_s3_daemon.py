@@ -598,12 +598,15 @@ class RetentionTests(S3DaemonCase):
         self.assertEqual(self.bucket.keys(), ["it/old.bin"])
         seed.terminate()
         time.sleep(2.5)
+        # MaxRetentionTime deletes it; DeleteFilesAfterPeriod only makes the horizon (how
+        # long the tombstone lives) an hour rather than 2 s.
         retention = extra + (
             'RetentionPolicyEnabled = true\nMaxRetentionTime = "2s"\nRetentionInterval = "1h"\n'
+            'DeleteFiles = true\nDeleteFilesAfterPeriod = "1h"\n'
         )
         a = self.node("a", retention)
         b = self.node("b", retention)
-        self.assertTrue(wait_for(lambda: self.bucket.keys() == [] or "it/old.bin" not in self.bucket.keys(), 20))
+        self.assertTrue(wait_for(lambda: "it/old.bin" not in self.bucket.keys(), 20, interval=0.2))
         self.assertNotIn("it/old.bin", self.bucket.keys())
         self.assertTrue(
             wait_for(lambda: "retention sweep skipped" in a.log() + b.log(), 10), a.log() + b.log()
@@ -615,8 +618,11 @@ class RetentionTests(S3DaemonCase):
             p.read_text() for d in (a, b) for p in d.dir.glob("*deletion*") if p.is_file()
         ]
         self.assertEqual(sum(r.count("old.bin") for r in reports), 1, reports)
+        self.assertEqual([key.split("/")[1] for key in self.bucket.keys(".hmacfs/")], ["tombstones"])
         for node in (a, b):
             again = Upload(node, "old.bin", old.data, token=f"again-{node.port}")
-            self.assertEqual(again.finish(0), 403)
+            status, headers, body = http(node.raw_connect, again.put_head(0), again.data)
+            self.assertEqual(status, 403, body)
+            self.assertIn(b"deleted by the retention policy", body)
         self.assertNotIn("it/old.bin", self.bucket.keys())
         self.assertEqual(self.bucket.uploads(), [])

@@ -325,6 +325,22 @@ class SharedOverServiceTests(RedisMixin, TestCase):
         """A connected service says so at once."""
         self.assertTrue(await self.service.connected_within(1.0))
 
+    @inline
+    async def test_sweep_lock_asked_at_start_waits_for_the_connection(self) -> None:
+        """
+        The sweep lock asked the moment a process starts (its first retention sweep) is
+        taken in Redis once the connection is up, not granted locally: a second node
+        asking then is refused (two nodes on one bucket do not both sweep at start).
+        """
+        fresh = StateService(reactor, redis_addr=self.redis.addr, retry_delay=0.2)
+        fresh.startService()
+        self.addCleanup(fresh.stopService)
+        taking = fresh.sweep_locks().try_lock("retention-sweep", "fresh", 60.0)
+        self.assertFalse(fresh.connected)
+        self.assertTrue(await taking)
+        self.assertEqual(self.redis.command("GET", "hmacfs:retention-sweep"), b"fresh")
+        self.assertFalse(await self.service.sweep_locks().try_lock("retention-sweep", "other", 60.0))
+
 
 class RetryPolicyTests(SynchronousTestCase):
     def test_quick_then_slow(self) -> None:
@@ -354,6 +370,19 @@ class RetryPolicyTests(SynchronousTestCase):
         self.assertIsInstance(service.locks, RedisLocks)
         self.assertIsNone(service.bans.read_blocks())
         self.assertTrue(self.successResultOf(service.locks.try_lock("n", "me", 1.0)))
+
+    def test_sweep_lock_without_redis_is_granted_after_the_wait(self) -> None:
+        """With Redis unreachable the sweep lock is granted once ``wait`` s passed (each node
+        sweeps alone, as documented); embedded, the locks are the embedded ones."""
+        clock = Clock()
+        service = StateService(clock, redis_addr="127.0.0.1:1")
+        d = service.sweep_locks(wait=2.0).try_lock("retention-sweep", "me", 60.0)
+        clock.pump([0.05] * 30)
+        self.assertNoResult(d)
+        clock.pump([0.05] * 15)
+        self.assertTrue(self.successResultOf(d))
+        embedded = StateService(Clock())
+        self.assertIs(embedded.sweep_locks(), embedded.locks)
 
     def test_connected_within_gives_up(self) -> None:
         """Waiting for a Redis that does not answer fires False after the timeout."""

@@ -123,7 +123,7 @@ def assemble_single(config: Config, reactor: Any, config_path: str | None = None
     tree.retention = add_retention(
         top, config, reactor, backend=parts.backend,
         run_blocking=tree.disk.run_blocking, metrics=tree.metrics, reload=tree.reload,
-        lock=parts.resumable.state_service.locks,
+        lock=parts.resumable.state_service.sweep_locks(),
     )
     # strports.service raises a bind error from privilegedStartService, so twistd
     # exits with it instead of running (and logging that it is up) without a port.
@@ -180,7 +180,7 @@ def make_supervisor(
             redis_db=config.redis_db, max_retries=config.max_retries, retry_delay=config.retry_delay,
         )
         state.setServiceParent(top)
-        lock = state.locks
+        lock = state.sweep_locks()
     tombstones = Tombstones(store.root)
     backend = build_store(config, reactor, store, disk.run_blocking, metrics, tombstones)
     if metrics is not None:

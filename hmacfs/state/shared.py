@@ -206,11 +206,39 @@ class RedisLocks:
         return Deferred.fromCoroutine(release())
 
 
+@attrs.define
+class ConnectedLocks:
+    """
+    Named locks asked once Redis is connected, waiting up to ``wait`` s for the connection.
+
+    A process that has just started has none yet, and ``RedisLocks`` then grants every
+    lock; the retention sweep runs at start, so two nodes started together would both
+    sweep.  On a shared filesystem the sweep's flock still keeps them apart, on an object
+    store nothing does.  If Redis does not come within ``wait`` s the lock is granted as
+    before (each node sweeps alone: the documented degradation).
+    """
+
+    locks: NamedLocks
+    connected_within: Callable[[float], Deferred[bool]]
+    wait: float = 5.0
+
+    def try_lock(self, name: str, owner: str, ttl: float) -> Deferred[bool]:
+        async def take() -> bool:
+            await self.connected_within(self.wait)
+            return bool(await self.locks.try_lock(name, owner, ttl))
+
+        return Deferred.fromCoroutine(take())
+
+    def release(self, name: str, owner: str) -> Deferred[None]:
+        return self.locks.release(name, owner)
+
+
 __all__ = [
     "BAN_PREFIX",
     "FAIL_PREFIX",
     "FOREVER",
     "BanShare",
+    "ConnectedLocks",
     "EmbeddedBanShare",
     "EmbeddedLocks",
     "NamedLocks",

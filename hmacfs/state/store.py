@@ -48,6 +48,7 @@ from hmacfs.state.connection import RedisFactory, parse_redis_address, redis_end
 from hmacfs.state.shared import (
     RELEASE_SCRIPT,
     BanShare,
+    ConnectedLocks,
     EmbeddedBanShare,
     EmbeddedLocks,
     NamedLocks,
@@ -369,6 +370,13 @@ class StateService(Service):
         """Fire whether Redis is connected, waiting up to ``timeout`` s for it (a
         one-shot command such as ``hmacfs unban``; embedded: False at once)."""
         return Deferred.fromCoroutine(self._connected_within(timeout))
+
+    def sweep_locks(self, wait: float = 5.0) -> NamedLocks:
+        """``locks`` for the retention sweep: with Redis, asked once the connection is up
+        (up to ``wait`` s), so that the sweep at start is not taken without the lock."""
+        if self.address is None:
+            return self.locks
+        return ConnectedLocks(self.locks, self.connected_within, wait)
 
     async def _connected_within(self, timeout: float) -> bool:
         if self.address is None:
