@@ -16,7 +16,7 @@ SWIFT_VENV ?= .venv-swift
 SWIFT_STAMP := $(SWIFT_VENV)/.installed
 export HMACFS_SWIFT_PYTHON ?= $(CURDIR)/$(SWIFT_VENV)/bin/python
 # The slow suites start real servers (twistd, redis-server, nginx, Swift); `make test-fast` skips them.
-SLOW_TESTS := tests.test_s3_client tests.test_integration tests.test_workers tests.test_operations tests.test_nginx tests.test_prosody tests.test_ejabberd tests.test_resume_integration tests.test_state tests.test_bans_redis tests.test_retention_redis
+SLOW_TESTS := tests.test_s3_client tests.test_s3_daemon tests.test_integration tests.test_workers tests.test_operations tests.test_nginx tests.test_prosody tests.test_ejabberd tests.test_resume_integration tests.test_state tests.test_bans_redis tests.test_retention_redis
 FAST_TESTS := $(filter-out $(SLOW_TESTS),$(basename $(subst /,.,$(wildcard tests/test_*.py))))
 
 .PHONY: run test test-fast test-slow test-twisted-oldest bench bench-peers lint clean system-deps

@@ -30,7 +30,7 @@ from hmacfs.storage.s3.startup import _exchange
 from hmacfs.testing import SECRET, free_port, in_ci, v1_mac, wait_for
 from tests.redis_server import RedisServer
 from tests.s3_server import SCRIPT, S3Server, shared_s3
-from tests.test_integration import TWISTD, ROOT, make_file, require_curl, sha256_file, status_of
+from tests.test_integration import ROOT, TWISTD, make_file, require_curl, sha256_file, status_of
 from tests.test_resume_integration import StoreDaemon, Upload, http, send_some
 from tests.test_s3_client import settings_for
 
@@ -73,6 +73,9 @@ class Bucket:
         """The keys of the multipart uploads in progress."""
         data = self.call("ListMultipartUploads").data
         return sorted(item["Key"] for item in data.get("Uploads", []))
+
+    def etag(self, key: str) -> str:
+        return str(self.call("HeadObject", Key=key).data["ETag"])
 
     def get(self, key: str) -> bytes:
         """An object's bytes, by a presigned URL (botocore's parser wants text bodies)."""
@@ -199,8 +202,19 @@ class SingleNodeTests(S3DaemonCase):
         return source, slot
 
     def test_one_byte(self) -> None:
-        """A 1-byte PUT is one object in the bucket and comes back identical."""
+        """
+        A 1-byte PUT comes back identical; sent in one packet with its headers (the body in
+        hand) it is one PutObject (a plain MD5 ETag, no multipart upload).
+        """
         self.roundtrip(1)
+        slot = f"{uuid.uuid4()}/one.bin"
+        raw = (
+            f"PUT /upload/{slot}?v={v1_mac(slot, 1)} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+            "Connection: close\r\n\r\nz"
+        ).encode()
+        self.assertEqual(http(self.daemon.raw_connect, raw)[0], 201)
+        self.assertEqual(self.bucket.etag(slot), f'"{hashlib.md5(b"z").hexdigest()}"')
+        self.assertEqual(self.bucket.get(slot), b"z")
 
     def test_three_mib_range_and_head(self) -> None:
         """
@@ -229,7 +243,8 @@ class SingleNodeTests(S3DaemonCase):
 
     def test_two_hundred_mib_multipart(self) -> None:
         """200 MiB (40 parts of 5 MiB, cut from the stream) streams up and back identical."""
-        self.roundtrip(200 * MiB)
+        _source, slot = self.roundtrip(200 * MiB)
+        self.assertTrue(self.bucket.etag(slot).endswith('-40"'), self.bucket.etag(slot))
 
     def test_content_type_and_head(self) -> None:
         """A v2 slot's type is the object's; HEAD answers it, inline for an image, no body."""
@@ -425,6 +440,17 @@ class TwoNodeTests(S3DaemonCase):
         self.assertEqual((status, body), (206, data[5242870:5242890]))
         self.assertEqual(os.listdir(self.a.store), os.listdir(self.b.store))
 
+    def test_second_put_on_b_is_409(self) -> None:
+        """A slot stored through A is taken on B too: 409, plain or resumable, A's bytes stay."""
+        data = os.urandom(6 * MiB)
+        upload = Upload(self.a, "taken.bin", data)
+        self.assertEqual(upload.finish(0), 201)
+        for token in ("b-plain-token-1", "b-other-token-2"):
+            again = Upload(self.b, "taken.bin", os.urandom(6 * MiB), token=token)
+            self.assertEqual(again.finish(0), 409)
+        self.assertEqual(self.bucket.get("it/taken.bin"), data)
+        self.assertEqual(self.bucket.uploads(), [])
+
     def test_session_upload_interrupted_on_a_resumed_on_b(self) -> None:
         """
         X-Session-Token: 12 MiB of 23 sent to A and the connection dropped; B's HEAD gives the
@@ -468,6 +494,7 @@ class TwoNodeTests(S3DaemonCase):
         self.assertEqual(
             [key.split("/")[1] for key in self.bucket.keys(".hmacfs/")], ["incomplete", "uploads"]
         )
+        assert first.url is not None
         url = first.url.replace(f":{self.a.port}/", f":{self.b.port}/")
         self.assertNotEqual(url, first.url)
         second = tus_client.TusClient(slot.put_url).uploader(str(source), chunk_size=MiB, url=url)
@@ -538,8 +565,20 @@ class FaultTests(S3DaemonCase):
         self.daemon = self.node("a", 'RetryDelay = "200ms"\n')
 
     def test_s3_down_before_put_is_503(self) -> None:
-        """S3 stopped: a PUT gets 503 with Retry-After before its body; S3 back, nothing was left."""
+        """
+        S3 stopped: a PUT gets 503 with Retry-After before its body (and so do GET and HEAD
+        of a stored file, never a 500); S3 back, nothing was left and the node serves again.
+        """
+        stored = Upload(self.daemon, "stored.bin", os.urandom(1000))
+        self.assertEqual(stored.finish(0), 201)
         self.server.stop()
+        for method in ("GET", "HEAD"):
+            status, headers, _ = http(
+                self.daemon.raw_connect,
+                f"{method} {stored.get_path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
+            )
+            self.assertEqual(status, 503, (method, headers))
+            self.assertIn("retry-after", headers)
         for token in ("", "X-Session-Token: down-token-1\r\n"):
             slot = f"{uuid.uuid4()}/down.bin"
             status, headers, _ = http(
@@ -550,7 +589,9 @@ class FaultTests(S3DaemonCase):
             self.assertEqual(status, 503, headers)
             self.assertIn("retry-after", headers)
         self.server.start()
-        self.assertNothingLeft()
+        self.assertEqual(self.bucket.keys(), ["it/stored.bin"])
+        self.assertEqual(self.bucket.uploads(), [])
+        self.assertEqual(stored.stored(), stored.data)
         # and the node works again without a restart
         upload = Upload(self.daemon, "after.bin", os.urandom(MiB))
         self.assertEqual(finish_with_retries(upload, self.daemon), 201)

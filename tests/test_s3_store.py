@@ -23,6 +23,7 @@ from hmacfs.storage.s3.store import INCOMPLETE, UPLOADS, S3Store, path_key
 from .s3_server import shared_s3
 from .test_fs_backend import Collector, StoreContractMixin
 from .test_s3_client import pattern, settings_for
+from .test_s3_units import Recorder
 
 
 class S3Case(TestCase):
@@ -160,6 +161,30 @@ class S3UploadTests(S3Case):
             lambda f: None
         )
         self.assertIsNone(leftover)
+
+    @inlineCallbacks
+    def test_fresh_admission_deletes_nothing(self) -> Any:
+        """A fresh upload with nothing left by an earlier attempt costs no DeleteObject (the
+        record is looked for once; without it there is no incomplete part either); one
+        left by an earlier attempt is dropped, its multipart upload aborted."""
+        recorder = Recorder()
+        client = S3Client(settings_for(self.server, self.bucket, part_size=5 * MIB), reactor, observer=recorder)
+        self.addCleanup(client.close)
+        store = S3Store(client)
+        upload = yield store.admit(("fresh",), "text/plain", 6 * MIB, record={"k": 1})
+        operations = [call[0] for call in recorder.calls]
+        self.assertNotIn("DeleteObject", operations)
+        self.assertEqual(operations.count("CreateMultipartUpload"), 1)
+        yield upload.write([b"x" * (5 * MIB + 1)])
+        yield upload.release()
+        del recorder.calls[:]
+        again = yield store.admit(("fresh",), "text/plain", 6 * MIB, record={"k": 2})
+        operations = [call[0] for call in recorder.calls]
+        self.assertIn("AbortMultipartUpload", operations)
+        self.assertEqual(operations.count("DeleteObject"), 2)
+        page = yield self.client.list_multipart_uploads()
+        self.assertEqual(len(page.uploads), 1)
+        yield again.abort()
 
     @inlineCallbacks
     def test_abort_leaves_nothing(self) -> Any:

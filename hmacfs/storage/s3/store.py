@@ -858,11 +858,14 @@ class S3Store:
         """Drop an upload's multipart upload, incomplete part and record (what exists of them)."""
         if key is not None and upload_id is None:
             found = await self._get_small(UPLOADS + pkey)
-            if found is not None:
-                try:
-                    upload_id = json.loads(found[0]).get("upload_id")
-                except ValueError:
-                    upload_id = None
+            if found is None:
+                # No record, nothing else: the incomplete part is written after the record
+                # and deleted before it.  (Spares a fresh upload two DELETEs.)
+                return
+            try:
+                upload_id = json.loads(found[0]).get("upload_id")
+            except ValueError:
+                upload_id = None
         if key is not None and upload_id:
             try:
                 await self.client.abort_multipart_upload(key, upload_id)
