@@ -25,6 +25,7 @@ from urllib.parse import quote
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from hmacfs.signing.auth import sign_slot
+from hmacfs.state.store import LOCK_TTL
 from hmacfs.storage.s3.protocol import ParsedResponse, S3Protocol
 from hmacfs.storage.s3.startup import _exchange
 from hmacfs.testing import SECRET, free_port, in_ci, v1_mac, wait_for
@@ -169,10 +170,39 @@ def finish_with_retries(upload: Upload, daemon: StoreDaemon, timeout: float = 30
     deadline = time.monotonic() + timeout
     while True:
         offset = upload.offset(daemon)
-        status, headers, _ = http(daemon.raw_connect, upload.put_head(offset), upload.data[offset:])
+        status, headers = put_rest(upload, daemon, offset)
         if status not in (409, 503) or "retry-after" not in headers or time.monotonic() > deadline:
             return status
         time.sleep(min(float(headers["retry-after"]), 2.0))
+
+
+def put_rest(upload: Upload, daemon: StoreDaemon, offset: int) -> tuple[int, dict[str, str]]:
+    """PUT from ``offset`` with Expect: 100-continue, the body only after the 100 (a refusal
+    comes before it, so the body is not sent into a closed connection); status, headers."""
+    head = upload.put_head(offset)[:-2] + b"Expect: 100-continue\r\n\r\n"
+    sock = daemon.raw_connect()
+    sock.settimeout(60)
+    try:
+        sock.sendall(head)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            more = sock.recv(65536)
+            if not more:
+                break
+            data += more
+        if data.startswith(b"HTTP/1.1 100 "):
+            sock.sendall(upload.data[offset:])
+            data = data.partition(b"\r\n\r\n")[2]
+            while b"\r\n\r\n" not in data:
+                more = sock.recv(65536)
+                if not more:
+                    break
+                data += more
+        lines = data.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        return int(lines[0].split()[1]), headers
+    finally:
+        sock.close()
 
 
 class SingleNodeTests(S3DaemonCase):
@@ -451,6 +481,27 @@ class TwoNodeTests(S3DaemonCase):
         self.assertEqual(self.bucket.get("it/taken.bin"), data)
         self.assertEqual(self.bucket.uploads(), [])
 
+    def test_one_writer_across_nodes(self) -> None:
+        """
+        While A streams an upload (its client alive, sending), B refuses a second writer: a
+        plain PUT of the slot is 409, a resume with the token is 409 + Retry-After; once A's
+        client is gone the resume on B finishes it byte-identical.
+        """
+        upload = Upload(self.a, "busy.bin", os.urandom(12 * MiB), token="busy-token-1")
+        live = upload.open_put(0)
+        self.addCleanup(live.close)
+        send_some(live, upload.data[: 6 * MiB])
+        self.assertTrue(wait_for(lambda: upload.offset(self.b) >= PART, 20, interval=0.2))
+        plain = Upload(self.b, "busy.bin", upload.data, token="another-client-9")
+        self.assertEqual(put_rest(plain, self.b, 0)[0], 409)
+        offset = upload.offset(self.b)
+        status, headers = put_rest(upload, self.b, offset)
+        self.assertEqual(status, 409, headers)
+        self.assertIn("retry-after", headers)
+        live.close()
+        self.assertEqual(finish_with_retries(upload, self.b), 201)
+        self.assertStored(upload, self.a)
+
     def test_session_upload_interrupted_on_a_resumed_on_b(self) -> None:
         """
         X-Session-Token: 12 MiB of 23 sent to A and the connection dropped; B's HEAD gives the
@@ -510,7 +561,10 @@ class TwoNodeTests(S3DaemonCase):
         self.assertEqual(self.bucket.uploads(), [])
 
     def test_kill9_of_a_mid_upload_resume_on_b(self) -> None:
-        """A dies (SIGKILL) after more than a part reached S3; B resumes from what the bucket holds."""
+        """
+        A dies (SIGKILL) after more than a part reached S3; B resumes from what the bucket
+        holds, once the dead writer's Redis lock expired (409 + Retry-After until then).
+        """
         upload = Upload(self.a, "kill.bin", os.urandom(20 * MiB), token="kill-token-1")
         sock = upload.open_put(0)
         send_some(sock, upload.data[: 8 * MiB])
@@ -519,7 +573,9 @@ class TwoNodeTests(S3DaemonCase):
         sock.close()
         offset = upload.offset(self.b)
         self.assertEqual(offset, PART)
-        self.assertEqual(finish_with_retries(upload, self.b), 201)
+        started = time.monotonic()
+        self.assertEqual(finish_with_retries(upload, self.b, timeout=LOCK_TTL + 15), 201)
+        self.assertLess(time.monotonic() - started, LOCK_TTL + 15)
         self.assertStored(upload, self.b)
 
 

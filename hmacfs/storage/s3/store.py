@@ -929,7 +929,14 @@ class S3Store:
     # -- one writer per upload: the shared state's lock (Redis across nodes) is the guard
 
     def writer_lock_free(self, key: str) -> Deferred[bool]:
-        return succeed(True)
+        """
+        Never known to be free: nothing in the bucket says whether the writer holding the
+        lock is alive (a filesystem has its flock for that).  "Free" would let a process on
+        the same host (another node, a worker) take the Redis lock of a live writer and start
+        the upload over under it; so a dead writer's lock is taken over once it expires
+        (``LOCK_TTL``, 30 s), and a live one lets go when asked (the takeover marker).
+        """
+        return succeed(False)
 
     def request_takeover(self, segments: Sequence[str]) -> Deferred[None]:
         data = f"{self._now():.3f}\n".encode("ascii")
