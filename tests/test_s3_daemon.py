@@ -108,13 +108,6 @@ class S3Node(StoreDaemon):
         store.mkdir(exist_ok=True)
         super().__init__(workdir, store, name, extra=bucket.config() + extra)
 
-    def stop(self) -> int:
-        code = self.terminate()
-        return code
-
-    def curl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        cmd = [require_curl(), "-sS", "--max-time", str(int(timeout))]
-        return subprocess.run(cmd + list(args), capture_output=True, timeout=timeout + 10)
 
 
 class S3DaemonCase(SynchronousTestCase):
