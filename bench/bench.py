@@ -654,6 +654,7 @@ class HmacfsS3Server(HmacfsServer):
         super().__init__(workdir, secret, options)
         self.swift = swift
         self.bucket = bucket
+        self.metrics_port = 0  # with MetricsEnabled: where s3_requests() scrapes
         self.extra_config = {
             "StorageBackend": "s3",
             "S3Endpoint": swift.endpoint,
@@ -922,7 +923,7 @@ class Bench:
         rss0 = tree_rss_bytes(server.pid)
         pss0 = tree_pss_bytes(server.pid) if pss else 0
         cpu0, gen0 = tree_cpu_seconds(server.pid), children_cpu_seconds()
-        swift0 = companion_cpu(server)
+        swift0, s3_0 = companion_cpu(server), s3_requests(server)
         extra = [arg for header in headers for arg in ("-H", header)]
         with RssSampler(server.pid, pss=pss) as sampler:
             res = curl(
@@ -930,7 +931,7 @@ class Bench:
                 deadline,
             )
         cpu1, gen1 = tree_cpu_seconds(server.pid), children_cpu_seconds()
-        swift1 = companion_cpu(server)
+        swift1, s3_1 = companion_cpu(server), s3_requests(server)
         if res["code"] not in (200, 201, 204):
             body = (self.tmp / "put-response.txt").read_text(errors="replace")[:300]
             raise BenchError(f"PUT status {res['code']}: {body}")
@@ -938,7 +939,7 @@ class Bench:
             raise BenchError(f"curl uploaded {res['size_upload']:.0f} of {self.big.size} bytes")
         checked = self.big.check(server, a, b, deadline)
         gib = self.big.size / GiB
-        more: dict[str, Any] = {}
+        more: dict[str, Any] = s3_requests_delta(s3_0, s3_1, 1)
         if pss:
             more.update(pss_before_mib=pss0 / MiB, pss_peak_mib=sampler.peak_pss / MiB,
                         pss_added_mib=(sampler.peak_pss - pss0) / MiB)
@@ -1025,7 +1026,7 @@ class Bench:
             "  paths = {\n" + "".join(f"    {lua_str(p)},\n" for p in paths) + "  },\n}\n"
         )
         cpu0, gen0 = tree_cpu_seconds(server.pid), children_cpu_seconds()
-        swift0 = companion_cpu(server)
+        swift0, s3_0 = companion_cpu(server), s3_requests(server)
         wall = int(min(deadline.remaining(), 600)) + 1
         summary, stderr = run_wrk(
             [
@@ -1048,7 +1049,7 @@ class Bench:
             threads=threads,
         )
         cpu1, gen1 = tree_cpu_seconds(server.pid), children_cpu_seconds()
-        swift1 = companion_cpu(server)
+        swift1, s3_1 = companion_cpu(server), s3_requests(server)
         if summary.get("ok") != n or summary.get("bad"):
             raise BenchError(
                 f"{summary.get('ok', 0)} of {n} PUTs succeeded, "
@@ -1058,7 +1059,7 @@ class Bench:
             )
         seconds = (summary["last_us"] - summary["first_us"]) / 1e6
         checked = self.check_small(server, a, n, size, deadline)
-        more: dict[str, Any] = {}
+        more: dict[str, Any] = s3_requests_delta(s3_0, s3_1, n)
         if swift0 is not None and swift1 is not None:
             more["swift_cpu_ms_per_req"] = (swift1 - swift0) * 1000 / n
         return {
@@ -1240,13 +1241,16 @@ class Bench:
         pattern = self.concurrent_pattern
         rss0, pss0 = tree_rss_bytes(server.pid), tree_pss_bytes(server.pid)
         cpu0, swift0 = tree_cpu_seconds(server.pid), companion_cpu(server)
+        s3_0 = s3_requests(server)
         with RssSampler(server.pid, pss=True) as sampler:
             statuses, errors, elapsed = trickle_uploads(
                 server, a, n, size, self.concurrent_seconds, pattern, deadline
             )
         cpu1, swift1 = tree_cpu_seconds(server.pid), companion_cpu(server)
+        s3_1 = s3_requests(server)
         ok = sum(1 for st in statuses.values() if st in (200, 201, 204))
         result: dict[str, Any] = {
+            **s3_requests_delta(s3_0, s3_1, n),
             "ok": ok,
             "seconds": elapsed,
             "rss_before_mib": rss0 / MiB,
@@ -1280,6 +1284,42 @@ def companion_cpu(server: Server) -> float | None:
     """CPU seconds of the S3 server an hmacfs stores into (it shares the machine), else None."""
     swift = getattr(server, "swift", None)
     return tree_cpu_seconds(swift.pid) if swift is not None and swift.alive() else None
+
+
+S3_REQUESTS_LINE = re.compile(
+    r'^hmacfs_s3_requests_total\{operation="(\w+)",outcome="(\w+)"\} ([0-9.e+]+)$', re.MULTILINE
+)
+
+
+def s3_requests(server: Server) -> dict[str, float] | None:
+    """hmacfs_s3_requests_total by "Operation/outcome" from the server's /metrics, None
+    for a server without S3 or metrics (a failed scrape is an error: the row would lie)."""
+    port = getattr(server, "metrics_port", None)
+    if not isinstance(server, HmacfsS3Server) or not port:
+        return None
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=30)
+    try:
+        conn.request("GET", "/metrics", headers={"Accept": "text/plain"})
+        resp = conn.getresponse()
+        text = resp.read().decode("utf-8", "replace")
+    except OSError as e:
+        raise BenchError(f"scraping {server.name}'s metrics: {e}") from e
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise BenchError(f"scraping {server.name}'s metrics: status {resp.status}")
+    return {f"{op}/{outcome}": float(n) for op, outcome, n in S3_REQUESTS_LINE.findall(text)}
+
+
+def s3_requests_delta(
+    before: dict[str, float] | None, after: dict[str, float] | None, per: int
+) -> dict[str, Any]:
+    """The S3 requests made between two scrapes, per upload: the total and by operation."""
+    if before is None or after is None:
+        return {}
+    delta = {k: (v - before.get(k, 0.0)) / per for k, v in sorted(after.items())}
+    delta = {k: round(v, 2) for k, v in delta.items() if v}
+    return {"s3_requests_per_upload": sum(delta.values()), "s3_requests_by_operation": delta}
 
 
 def lua_str(text: str) -> str:
@@ -1872,6 +1912,8 @@ def measure_backends(
     swift = SwiftS3(python, tmp / "swift")
     fs = HmacfsServer(tmp / "hmacfs-fs", secret, options)
     fs.name = "hmacfs-fs"
+    # Metrics on both (the same config but the backend): the S3 requests per upload.
+    fs.extra_config = {"MetricsEnabled": True, "MetricsPort": f"{LOOPBACK}:{free_port()}"}
     s3: HmacfsS3Server | None = None
     started: list[Server] = [fs]
     try:
@@ -1886,6 +1928,8 @@ def measure_backends(
               f"up in {time.monotonic() - t0:.1f} s")
         s3 = HmacfsS3Server(tmp / "hmacfs-s3", secret, options, swift, bucket)
         s3.name = "hmacfs-s3"
+        s3.metrics_port = free_port()
+        s3.extra_config.update(MetricsEnabled=True, MetricsPort=f"{LOOPBACK}:{s3.metrics_port}")
         started.append(s3)
         pair: list[Server] = [fs, s3]
         only = bench.only
@@ -1947,6 +1991,7 @@ BACKEND_ROWS: list[tuple[str, str, str, str]] = [
     ("put_big", "mib_s", "{big} PUT (curl -T): MiB/s", "higher"),
     ("put_big", "cpu_s_per_gib", "{big} PUT: hmacfs CPU s per GiB", "lower"),
     ("put_big", "swift_cpu_s_per_gib", "{big} PUT: Swift CPU s per GiB (apart)", "lower"),
+    ("put_big", "s3_requests_per_upload", "{big} PUT: S3 requests", "lower"),
     ("put_big", "rss_added_mib", "{big} PUT: hmacfs RSS added MiB", "lower"),
     ("put_big", "pss_added_mib", "{big} PUT: hmacfs PSS added MiB", "lower"),
     ("get_big", "mib_s", "{big} GET (curl): MiB/s", "higher"),
@@ -1956,6 +2001,7 @@ BACKEND_ROWS: list[tuple[str, str, str, str]] = [
     ("put_small", "cpu_ms_per_req", "4 KiB PUT: hmacfs CPU ms per request", "lower"),
     ("put_small", "swift_cpu_ms_per_req", "4 KiB PUT: Swift CPU ms per request (apart)", "lower"),
     ("put_small", "p99_ms", "4 KiB PUTs: p99 latency ms", "lower"),
+    ("put_small", "s3_requests_per_upload", "4 KiB PUT: S3 requests per upload", "lower"),
     ("put_concurrent", "peak_rss_mib", "{conc} concurrent 16 MiB uploads: hmacfs peak RSS MiB",
      "lower"),
     ("put_concurrent", "peak_pss_mib", "{conc} concurrent 16 MiB uploads: hmacfs peak PSS MiB",
@@ -1966,6 +2012,7 @@ BACKEND_ROWS: list[tuple[str, str, str, str]] = [
     ("put_concurrent", "pss_per_upload_mib", "  PSS per in-flight upload MiB (peak - before) / "
      "{conc}", "lower"),
     ("put_concurrent", "ok", "{conc} concurrent 16 MiB uploads: stored", "higher"),
+    ("put_concurrent", "s3_requests_per_upload", "  S3 requests per 16 MiB upload", "lower"),
     ("idle", "rss_mib", "idle hmacfs: RSS MiB", "lower"),
     ("idle", "pss_mib", "idle hmacfs: PSS MiB", "lower"),
     ("idle", "swift_rss_mib", "idle Swift, its process tree: RSS MiB (apart)", "lower"),
@@ -1991,7 +2038,7 @@ def render_backends_table(
         figures = {}
         for column, server in (("filesystem", "hmacfs-fs"), ("s3", "hmacfs-s3")):
             runs = results.get(server, {}).get(workload, [])
-            if metric.startswith("swift_") and column == "filesystem":
+            if metric.startswith(("swift_", "s3_")) and column == "filesystem":
                 figures[column] = (None, "")
             else:
                 figures[column] = aggregate(runs, metric)
