@@ -536,7 +536,8 @@ class SwiftS3:
         self.workdir = workdir
         self.proc: subprocess.Popen[str] | None = None
         self.env: dict[str, str] = {}
-        self.log = workdir.parent / "swift-saio.stderr"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log = workdir / "saio.stderr"
 
     def start(self, timeout: float = 90.0) -> None:
         env = dict(os.environ, SAIO_PYTHON=str(self.python), SAIO_LOG_LEVEL="WARNING")
@@ -1919,7 +1920,15 @@ def measure_backends(
     try:
         t0 = time.monotonic()
         try:
-            swift.start()
+            try:
+                swift.start()
+            except BenchError as e:
+                if "xattr" not in str(e):
+                    raise
+                # A tmpfs before Linux 6.6 has no user xattrs, which Swift needs: use disk.
+                swift = SwiftS3(python, Path(tempfile.mkdtemp(prefix="hmacfs-bench-swift-")))
+                print(f"Swift: {tmp} has no user xattrs, its data goes to {swift.workdir}")
+                swift.start()
             bucket = f"bench-{bench.token}"
             swift.s3_admin(options, "create", bucket)
         except BenchError as e:
@@ -1983,6 +1992,8 @@ def measure_backends(
         swift.stop()
         if swift.log.is_file():
             shutil.copyfile(swift.log, Path(options.out).parent / "logs" / "swift-saio.stderr")
+        if not swift.workdir.is_relative_to(tmp):
+            shutil.rmtree(swift.workdir, ignore_errors=True)
     return {"endpoint": swift.env.get("S3_ENDPOINT"), "swift_python": str(python)}
 
 
