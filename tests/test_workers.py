@@ -17,22 +17,39 @@ from hmacfs.testing import free_port, v1_mac, wait_for
 from tests.test_integration import Daemon, require_curl
 
 
-def children(pid: int) -> list[int]:
-    """The worker processes of a supervisor (its direct children running hmacfs.service.worker)."""
-    found = []
+def processes() -> dict[int, tuple[int, str]]:
+    """Every process: pid -> (parent pid, name as in /proc/PID/comm)."""
+    found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                cmdline = handle.read()
-        except OSError:
+                head, tail = handle.read().rsplit(")", 1)
+            found[int(entry)] = (int(tail.split()[1]), head.split("(", 1)[1])
+        except (OSError, IndexError, ValueError):
             continue
-        if int(fields[1]) == pid and b"hmacfs.service.worker" in cmdline:
-            found.append(int(entry))
-    return sorted(found)
+    return found
+
+
+def descendants(pid: int, table: dict[int, tuple[int, str]] | None = None) -> list[int]:
+    """All processes below ``pid`` (its children, theirs, ...)."""
+    table = processes() if table is None else table
+    below = [child for child, (parent, _name) in table.items() if parent == pid]
+    return below + [grandchild for child in below for grandchild in descendants(child, table)]
+
+
+def children(pid: int) -> list[int]:
+    """The worker processes of a supervisor: the processes below it named hmacfs-worker-N
+    (the zygote forks them, and names them so)."""
+    table = processes()
+    return sorted(p for p in descendants(pid, table) if table[p][1].startswith("hmacfs-worker"))
+
+
+def zygotes(pid: int) -> list[int]:
+    """The supervisor's zygote (hmacfs.service.zygote): the one process that forks workers."""
+    table = processes()
+    return sorted(p for p in descendants(pid, table) if table[p][1] == "hmacfs-zygote")
 
 
 def gone(pid: int) -> Callable[[], bool]:
