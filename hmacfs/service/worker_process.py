@@ -25,6 +25,7 @@ from hmacfs.config import Config
 from hmacfs.service.assembly import ServerTree, assemble_server
 from hmacfs.service.reload import ReloadService
 
+
 class AdoptedPortService(Service):
     """Accepts on an inherited listening socket; at stop, just stops accepting.
 

@@ -211,6 +211,10 @@ class WorkerSupervisor(Service):
             sock = forked.control
             self.zygote_pid = forked.pid
             ExitWatcher(self.reactor, forked.pid, lambda status: self.zygote_exited(ended, status))
+            log.info(
+                "the zygote (pid {pid}) was forked from this process with {threads} thread(s), "
+                "before its reactor", pid=forked.pid, threads=forked.threads,
+            )
         else:
             sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             args = [self.python, "-m", "hmacfs.service.zygote", "--config", self.config_path,
@@ -260,6 +264,10 @@ class WorkerSupervisor(Service):
             index = int(event["forked"])
             self.pending_forks.discard(index)
             self.workers[index] = WorkerRecord(index, int(event["pid"]), self.reactor.seconds())
+            log.info(
+                "worker {index} (pid {pid}) forked by the zygote with {threads} thread(s)",
+                index=index, pid=event["pid"], threads=event.get("threads"),
+            )
         elif "ended" in event:
             worker = self.workers.get(int(event["ended"]))
             if worker is not None and worker.pid == int(event["pid"]):

@@ -159,7 +159,7 @@ class Zygote:
         self.clock = clock
         self.workers: dict[int, ForkedWorker] = {}
         self.listen_fd: int | None = None
-        self.family = socket.AF_INET
+        self.family: int = socket.AF_INET
         self.drain_timeout = 30.0
         self.secrets_line = b""
         self._buffer = b""
@@ -269,6 +269,7 @@ class Zygote:
         read_end, write_end = os.pipe()
         gc.collect()
         gc.freeze()
+        threads = thread_count()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child (tests see it from outside)
             code = 1
@@ -292,7 +293,7 @@ class Zygote:
         worker = ForkedWorker(index, pid, write_end, bytearray(self.secrets_line))
         self.workers[pid] = worker
         self.flush(write_end)
-        self.report({"forked": index, "pid": pid})
+        self.report({"forked": index, "pid": pid, "threads": threads})
         return pid
 
     def leave_in_child(self) -> None:
@@ -358,6 +359,8 @@ class ForkedZygote:
 
     pid: int
     control: socket.socket
+    #: This process's threads when it forked (1: L{assert_fork_safe} refuses more).
+    threads: int
 
 
 def fork_zygote(config_path: str) -> ForkedZygote:
@@ -371,6 +374,7 @@ def fork_zygote(config_path: str) -> ForkedZygote:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     gc.collect()
     gc.freeze()
+    threads = thread_count()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child (tests see it from outside)
         code = 1
@@ -385,7 +389,7 @@ def fork_zygote(config_path: str) -> ForkedZygote:
             sys.stderr.flush()
             os._exit(code)
     theirs.close()
-    return ForkedZygote(pid, ours)
+    return ForkedZygote(pid, ours, threads)
 
 
 def die_with_parent() -> None:
