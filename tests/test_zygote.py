@@ -140,13 +140,20 @@ class ZygoteLoopTests(SynchronousTestCase):
     def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
         socket.send_fds(self.control, [json.dumps(message).encode() + b"\n"], fds or [])
 
-    def hello(self) -> None:
+    def hello(self, split: bool = False) -> None:
         umask = os.umask(0)
         os.umask(umask)
-        self.send({"hello": {
+        line = json.dumps({"hello": {
             "uid": list(os.getresuid()), "gid": list(os.getresgid()), "groups": os.getgroups(),
             "cwd": str(self.out), "umask": umask, "family": int(socket.AF_INET), "drain_timeout": 1,
-        }}, [self.listener.fileno()])
+        }}).encode() + b"\n"
+        if not split:
+            socket.send_fds(self.control, [line], [self.listener.fileno()])
+            return
+        # The descriptor rides on the first bytes; the line ends in a later read.
+        socket.send_fds(self.control, [line[:10]], [self.listener.fileno()])
+        time.sleep(0.2)
+        self.control.sendall(line[10:])
 
     def report(self, timeout: float = 20) -> dict[str, Any]:
         self.control.settimeout(timeout)
@@ -187,6 +194,27 @@ class ZygoteLoopTests(SynchronousTestCase):
             path, family, mode = rest.decode().split()
             self.assertEqual((path, int(family)), ("the.toml", socket.AF_INET))
             self.assertTrue(int(mode) & 0o140000 == 0o140000, mode)  # a socket
+
+    def test_signal_to_a_new_worker_is_its_own(self) -> None:
+        """
+        SIGTERM sent to a worker the moment it is forked ends that worker, never
+        the zygote (whose handlers the child had for an instant): it forks on.
+        """
+        self.hello()
+        for _ in range(5):
+            self.send({"fork": 0})
+            pid = self.report()["pid"]
+            os.kill(pid, signal.SIGTERM)
+            self.assertEqual(self.report(), {"ended": 0, "pid": pid,
+                                             "status": "killed by signal 15 (SIGTERM)"})
+        self.send({"fork": 1})
+        self.assertEqual(self.report()["forked"], 1)
+
+    def test_hello_split_across_reads(self) -> None:
+        """The listening socket arrives with the hello's first bytes, whatever read ends the line."""
+        self.hello(split=True)
+        self.send({"fork": 0})
+        self.assertEqual(self.report()["forked"], 0)
 
     def test_reports_a_killed_worker_and_reforks(self) -> None:
         """A worker killed with SIGKILL is reported ended with its status; a new fork replaces it."""

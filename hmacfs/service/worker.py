@@ -25,6 +25,8 @@ def serve(config_path: str, fd: int, family: int, index: int) -> int:
     # reload once the services (and the real handler) are up.
     early_sighup: list[int] = []
     signal.signal(signal.SIGHUP, lambda signum, frame: early_sighup.append(signum))
+    # The zygote forked this process with SIGHUP held: one sent meanwhile arrives now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     from hmacfs.service.worker_process import die_with_parent
 

@@ -57,6 +57,10 @@ CONTROL_FD = 3
 KILL_GRACE = 10.0
 
 
+#: The signals the zygote handles itself (its children must not).
+_HANDLED = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
 class ForkRefused(RuntimeError):
     """This process cannot fork safely: another thread, or a reactor, exists."""
 
@@ -163,6 +167,8 @@ class Zygote:
         self.drain_timeout = 30.0
         self.secrets_line = b""
         self._buffer = b""
+        #: Descriptors received (SCM_RIGHTS) that no message has taken yet.
+        self._fds: list[int] = []
         self._stopping = False
         self._kill_at: float | None = None
         self._wake_r, self._wake_w = os.pipe()
@@ -175,7 +181,7 @@ class Zygote:
         set_process_name(ZYGOTE_NAME)
         os.set_blocking(self._wake_w, False)
         signal.set_wakeup_fd(self._wake_w)
-        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in _HANDLED:
             # The byte on the wakeup pipe tells the loop which signal came;
             # SIGHUP is the supervisor's to handle (it sends "signal" lines).
             signal.signal(signum, _note_signal)
@@ -224,14 +230,13 @@ class Zygote:
             self.control = None
             self.stop()
             return
+        # A descriptor comes with the first byte of its message, which may end in a later read.
+        self._fds.extend(fds)
         self._buffer += data
         while b"\n" in self._buffer:
             line, self._buffer = self._buffer.split(b"\n", 1)
             if line.strip():
-                self.on_message(json.loads(line), fds)
-                fds = []
-        for fd in fds:  # pragma: no cover - only "hello" carries one
-            os.close(fd)
+                self.on_message(json.loads(line), self._fds)
 
     def on_message(self, message: dict[str, Any], fds: list[int]) -> None:
         if "hello" in message:
@@ -270,12 +275,21 @@ class Zygote:
         gc.collect()
         gc.freeze()
         threads = thread_count()
-        pid = os.fork()
+        # Until the child has dropped the zygote's handlers, a signal sent to it
+        # would reach them (and the zygote's wakeup pipe): hold signals over the fork.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+            raise
         if pid == 0:  # pragma: no cover - the child (tests see it from outside)
             code = 1
             try:
                 os.close(write_end)
                 self.leave_in_child()
+                # SIGHUP stays held until the worker's own handler is in (hmacfs.service.worker).
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED - {signal.SIGHUP})
                 os.dup2(read_end, 0)
                 os.close(read_end)
                 code = self.run_worker(self.config_path, self.listen_fd, self.family, index)
@@ -287,6 +301,7 @@ class Zygote:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
         os.close(read_end)
         os.set_blocking(write_end, False)
         self._forks += 1
@@ -299,7 +314,7 @@ class Zygote:
     def leave_in_child(self) -> None:
         """What a forked worker must not keep of the zygote: its descriptors and signal handlers."""
         signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in _HANDLED:
             signal.signal(signum, signal.SIG_DFL)
         os.close(self._wake_r)
         os.close(self._wake_w)
