@@ -10,8 +10,13 @@ STAMP := $(VENV)/.installed
 TWISTED_OLDEST := 24.11.0
 OLDEST_VENV ?= .venv-oldest
 OLDEST_STAMP := $(OLDEST_VENV)/.installed
-# The slow suites start real servers (twistd, redis-server, nginx); `make test-fast` skips them.
-SLOW_TESTS := tests.test_integration tests.test_workers tests.test_operations tests.test_nginx tests.test_prosody tests.test_ejabberd tests.test_resume_integration tests.test_state tests.test_bans_redis tests.test_retention_redis
+# The real S3 server of the tests (tests/s3_server.py): OpenStack Swift with s3api, in its own
+# virtualenv (it pins its own dependencies and pulls in eventlet: never in the project's).
+SWIFT_VENV ?= .venv-swift
+SWIFT_STAMP := $(SWIFT_VENV)/.installed
+export HMACFS_SWIFT_PYTHON ?= $(CURDIR)/$(SWIFT_VENV)/bin/python
+# The slow suites start real servers (twistd, redis-server, nginx, Swift); `make test-fast` skips them.
+SLOW_TESTS := tests.test_s3_client tests.test_integration tests.test_workers tests.test_operations tests.test_nginx tests.test_prosody tests.test_ejabberd tests.test_resume_integration tests.test_state tests.test_bans_redis tests.test_retention_redis
 FAST_TESTS := $(filter-out $(SLOW_TESTS),$(basename $(subst /,.,$(wildcard tests/test_*.py))))
 
 .PHONY: run test test-fast test-slow test-twisted-oldest bench bench-peers lint clean system-deps
@@ -28,6 +33,12 @@ $(OLDEST_STAMP): pyproject.toml
 	$(OLDEST_VENV)/bin/python -m pip install -q -e '.[test]' 'twisted[tls]==$(TWISTED_OLDEST)' --config-settings editable_mode=compat
 	touch $(OLDEST_STAMP)
 
+$(SWIFT_STAMP):
+	$(PYTHON) -m venv $(SWIFT_VENV)
+	$(SWIFT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(SWIFT_VENV)/bin/python -m pip install -q 'swift==2.38.3'
+	touch $(SWIFT_STAMP)
+
 run: $(STAMP)
 	@$(PY) -m hmacfs.service.cli demo --config config.local.toml
 	@mkdir -p data
@@ -36,7 +47,7 @@ run: $(STAMP)
 system-deps:
 	./scripts/install-system-deps.sh
 
-test: lint $(OLDEST_STAMP) system-deps
+test: lint $(OLDEST_STAMP) $(SWIFT_STAMP) system-deps
 	$(OLDEST_VENV)/bin/trial --jobs=2 $(FAST_TESTS)
 	$(TRIAL) --jobs=2 tests
 
@@ -56,7 +67,7 @@ test-twisted-oldest: $(OLDEST_STAMP)
 test-fast: $(STAMP)
 	$(TRIAL) --jobs=2 $(FAST_TESTS)
 
-test-slow: $(STAMP) system-deps
+test-slow: $(STAMP) $(SWIFT_STAMP) system-deps
 	$(TRIAL) $(SLOW_TESTS)
 
 bench: $(STAMP) system-deps
@@ -71,4 +82,4 @@ bench-peers:
 	bash $(PEERS)/build-prosody-filer.sh $(CURDIR)/bench-out/peers
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) _trial_temp* build *.egg-info bench-out
+	rm -rf $(VENV) $(OLDEST_VENV) $(SWIFT_VENV) _trial_temp* build *.egg-info bench-out

@@ -43,18 +43,22 @@ class ManualRunner:
         self.jobs.append((function, args, d))
         return d
 
+    def run_next(self) -> None:
+        """Run the oldest queued job only (not the jobs its result queues)."""
+        function, args, d = self.jobs.pop(0)
+        try:
+            result = function(*args)
+        except BaseException as error:  # noqa: BLE001 - handed to the Deferred
+            d.errback(error)
+        else:
+            d.callback(result)
+
     def run_all(self) -> int:
         """Run queued jobs (and the jobs they queue) until none are left."""
         count = 0
         while self.jobs:
-            function, args, d = self.jobs.pop(0)
             count += 1
-            try:
-                result = function(*args)
-            except BaseException as error:  # noqa: BLE001 - handed to the Deferred
-                d.errback(error)
-            else:
-                d.callback(result)
+            self.run_next()
         return count
 
 

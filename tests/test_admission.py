@@ -11,12 +11,14 @@ import hashlib
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from hmacfs.signing.auth import Authenticator
 from hmacfs.signing.paths import parse_slot_path
+from hmacfs.storage.interface import TOMBSTONED
 from hmacfs.testing import SECRET, v1_mac
 from hmacfs.upload.admission import (
     Admission,
@@ -55,16 +57,20 @@ def request(name: str = "a.bin", size: int = 10, **headers: str) -> BareRequest:
 
 @attrs.define
 class StubStore:
-    """The two store lookups admission makes."""
+    """The store lookups admission makes (``IStore``'s, answered at once)."""
 
     stored: set[tuple[str, ...]] = attrs.field(factory=set)
     partials: dict[tuple[str, ...], tuple[int, dict]] = attrs.field(factory=dict)
+    tombstones: set[tuple[str, ...]] = attrs.field(factory=set)
 
-    def exists(self, segments: tuple[str, ...]) -> bool:
-        return tuple(segments) in self.stored
+    def exists(self, segments: tuple[str, ...]) -> Deferred[bool]:
+        return succeed(tuple(segments) in self.stored)
 
-    def partial_status(self, segments: tuple[str, ...]) -> tuple[int, dict] | None:
-        return self.partials.get(tuple(segments))
+    def tombstoned(self, segments: tuple[str, ...]) -> Deferred[bool]:
+        return succeed(tuple(segments) in self.tombstones)
+
+    def upload_status(self, segments: tuple[str, ...]) -> Deferred[tuple[int, dict] | None]:
+        return succeed(self.partials.get(tuple(segments)))
 
 
 def slot(name: str = "a.bin") -> Any:
@@ -192,12 +198,19 @@ class AdmissionTests(SynchronousTestCase):
 
     def test_check_absent(self) -> None:
         """A stored file is 409, with the headers the caller asks for."""
-        self.admission.check_absent(slot())
+        self.successResultOf(self.admission.check_absent(slot()))
         self.store.stored.add(slot().segments)
-        refused = self.assertRaises(
-            UploadFailed, self.admission.check_absent, slot(), ((b"Upload-Offset", b"10"),)
-        )
+        refused = self.failureResultOf(
+            self.admission.check_absent(slot(), ((b"Upload-Offset", b"10"),)), UploadFailed
+        ).value
         self.assertEqual((refused.status, refused.headers), (409, ((b"Upload-Offset", b"10"),)))
+
+    def test_check_tombstone(self) -> None:
+        """A path retention deleted is 403 with the retention reason."""
+        self.successResultOf(self.admission.check_tombstone(slot()))
+        self.store.tombstones.add(slot().segments)
+        refused = self.failureResultOf(self.admission.check_tombstone(slot()), UploadFailed).value
+        self.assertEqual((refused.status, refused.reason), (403, TOMBSTONED))
 
     def test_record_binds_this_url(self) -> None:
         """A new upload's record names the path, the signed type and the MAC's fingerprint."""
@@ -213,12 +226,12 @@ class AdmissionTests(SynchronousTestCase):
 
     def test_resumable(self) -> None:
         """The upload in progress is (bytes on disk, record); a partial without a record is none."""
-        self.assertIsNone(self.admission.resumable(slot()))
+        self.assertIsNone(self.successResultOf(self.admission.resumable(slot())))
         record = self.admission.record(slot(), request(), 10, None)
         self.store.partials[slot().segments] = (4, record.to_dict())
-        self.assertEqual(self.admission.resumable(slot()), (4, record))
+        self.assertEqual(self.successResultOf(self.admission.resumable(slot())), (4, record))
         self.store.partials[slot().segments] = (4, {})
-        self.assertIsNone(self.admission.resumable(slot()))
+        self.assertIsNone(self.successResultOf(self.admission.resumable(slot())))
 
     def test_binds_and_check_session(self) -> None:
         """Another URL, another MAC or a missing session token may not touch the upload (404)."""

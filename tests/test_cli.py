@@ -70,6 +70,46 @@ class CLITests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertIn("MaxUploadSize", err)
 
+    def test_check_config_never_prints_s3_secret(self) -> None:
+        """check-config of an S3 configuration, with the secret inline or in S3SecretKeyFile
+        (world-readable, so there is a warning about it), prints the S3 keys but the secret
+        nowhere, on stdout or stderr, whole or in part."""
+        s3_secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+        secret_file = self.dir / "s3-secret"
+        secret_file.write_text(s3_secret + "\n")
+        secret_file.chmod(0o644)
+        s3 = (
+            'StorageBackend = "s3"\nS3Endpoint = "https://s3.example.org"\n'
+            'S3Bucket = "hmacfs-uploads"\nS3AccessKey = "AKIAIOSFODNN7EXAMPLE"\n'
+        )
+        base = self.config.read_text()
+        for secret_line in (f'S3SecretKey = "{s3_secret}"\n', f'S3SecretKeyFile = "{secret_file}"\n'):
+            self.config.write_text(base + s3 + secret_line + f'S3Secretkey = "{s3_secret}"\n')
+            code, out, err = self.run_cli("check-config", str(self.config))
+            self.assertEqual(code, 0, err)
+            self.assertIn('"S3Bucket": "hmacfs-uploads"', out)
+            self.assertIn('"S3AccessKey": "AKIAIOSFODNN7EXAMPLE"', out)
+            self.assertIn("unknown key 'S3Secretkey'", err)
+            for part in (s3_secret, s3_secret[:10], s3_secret[10:20], s3_secret[-10:]):
+                self.assertNotIn(part, out + err)
+        self.assertIn("S3SecretKeyFile", err)  # the world-readable warning, by name only
+
+    def test_check_config_s3_error_names_key(self) -> None:
+        """An S3 configuration without its bucket exits 1 naming S3Bucket; a bad secret value
+        is refused without showing it."""
+        s3_secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+        base = self.config.read_text() + 'StorageBackend = "s3"\nS3AccessKey = "AKIA"\n'
+        self.config.write_text(base + f'S3SecretKey = "{s3_secret}"\n')
+        code, out, err = self.run_cli("check-config", str(self.config))
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("S3Bucket: '' is empty, but StorageBackend = \"s3\"", err)
+        self.assertNotIn(s3_secret, err)
+        self.config.write_text(base + f'S3Bucket = "b-1"\nS3SecretKey = "{s3_secret}\\n"\n')
+        code, out, err = self.run_cli("check-config", str(self.config))
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("S3SecretKey: <redacted> has a control character", err)
+        self.assertNotIn(s3_secret[:10], err)
+
     def test_check_config_does_not_create_store_dir(self) -> None:
         """check-config on a config whose StoreDir does not exist leaves it absent,
         and exits 0 without a warning (the server will create it: its parent is writable)."""

@@ -448,6 +448,19 @@ class DefaultsTests(ConfigTestCase):
             "secret_file": None,
             "store_dir": self.base.resolve() / "data",
             "upload_subdir": "upload",
+            "storage_backend": "filesystem",
+            "s3_endpoint": "",
+            "s3_region": "us-east-1",
+            "s3_bucket": "",
+            "s3_prefix": "",
+            "s3_access_key": "",
+            "s3_secret_key": "",
+            "s3_secret_key_file": None,
+            "s3_addressing_style": "auto",
+            "s3_part_size": 8 * 1024**2,
+            "s3_redirect_downloads": False,
+            "s3_presign_expiry": 300,
+            "s3_ca_file": None,
             "log_level": "info",
             "log_file": None,
             "max_retries": 5,
@@ -511,7 +524,7 @@ class DefaultsTests(ConfigTestCase):
     def test_known_keys(self) -> None:
         """KNOWN_KEYS lists every current key once, and none of the obsolete ones."""
         self.assertEqual(len(KNOWN_KEYS), len(set(KNOWN_KEYS)))
-        self.assertEqual(len(KNOWN_KEYS), 53)
+        self.assertEqual(len(KNOWN_KEYS), 66)
         self.assertEqual(set(KNOWN_KEYS) & set(OBSOLETE_KEYS), set())
         self.assertIn("TrustedProxies", KNOWN_KEYS)
 
@@ -585,8 +598,20 @@ BAD_VALUES: dict[str, tuple[object, str]] = {
     "UserQuota": ("lots", "'lots'"),
     "SlotExpiry": ("0s", "'0s'"),
     "HealthOnMainPort": ("yes", "'yes'"),
+    "StorageBackend": ("S3-compatible", "'S3-compatible'"),
+    "S3Endpoint": ("s3.example.org", "'s3.example.org'"),
+    "S3Region": ("us east 1", "'us east 1'"),
+    "S3Bucket": ("My_Bucket", "'My_Bucket'"),
+    "S3Prefix": ("/uploads", "'/uploads'"),
+    "S3AccessKey": ("AKIA/EXAMPLE", "'AKIA/EXAMPLE'"),
+    "S3SecretKeyFile": (["secret"], "['secret']"),
+    "S3AddressingStyle": ("dns", "'dns'"),
+    "S3PartSize": ("4MiB", "'4MiB'"),
+    "S3RedirectDownloads": ("true", "'true'"),
+    "S3PresignExpiry": ("8d", "'8d'"),
+    "S3CAFile": (True, "True"),
 }
-SENSITIVE_KEYS = ("Secret", "RedisPassword", "ComponentSecret")
+SENSITIVE_KEYS = ("Secret", "RedisPassword", "ComponentSecret", "S3SecretKey")
 
 
 class BadValueTests(ConfigTestCase):

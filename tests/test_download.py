@@ -43,6 +43,9 @@ from hmacfs.http.download import (
     parse_range,
     render_download,
 )
+from hmacfs.service.diskpool import DiskThreadPoolService
+from hmacfs.storage.fs_backend import FileRange, open_stored
+from hmacfs.storage.interface import ByteRange
 from hmacfs.testing import short_tempdir
 
 PROFILE = settings(derandomize=True, deadline=None, max_examples=200)
@@ -77,6 +80,22 @@ def make_stored(
     os.utime(path, (MTIME, MTIME))
     etag = f'"{len(data):x}-{int(MTIME):x}"'
     return FakeStoredFile(path, len(data), MTIME, content_type, etag)
+
+
+def sync_run(function: Any, *args: Any) -> defer.Deferred[Any]:
+    """The disk pool's run_blocking, run at once (the producer's reads complete in the same turn)."""
+    return defer.maybeDeferred(function, *args)
+
+
+def open_source(stored: Any, run_blocking: Any = sync_run) -> FileRange:
+    """The whole stored file opened, as ``FilesystemBackend.open_file`` gives it to a GET."""
+    return FileRange(stored, ByteRange(0, stored.size), open_stored(stored), run_blocking)
+
+
+def download(request: Any, stored: Any, *, run_blocking: Any = sync_run, **kwargs: Any) -> bytes | int:
+    """render_download as the resource calls it: a GET brings the opened file, HEAD nothing."""
+    source = None if request.method == b"HEAD" else open_source(stored, run_blocking)
+    return render_download(request, stored, source=source, **kwargs)
 
 
 def payload(size: int, seed: int = 0) -> bytes:
@@ -154,7 +173,7 @@ def serve(
 ) -> bytes | int:
     """render_download, then run the reactor turns it schedules until finished."""
     clock = clock if clock is not None else Clock()
-    result = render_download(
+    result = download(
         request, stored, clock=clock, write_timeout=write_timeout, chunk_size=chunk_size
     )
     if result is NOT_DONE_YET:
@@ -280,7 +299,7 @@ class FullResponseTests(SynchronousTestCase):
         stored = make_stored(self, data)
         request = PushRequest()
         clock = Clock()
-        render_download(request, stored, clock=clock, write_timeout=30.0)
+        download(request, stored, clock=clock, write_timeout=30.0)
         while not request.finished:
             clock.advance(0)
         self.assertEqual(request.body, data)
@@ -356,7 +375,7 @@ class FullResponseTests(SynchronousTestCase):
         stored = make_stored(self, b"x")
         self.assertRaises(
             ValueError,
-            render_download,
+            download,
             PushRequest(),
             stored,
             clock=Clock(),
@@ -631,7 +650,7 @@ class StreamingTests(SynchronousTestCase):
 
     def start(self, write_timeout: float = 10.0, pause_on_write: bool = True) -> PushRequest:
         request = PushRequest(pause_on_write=pause_on_write)
-        result = render_download(
+        result = download(
             request, self.stored, clock=self.clock, write_timeout=write_timeout,
             chunk_size=SMALL_CHUNK,
         )
@@ -673,7 +692,7 @@ class StreamingTests(SynchronousTestCase):
             request.producer.resumeProducing()
 
         request.write = write
-        render_download(
+        download(
             request, self.stored, clock=self.clock, write_timeout=10, chunk_size=SMALL_CHUNK
         )
         self.assertEqual(len(request.written), CHUNKS_PER_TURN)
@@ -778,13 +797,13 @@ class StreamingTests(SynchronousTestCase):
 
 
 class OpenFailureTests(SynchronousTestCase):
-    """The file is opened before the response is touched; failures are FileNotFoundError."""
+    """The file is opened (``open_stored``, in the job of ``IStore.open_file``) before the response is touched; failures are FileNotFoundError."""
 
     def assertNotFound(self, stored: FakeStoredFile) -> None:
         before = open_fds()
         request = PushRequest()
         self.assertRaises(
-            FileNotFoundError, render_download, request, stored, clock=Clock(), write_timeout=1
+            FileNotFoundError, download, request, stored, clock=Clock(), write_timeout=1
         )
         self.assertIsNone(request.responseCode)
         self.assertEqual(list(request.responseHeaders.getAllRawHeaders()), [])
@@ -829,13 +848,14 @@ class DownloadResource(Resource):
 
     chunk_size = SMALL_CHUNK
     seen: list[Any] | None = None
+    run_blocking: Any = staticmethod(sync_run)
 
     def render_GET(self, request):
         if self.seen is not None:
             self.seen.append(request)
-        return render_download(
+        return download(
             request, self.stored, clock=self.clock, write_timeout=self.write_timeout,
-            chunk_size=self.chunk_size,
+            chunk_size=self.chunk_size, run_blocking=self.run_blocking,
         )
 
     render_HEAD = render_GET
@@ -987,6 +1007,11 @@ class SendfileTests(TestCase):
     def listen(self, write_timeout: float = 30.0, unix: bool = False) -> Any:
         resource = DownloadResource(self.stored, reactor, write_timeout)
         resource.chunk_size = DEFAULT_CHUNK_SIZE
+        # The real disk pool: every read, sendfile and close is a job on its threads.
+        pool = DiskThreadPoolService(reactor)
+        pool.startService()
+        self.addCleanup(pool.stopService)
+        resource.run_blocking = pool.run_blocking
         resource.seen = self.requests
         site = Site(resource)
         if unix:
@@ -1154,7 +1179,10 @@ class SendfileTests(TestCase):
 
         yield threads.deferToThread(leave)
         self.assertEqual(len(self.requests), 1)
-        yield wait_until(lambda: not self.file_open())
+        # The close is a job on the disk pool and the abort's connectionLost a reactor
+        # turn: either may come first, both must come.
+        yield wait_until(lambda: not self.file_open() and self.requests[0]._disconnected)
+        self.assertFalse(self.file_open())
         self.assertTrue(self.requests[0]._disconnected)
         self.assertEqual(self.flushLoggedErrors(), [])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -12,8 +13,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
-from hmacfs.http.health import HealthCheck, HealthReport, HealthResource, probe_store
+from hmacfs.http.health import HealthCheck, HealthReport, HealthResource
 from hmacfs.service.metrics import Metrics, MetricsResource
+from hmacfs.storage.fs_backend import probe_store
+from hmacfs.storage.interface import StorageError
 from hmacfs.testing import ManualRunner, SiteHarness, make_config, status_of
 
 
@@ -29,6 +32,24 @@ class FakeProbe:
         return self.problem
 
 
+class ProbedStore:
+    """What the health check uses of an ``IStore``: ``probe``, run by the runner given."""
+
+    root = Path("/store")
+
+    def __init__(self, run_blocking: Any, probe: FakeProbe) -> None:
+        self.run_blocking = run_blocking
+        self.fake = probe
+
+    def probe(self) -> Deferred[None]:
+        return self.run_blocking(self._probe)
+
+    def _probe(self) -> None:
+        problem = self.fake(self.root)
+        if problem is not None:
+            raise StorageError(503, problem)
+
+
 class HealthCheckTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -38,8 +59,8 @@ class HealthCheckTests(SynchronousTestCase):
 
     def make(self, redis: bool = False) -> HealthCheck:
         return HealthCheck(
-            store_dir=Path("/store"), run_blocking=self.runner, clock=self.clock,
-            redis_connected=(lambda: self.redis[-1]) if redis else None, probe=self.probe,
+            store=ProbedStore(self.runner, self.probe), clock=self.clock,
+            redis_connected=(lambda: self.redis[-1]) if redis else None,
         )
 
     def report(self, check: HealthCheck) -> HealthReport:
@@ -97,7 +118,7 @@ class HealthCheckTests(SynchronousTestCase):
             d: Deferred = Deferred()
             d.errback(RuntimeError("the disk thread pool is stopped"))
             return d
-        check = HealthCheck(store_dir=Path("/store"), run_blocking=broken, clock=self.clock)
+        check = HealthCheck(store=ProbedStore(broken, FakeProbe()), clock=self.clock)
         results: list[HealthReport] = []
         check.check().addCallback(results.append)
         self.assertEqual(results[0].fields["store"], "not checked: the disk thread pool is stopped")
@@ -136,7 +157,7 @@ class ResourceTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.probe = FakeProbe()
         self.check = HealthCheck(
-            store_dir=Path("/store"), run_blocking=ManualRunner(auto=True), clock=Clock(), probe=self.probe
+            store=ProbedStore(ManualRunner(auto=True), self.probe), clock=Clock()
         )
 
     def get(self, resource: object, method: bytes = b"GET") -> DummyRequest:
@@ -170,7 +191,7 @@ class ResourceTests(SynchronousTestCase):
     def test_client_gone_before_answer(self) -> None:
         """A client that left before the probe finished gets nothing written (no error)."""
         runner = ManualRunner()
-        check = HealthCheck(store_dir=Path("/store"), run_blocking=runner, clock=Clock(), probe=self.probe)
+        check = HealthCheck(store=ProbedStore(runner, self.probe), clock=Clock())
         request = DummyRequest([b"healthz"])
         request.method = b"GET"
         HealthResource(check).render(request)

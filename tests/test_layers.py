@@ -32,6 +32,9 @@ LAYERS: dict[str, set[str]] = {
     "hmacfs.storage": FOUNDATION | {"hmacfs.signing", "hmacfs.storage.interface"},
     # what callers use of a store: backends build on it, so it imports none of them
     "hmacfs.storage.interface": FOUNDATION,
+    # the S3 backend: an HTTP *client* (see NO_TWISTED_WEB) and the IStore built on it;
+    # of the rest of storage it sees only the interface (no filesystem code)
+    "hmacfs.storage.s3": FOUNDATION | {"hmacfs.storage.interface"},
     # the upload protocols: they implement the channel's IBodyPolicy/IBodyConsumer
     "hmacfs.upload": FOUNDATION
     | {"hmacfs.signing", "hmacfs.state", "hmacfs.storage", "hmacfs.http.channel"},
@@ -59,6 +62,10 @@ NO_TWISTED_WEB = {
     "hmacfs.errors", "hmacfs.logs", "hmacfs.periodic", "hmacfs.signing", "hmacfs.config", "hmacfs.state",
     "hmacfs.storage", "hmacfs.storage.interface",
 }
+#: Layers that talk HTTP to another server: they may use twisted.web's client side only (S3
+#: is reached through twisted.web.client.Agent), never the server side.
+WEB_CLIENT_ONLY = {"hmacfs.storage.s3"}
+WEB_CLIENT_MODULES = ("twisted.web.client", "twisted.web.iweb", "twisted.web.http_headers")
 
 #: Imports refused outright: test fakes in production code.
 FORBIDDEN = {"twisted.internet.testing", "twisted.trial"}
@@ -76,10 +83,10 @@ def layer_of(module: str) -> str:
     return max(candidates, key=len)
 
 
-def imports(path: Path) -> list[tuple[int, str]]:
+def imports(path: Path, here: str | None = None) -> list[tuple[int, str]]:
     """Every module imported by ``path`` (absolute names), with the line."""
     tree = ast.parse(path.read_text(), str(path))
-    here = module_name(path)
+    here = here or module_name(path)
     package = here if path.name == "__init__.py" else here.rpartition(".")[0]
     found: list[tuple[int, str]] = []
     for node in ast.walk(tree):
@@ -109,27 +116,37 @@ def is_module(name: str) -> bool:
 def violations() -> list[str]:
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        here = module_name(path)
-        layer = layer_of(here)
-        allowed = LAYERS[layer]
-        for line, target in imports(path):
-            where = f"{path.relative_to(PACKAGE.parent)}:{line}"
-            root = target.split(".")[0]
-            if root == "twisted":
-                if layer in NO_TWISTED_WEB and (target == "twisted.web" or target.startswith("twisted.web.")):
-                    found.append(f"{where}: {layer} must not import twisted.web ({target})")
-                if layer not in MAY_IMPORT_TEST_FAKES and any(
-                    target == bad or target.startswith(bad + ".") for bad in FORBIDDEN
-                ):
-                    found.append(f"{where}: a test fake in production code ({target})")
-                continue
-            if root != "hmacfs" or target == "hmacfs" or not is_module(target):
-                continue
-            other = layer_of(target)
-            if other == layer or "*" in allowed:
-                continue
-            if not any(target == a or target.startswith(a + ".") or other == a for a in allowed):
-                found.append(f"{where}: {layer} may not import {target} (layer {other})")
+        found += file_violations(path, module_name(path))
+    return found
+
+
+def file_violations(path: Path, here: str) -> list[str]:
+    """What breaks the rules in ``path``, read as the module ``here`` (it may lie elsewhere)."""
+    found = []
+    layer = layer_of(here)
+    allowed = LAYERS[layer]
+    shown = path.relative_to(PACKAGE.parent) if path.is_relative_to(PACKAGE.parent) else path
+    for line, target in imports(path, here):
+        where = f"{shown}:{line}"
+        root = target.split(".")[0]
+        if root == "twisted":
+            is_web = target == "twisted.web" or target.startswith("twisted.web.")
+            if layer in NO_TWISTED_WEB and is_web:
+                found.append(f"{where}: {layer} must not import twisted.web ({target})")
+            if layer in WEB_CLIENT_ONLY and is_web and target not in WEB_CLIENT_MODULES:
+                found.append(f"{where}: {layer} may use twisted.web's client only ({target})")
+            if layer not in MAY_IMPORT_TEST_FAKES and any(
+                target == bad or target.startswith(bad + ".") for bad in FORBIDDEN
+            ):
+                found.append(f"{where}: a test fake in production code ({target})")
+            continue
+        if root != "hmacfs" or target == "hmacfs" or not is_module(target):
+            continue
+        other = layer_of(target)
+        if other == layer or "*" in allowed:
+            continue
+        if not any(target == a or target.startswith(a + ".") or other == a for a in allowed):
+            found.append(f"{where}: {layer} may not import {target} (layer {other})")
     return found
 
 
@@ -162,3 +179,20 @@ class LayerTests(SynchronousTestCase):
         self.assertIn("hmacfs.service.tap", problems[1])
         self.assertIn("hmacfs.embed", problems[2])
         self.assertIn("must not import twisted.web", problems[3])
+
+    def test_s3_client_uses_the_web_client_only(self) -> None:
+        """hmacfs.storage.s3 may use Agent and friends, never twisted.web's server side."""
+        # read as a module of hmacfs.storage.s3 from outside the tree, so that no other test
+        # walking the package (in a parallel trial worker) sees it
+        sample = Path(self.mktemp())
+        sample.write_text(
+            "from twisted.web.client import Agent\n"
+            "from twisted.web.server import Site\n"
+            "from twisted.web import resource\n"
+            "from hmacfs.storage import filesystem\n"
+        )
+        problems = file_violations(sample, "hmacfs.storage.s3._probe")
+        self.assertEqual(len(problems), 3, problems)
+        self.assertIn("may use twisted.web's client only (twisted.web.server)", problems[0])
+        self.assertIn("twisted.web", problems[1])
+        self.assertIn("hmacfs.storage.s3 may not import hmacfs.storage.filesystem", problems[2])

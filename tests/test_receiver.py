@@ -1,6 +1,8 @@
 """
 One request's body writer on its own (hmacfs.upload.receiver): a fake partial
-file, a fake channel and a disk that runs when the test says, no socket.
+file behind the filesystem backend's ``FilesystemUpload`` (so every store call
+is a job of the runner), a fake channel and a disk that runs when the test
+says, no socket.
 
 ``UploadFinish`` is the commit protocol (commit after the checksums, keep for
 a resume, remove) and ``UploadReceiver`` the write pipeline (batches, pausing
@@ -18,7 +20,8 @@ import attrs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.storage.filesystem import StorageError, StoredFile
+from hmacfs.storage.fs_backend import FilesystemUpload
+from hmacfs.storage.interface import StorageError, StoredFile
 from hmacfs.testing import ManualRunner
 from hmacfs.upload import tus
 from hmacfs.upload.receiver import (
@@ -36,7 +39,11 @@ class FakePartial:
     """A partial file in memory, recording what was done to it."""
 
     data: bytearray = attrs.field(factory=bytearray)
-    target: str = "u/a.bin"
+    segments: tuple[str, ...] = ("u", "a.bin")
+    content_type: str = "text/plain"
+    size: int | None = None
+    offset: int = 0
+    record: dict[str, object] | None = None
     calls: list[str] = attrs.field(factory=list)
     commit_error: BaseException | None = None
     write_error: BaseException | None = None
@@ -87,8 +94,7 @@ class FinishTests(SynchronousTestCase):
         self.partial = partial or FakePartial()
         self.ends: list[UploadEnd] = []
         finish = UploadFinish(
-            self.partial,  # type: ignore[arg-type]
-            run_blocking=ManualRunner(auto=True),
+            FilesystemUpload(self.partial, ManualRunner(auto=True)),  # type: ignore[arg-type]
             on_end=self.ends.append,
             **kw,
         )
@@ -124,8 +130,7 @@ class FinishTests(SynchronousTestCase):
         """The SHA-256 is over the whole file: bytes an earlier request wrote are hashed first."""
         partial = FakePartial(bytearray(b"hel"))
         finish = self.finish(partial, total=5, expected_sha256=hashlib.sha256(b"hello").digest())
-        finish.hash([b"lo"])
-        partial.data += b"lo"
+        finish.write([b"lo"])
         finish.body_done(5)
         self.assertEqual(partial.digests, [hashlib.sha256(b"hello").hexdigest()])
         self.assertEqual(self.ends, [UploadEnd("stored", 5)])
@@ -133,8 +138,7 @@ class FinishTests(SynchronousTestCase):
     def test_checksum_mismatch_removes(self) -> None:
         """A whole-file SHA-256 that differs: nothing is stored, the partial is removed, 400."""
         finish = self.finish(FakePartial(), total=5, expected_sha256=hashlib.sha256(b"other").digest())
-        finish.hash([b"hello"])
-        self.partial.data += b"hello"
+        finish.write([b"hello"])
         finish.body_done(5)
         self.assertEqual(self.partial.calls, ["abort"])
         self.assertEqual(self.failure().status, 400)
@@ -145,8 +149,7 @@ class FinishTests(SynchronousTestCase):
         partial = FakePartial(bytearray(b"abc"))
         finish = self.finish(partial, total=10, chunk_checksum=("sha1", hashlib.sha1(b"xyz").digest()))
         self.assertTrue(finish.checks_chunk)
-        finish.hash([b"def"])
-        partial.data += b"def"
+        finish.write([b"def"])
         finish.body_done(6)
         self.assertEqual(partial.calls, ["truncate 3", "release"])
         self.assertEqual(bytes(partial.data), b"abc")
@@ -158,8 +161,7 @@ class FinishTests(SynchronousTestCase):
         """A matching chunk checksum: the chunk stays, as any short request's bytes."""
         partial = FakePartial(bytearray(b"abc"))
         finish = self.finish(partial, total=10, chunk_checksum=("sha1", hashlib.sha1(b"def").digest()))
-        finish.hash([b"de", b"f"])
-        partial.data += b"def"
+        finish.write([b"de", b"f"])
         finish.body_done(6)
         self.assertEqual(self.results, [Progress(6, 10)])
 
@@ -239,12 +241,10 @@ class PipelineTests(SynchronousTestCase):
         self.flow = FakeFlow()
         self.ends: list[UploadEnd] = []
         finish = UploadFinish(
-            self.partial,  # type: ignore[arg-type]
-            run_blocking=self.runner, total=total, on_end=self.ends.append, keep_on_interrupt=True,
+            FilesystemUpload(self.partial, self.runner),  # type: ignore[arg-type]
+            total=total, on_end=self.ends.append, keep_on_interrupt=True,
         )
-        receiver = UploadReceiver(
-            finish, run_blocking=self.runner, flow=self.flow, high_water=100, **kw
-        )
+        receiver = UploadReceiver(finish, flow=self.flow, high_water=100, **kw)
         self.results: list[Any] = []
         receiver.done.addBoth(self.results.append)
         return receiver

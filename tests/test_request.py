@@ -73,6 +73,7 @@ class IdleTimeoutTests(ChannelTestsMixin, SynchronousTestCase):
         body = os.urandom(size)
         protocol, transport = self.connect()
         protocol.dataReceived(put_head(f"{UUID}/{name}", size))
+        self.runner.run_next()  # the admission's store job: the body is read from now on
         for start in range(0, PAUSING, 65536):
             protocol.dataReceived(body[start : start + 65536])
         self.assertEqual(transport.producerState, "paused")
@@ -196,6 +197,7 @@ class ArbiterTests(ChannelTestsMixin, SynchronousTestCase):
         protocol, transport = self.connect()
         body = os.urandom(2 * PAUSING)
         protocol.dataReceived(put_head(f"{UUID}/s.bin", len(body)))
+        self.runner.run_next()  # the admission's store job: the body is read from now on
         for start in range(0, PAUSING, 65536):
             protocol.dataReceived(body[start : start + 65536])
         self.assertEqual(transport.producerState, "paused")
@@ -225,6 +227,7 @@ class ArbiterTests(ChannelTestsMixin, SynchronousTestCase):
         # A read already under way delivers the pipelined requests.
         protocol.dataReceived(pipelined)
         state.answer(True)
+        self.runner.run_next()  # the store's admission (IStore.admit) decides
         self.assertEqual(transport.producerState, "paused")
         self.assertEqual(protocol.pause_reasons, {TWISTED})
         self.runner.run_all()

@@ -8,15 +8,19 @@ from __future__ import annotations
 import errno
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionLost
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from hmacfs.testing import SiteHarness, make_config, put_head, status_of
+from hmacfs.storage.interface import ByteRange, StoredFile
+from hmacfs.testing import ManualRunner, SiteHarness, make_config, put_head, status_of
 from tests.test_paths import private_names
 
 UUID = "0d5a6c2e-7c1b-4f43-8d4e-3b7f3a1e9c00"
@@ -249,6 +253,8 @@ class StorageFailureTests(HarnessMixin, SynchronousTestCase):
         (self.store / UUID).mkdir()
         (self.store / UUID / "f.txt").write_bytes(b"content")
         self.resource = self.harness.site.resource
+        #: the blocking store under the resource's IStore (its calls run on the runner)
+        self.blocking = self.resource.store.store
         self.warnings: list[dict] = []
         self.errors = capture_errors(self)
 
@@ -280,7 +286,7 @@ class StorageFailureTests(HarnessMixin, SynchronousTestCase):
         for code, status in (
             (errno.EIO, 503), (errno.EACCES, 403), (errno.ELOOP, 404), (errno.ENOTDIR, 404),
         ):
-            self.resource.store.stat = self.failing(code)  # type: ignore[method-assign]
+            self.blocking.stat = self.failing(code)  # type: ignore[method-assign]
             for method in ("GET", "HEAD"):
                 self.warnings.clear()
                 self.assert_clean(self.get(method), status)
@@ -290,9 +296,9 @@ class StorageFailureTests(HarnessMixin, SynchronousTestCase):
 
     def test_open_error(self) -> None:
         """Opening the file for the body failing with EIO is 503, not a 500."""
-        import hmacfs.http.download
+        import hmacfs.storage.fs_backend
 
-        self.patch(hmacfs.http.download, "_open_stored", self.failing(errno.EIO))
+        self.patch(hmacfs.storage.fs_backend, "open_stored", self.failing(errno.EIO))
         self.assert_clean(self.get(), 503)
         self.assertEqual(status_of(self.get("HEAD")), 200)
 
@@ -303,7 +309,7 @@ class StorageFailureTests(HarnessMixin, SynchronousTestCase):
         path = f"{UUID}/up.bin"
         url = f"/upload/{path}?v={v1_mac(path, 10)}"
         for code, status in ((errno.EIO, 503), (errno.ENOENT, 404)):
-            self.resource.store.partial_status = self.failing(code)  # type: ignore[method-assign]
+            self.blocking.partial_status = self.failing(code)  # type: ignore[method-assign]
             for header in ("X-Session-Token: status-token-1", "Tus-Resumable: 1.0.0"):
                 answer = self.request(f"HEAD {url} HTTP/1.1\r\nHost: h\r\n{header}\r\n\r\n".encode())
                 self.assert_clean(answer, status)
@@ -315,7 +321,7 @@ class StorageFailureTests(HarnessMixin, SynchronousTestCase):
         def refuse(*_args: Any) -> None:
             raise StorageError(403, "forbidden path")
 
-        self.resource.store.stat = refuse  # type: ignore[method-assign]
+        self.blocking.stat = refuse  # type: ignore[method-assign]
         self.assert_clean(self.get(), 403)
 
 
@@ -327,20 +333,182 @@ class StorageFailureRetryTests(StorageFailureTests):
 
     def get(self, method: str = "GET") -> bytes:
         """The first look finds nothing; the one after RetryDelay meets the failing store."""
-        store_stat = self.resource.store.stat
+        store_stat = self.blocking.stat
         looks: list[object] = []
 
         def first_missing(segments: Any) -> Any:
             looks.append(segments)
             return None if len(looks) == 1 else store_stat(segments)
 
-        self.resource.store.stat = first_missing  # type: ignore[method-assign]
+        self.blocking.stat = first_missing  # type: ignore[method-assign]
         try:
             protocol, transport = self.harness.connect()
             protocol.dataReceived(f"{method} /upload/{UUID}/f.txt HTTP/1.1\r\nHost: h\r\n\r\n".encode())
             self.assertEqual(transport.value(), b"")
             self.harness.reactor.advance(1.0)
         finally:
-            self.resource.store.stat = store_stat  # type: ignore[method-assign]
+            self.blocking.stat = store_stat  # type: ignore[method-assign]
         self.assertEqual(len(looks), 2)
         return transport.value()
+
+
+class FakeSource:
+    """An object store's byte source: no descriptor, it streams itself."""
+
+    fd: int | None = None
+
+    def __init__(self, stored: Any, data: bytes) -> None:
+        self.stored = stored
+        self.data = data
+        self.byte_range = ByteRange(0, len(data))
+        self.selected: list[ByteRange] = []
+        self.closed = 0
+
+    def select(self, byte_range: ByteRange) -> None:
+        self.selected.append(byte_range)
+        self.byte_range = byte_range
+
+    def stream(self, consumer: Any) -> Deferred[None]:
+        first, length = self.byte_range.first, self.byte_range.length
+        consumer.write(self.data[first : first + length])
+        return succeed(None)
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class FakeObjectStore:
+    """The GET/HEAD half of a non-local ``IStore``: answers when the test says."""
+
+    local = False
+
+    def __init__(self, data: bytes, url: str | None = None) -> None:
+        self.data = data
+        self.url = url
+        self.stored = StoredFile(
+            PurePosixPath("bucket/key/photo.jpg"), len(data), 1_700_000_000.0, "image/jpeg", '"e1"', None
+        )
+        self.sources: list[FakeSource] = []
+        self.asked: list[tuple[bytes, bytes]] = []
+        self.pending: list[Deferred[Any]] = []
+        self.hold = False
+
+    def _answer(self, value: Any) -> Deferred[Any]:
+        if not self.hold:
+            return succeed(value)
+        d: Deferred[Any] = Deferred()
+        self.pending.append(d)
+        d.addCallback(lambda _: value)
+        return d
+
+    def lookup(self, segments: Any) -> Deferred[Any]:
+        return self._answer(self.stored)
+
+    def open_file(self, segments: Any, read_ahead: int = 0) -> Deferred[Any]:
+        source = FakeSource(self.stored, self.data)
+        self.sources.append(source)
+        return self._answer(source)
+
+    def download_url(self, stored: Any, content_type: bytes, disposition: bytes) -> str | None:
+        self.asked.append((content_type, disposition))
+        return self.url
+
+
+class NonLocalStoreTests(HarnessMixin, SynchronousTestCase):
+    """GET/HEAD on a store that is not a local directory (an object store, faked here)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.data = os.urandom(5000)
+        self.errors = capture_errors(self)
+
+    def use(self, store: FakeObjectStore) -> FakeObjectStore:
+        self.harness.site.resource.store = store
+        return store
+
+    def get(self, method: str = "GET", *headers: str) -> bytes:
+        lines = [f"{method} /upload/{UUID}/photo.jpg HTTP/1.1", "Host: h", *headers]
+        return self.request(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+    def test_redirect_to_download_url(self) -> None:
+        """
+        A store that hands out a URL (S3RedirectDownloads) gets a 302 there, with CORS
+        headers and no body; it was asked with the safe-serving type and disposition,
+        and the source opened for the GET is closed.
+        """
+        store = self.use(FakeObjectStore(self.data, url="https://bucket.example/key?X-Amz-Signature=abc"))
+        answer = self.get()
+        self.assertEqual(status_of(answer), 302, answer)
+        self.assertIn(b"Location: https://bucket.example/key?X-Amz-Signature=abc\r\n", answer)
+        self.assertIn(b"Access-Control-Allow-Origin: *\r\n", answer)
+        self.assertIn(b"Access-Control-Expose-Headers: ", answer)
+        self.assertIn(b"Content-Length: 0\r\n", answer)
+        self.assertIn(b"Cache-Control: no-store\r\n", answer)
+        self.assertIn(b"X-Content-Type-Options: nosniff\r\n", answer)
+        self.assertTrue(answer.endswith(b"\r\n\r\n"), answer)
+        self.assertEqual(store.asked, [(b"image/jpeg", b"inline")])
+        self.assertEqual([source.closed for source in store.sources], [1])
+        self.assertEqual(self.errors, [])
+
+    def test_head_is_not_redirected(self) -> None:
+        """HEAD answers from the metadata (no open, no redirect)."""
+        store = self.use(FakeObjectStore(self.data, url="https://bucket.example/key"))
+        answer = self.get("HEAD")
+        self.assertEqual(status_of(answer), 200, answer)
+        self.assertIn(b"Content-Length: 5000\r\n", answer)
+        self.assertEqual((store.sources, store.asked), ([], []))
+
+    def test_streamed_when_no_url(self) -> None:
+        """No URL: the source streams itself, narrowed to the Range, and is closed."""
+        store = self.use(FakeObjectStore(self.data))
+        answer = self.get("GET", "Range: bytes=100-199")
+        self.assertEqual(status_of(answer), 206, answer)
+        self.assertIn(b"Content-Range: bytes 100-199/5000\r\n", answer)
+        self.assertTrue(answer.endswith(self.data[100:200]))
+        [source] = store.sources
+        self.assertEqual((source.selected, source.closed), ([ByteRange(100, 100)], 1))
+        self.assertEqual(self.errors, [])
+
+    def test_client_gone_before_the_store_answers(self) -> None:
+        """The client left while the store was asked: nothing is written, the source is closed, no error."""
+        store = self.use(FakeObjectStore(self.data))
+        store.hold = True
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(f"GET /upload/{UUID}/photo.jpg HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        self.assertEqual(transport.value(), b"")
+        protocol.connectionLost(Failure(ConnectionLost()))
+        store.pending[0].callback(None)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual([source.closed for source in store.sources], [1])
+        self.assertEqual(self.errors, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class PoolJobsPerRequestTests(HarnessMixin, SynchronousTestCase):
+    """What GET and HEAD cost on the disk pool (the filesystem backend)."""
+
+    def setUp(self) -> None:
+        self.store = Path(self.mktemp()).resolve()
+        self.store.mkdir()
+        self.runner = ManualRunner()
+        self.harness = SiteHarness(make_config(self.store, enable_get_retries=False), self.runner)
+        (self.store / UUID).mkdir()
+        (self.store / UUID / "small.txt").write_bytes(b"s" * 60_000)
+
+    def test_small_get_is_one_job(self) -> None:
+        """A small GET: nothing answered before the one pool job (lookup, open, read, close) ran."""
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(f"GET /upload/{UUID}/small.txt HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        self.assertEqual((transport.value(), len(self.runner.jobs)), (b"", 1))
+        self.assertEqual(self.runner.run_all(), 1)
+        self.assertEqual(status_of(transport.value()), 200)
+        self.assertTrue(transport.value().endswith(b"s" * 60_000))
+
+    def test_head_is_one_job(self) -> None:
+        """HEAD: one pool job (the lookup), and the answer after it."""
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(f"HEAD /upload/{UUID}/small.txt HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.runner.run_all(), 1)
+        self.assertEqual(status_of(transport.value()), 200)
+        self.assertIn(b"Content-Length: 60000\r\n", transport.value())

@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from hmacfs.state.store import EmbeddedState
 from hmacfs.storage.filesystem import Store, path_key
+from hmacfs.storage.fs_backend import FilesystemBackend
 from hmacfs.testing import ManualRunner, SiteHarness, header_value, make_config, status_of, v1_mac
 from hmacfs.upload.resume import (
     PartialSweeper,
@@ -557,7 +558,7 @@ class SweepTests(SynchronousTestCase):
         now = [1_000_000.0]
         store = Store(root, now=lambda: now[0])
         runner = ManualRunner(auto=True)
-        sweeper = PartialSweeper(store, runner, ttl=600.0)
+        sweeper = PartialSweeper(FilesystemBackend(store, runner), ttl=600.0)
         old = store.open_partial(("u", "old"), "text/plain", 10)
         old.write([b"12345"])
         old.release()

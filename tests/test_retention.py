@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from hmacfs.service.metrics import Metrics
 from hmacfs.state.shared import EmbeddedLocks, RedisLocks
 from hmacfs.storage.filesystem import StorageError, Store, path_key
+from hmacfs.storage.fs_backend import FilesystemBackend
 from hmacfs.storage.retention import (
     SWEEP_LOCK,
     FileEntry,
@@ -30,6 +31,30 @@ from hmacfs.testing import ManualRunner, SiteHarness, make_config, put_head
 
 DAY = 86400.0
 NOW = 2_000_000_000.0
+
+
+def make_sweeper(
+    store: Store,
+    tombstones: Tombstones,
+    settings: RetentionSettings,
+    report: Path,
+    runner: Any = None,
+    now: Any = None,
+) -> Sweeper:
+    """A Sweeper over the filesystem backend of ``store``, its calls run by ``runner``."""
+    runner = runner if runner is not None else ManualRunner(auto=True)
+    backend = FilesystemBackend(store, runner, tombstones)
+    extra = {} if now is None else {"now": now}
+    return Sweeper(
+        backend, settings, report, run_blocking=runner, exclusive=backend.sweep_lock, **extra
+    )
+
+
+#: pool jobs of a sweep that deletes nothing: the lock file, the listing, the
+#: tombstone purge, the lock's release
+SWEEP_JOBS = 4
+#: and for each file deleted: the deletion (with pruning) and its tombstone; once: the report
+JOBS_PER_DELETION = 2
 
 
 class PlanTests(SynchronousTestCase):
@@ -77,6 +102,17 @@ class PlanTests(SynchronousTestCase):
                 self.assertGreaterEqual((other.mtime, other.segments), (entry.mtime, entry.segments))
 
 
+class _Synchronous:
+    """A sweeper whose ``sweep`` gives the result (its runner runs every job at once)."""
+
+    def __init__(self, test: SynchronousTestCase, sweeper: Sweeper) -> None:
+        self.test = test
+        self.sweeper = sweeper
+
+    def sweep(self) -> Any:
+        return self.test.successResultOf(self.sweeper.sweep())
+
+
 class SweeperTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.root = Path(self.mktemp()).resolve()
@@ -92,8 +128,9 @@ class SweeperTests(SynchronousTestCase):
         when = NOW - age_days * DAY
         os.utime(self.root.joinpath(*segments), (when, when))
 
-    def sweeper(self, **kw: Any) -> Sweeper:
-        return Sweeper(self.store, self.tombstones, RetentionSettings(**kw), self.report, now=lambda: NOW)
+    def sweeper(self, **kw: Any) -> Any:
+        sweeper = make_sweeper(self.store, self.tombstones, RetentionSettings(**kw), self.report, now=lambda: NOW)
+        return _Synchronous(self, sweeper)
 
     def test_sweep_deletes_reports_tombstones_prunes(self) -> None:
         """Old files are deleted, reported one per line, tombstoned; emptied dirs go, partials stay."""
@@ -166,24 +203,24 @@ class ServiceTests(SynchronousTestCase):
         harness = SiteHarness(make_config(root))
         store = harness.server.store
         now = [NOW]
-        sweeper = Sweeper(
+        runner = ManualRunner()
+        sweeper = make_sweeper(
             store, Tombstones(root, now=lambda: now[0]),
             RetentionSettings(delete_files=True, delete_files_after=DAY, interval=600),
-            root.parent / "report.log", now=lambda: now[0],
+            root.parent / "report.log", runner, now=lambda: now[0],
         )
-        runner = ManualRunner()
         metrics = Metrics()
-        service = RetentionService(clock=harness.reactor, sweeper=sweeper, run_blocking=runner, metrics=metrics)
+        service = RetentionService(clock=harness.reactor, sweeper=sweeper, metrics=metrics)
         partial = store.open_partial(("d", "f"), "a/b", 3)
         partial.write([b"abc"])
         partial.commit(None)
         os.utime(root / "d" / "f", (NOW, NOW))
         service.startService()
-        self.assertEqual(runner.run_all(), 1)
+        self.assertEqual(runner.run_all(), SWEEP_JOBS)
         self.assertEqual(metrics.registry.get_sample_value("hmacfs_store_files"), 1)
         now[0] += 2 * DAY
         harness.reactor.advance(600)
-        self.assertEqual(runner.run_all(), 1)
+        self.assertEqual(runner.run_all(), SWEEP_JOBS + JOBS_PER_DELETION + 1)
         self.assertEqual(
             metrics.registry.get_sample_value("hmacfs_retention_deletions_total", {"reason": "age"}), 1
         )
@@ -197,20 +234,20 @@ class ServiceTests(SynchronousTestCase):
         root = Path(self.mktemp()).resolve()
         root.mkdir()
         harness = SiteHarness(make_config(root))
-        sweeper = Sweeper(
-            harness.server.store, Tombstones(root), RetentionSettings(interval=600),
-            root.parent / "report.log",
-        )
         runner = ManualRunner()
-        service = RetentionService(clock=harness.reactor, sweeper=sweeper, run_blocking=runner)
+        sweeper = make_sweeper(
+            harness.server.store, Tombstones(root), RetentionSettings(interval=600),
+            root.parent / "report.log", runner,
+        )
+        service = RetentionService(clock=harness.reactor, sweeper=sweeper)
         service.startService()
         self.addCleanup(service.stopService)
         harness.reactor.advance(600)
         self.assertEqual(runner.run_all(), 0)
         service.apply(RetentionSettings(delete_files=True, delete_files_after=DAY, interval=600))
-        self.assertEqual(runner.run_all(), 1)
+        self.assertEqual(runner.run_all(), SWEEP_JOBS)
         harness.reactor.advance(600)
-        self.assertEqual(runner.run_all(), 1)
+        self.assertEqual(runner.run_all(), SWEEP_JOBS)
         service.apply(RetentionSettings(interval=600))
         harness.reactor.advance(600)
         self.assertEqual(runner.run_all(), 0)
@@ -222,9 +259,9 @@ class SweepLockServiceTests(SynchronousTestCase):
     def service(self, lock: Any) -> tuple[RetentionService, ManualRunner]:
         root = Path(self.mktemp()).resolve()
         root.mkdir()
-        sweeper = Sweeper(Store(root), Tombstones(root), RetentionSettings(interval=600), root.parent / "r.log")
         runner = ManualRunner()
-        return RetentionService(clock=Clock(), sweeper=sweeper, run_blocking=runner, lock=lock), runner
+        sweeper = make_sweeper(Store(root), Tombstones(root), RetentionSettings(interval=600), root.parent / "r.log", runner)
+        return RetentionService(clock=Clock(), sweeper=sweeper, lock=lock), runner
 
     def test_lock_taken_sweeps(self) -> None:
         """Granted (the embedded locks always are), the sweep runs; the lock is asked
@@ -238,7 +275,7 @@ class SweepLockServiceTests(SynchronousTestCase):
 
         service, runner = self.service(Granting())
         d = service.sweep()
-        self.assertEqual(runner.run_all(), 1)
+        self.assertEqual(runner.run_all(), SWEEP_JOBS)
         self.assertFalse(self.successResultOf(d).skipped)
         self.assertEqual(asked, [(SWEEP_LOCK, 600)])
 
@@ -257,7 +294,7 @@ class SweepLockServiceTests(SynchronousTestCase):
         self.patch(broken, "try_lock", lambda name, owner, ttl: fail(ConnectionError("gone")))
         service, runner = self.service(broken)
         d = service.sweep()
-        self.assertEqual(runner.run_all(), 1)
+        self.assertEqual(runner.run_all(), SWEEP_JOBS)
         self.assertFalse(self.successResultOf(d).skipped)
 
     def test_redis_locks_unreachable_grant(self) -> None:
@@ -300,11 +337,11 @@ class PrivateDirTests(SynchronousTestCase):
         self.assertRaises(StorageError, self.tombstones.add, ("a", "b"), NOW + 10)
         os.unlink(self.tombstones.directory)
         os.symlink(self.outside / "lock", self.root / ".hmacfs" / "sweep.lock")
-        sweeper = Sweeper(
+        sweeper = make_sweeper(
             self.store, self.tombstones, RetentionSettings(), self.root.parent / "r.log",
             now=lambda: NOW,
         )
-        self.assertRaises(OSError, sweeper.sweep)
+        self.failureResultOf(sweeper.sweep(), OSError)
         self.assertEqual(os.listdir(self.outside), [])
 
     def test_prune_never_through_a_link(self) -> None:
@@ -313,7 +350,7 @@ class PrivateDirTests(SynchronousTestCase):
         partial.write([b"x"])
         partial.commit(None)
         os.utime(self.root / "d" / "e" / "f", (NOW - 400 * DAY, NOW - 400 * DAY))
-        sweeper = Sweeper(
+        sweeper = make_sweeper(
             self.store, self.tombstones,
             RetentionSettings(delete_files=True, delete_files_after=365 * DAY),
             self.root.parent / "r.log", now=lambda: NOW,
@@ -330,7 +367,7 @@ class PrivateDirTests(SynchronousTestCase):
         import shutil
 
         self.store.delete = delete_then_swap  # type: ignore[method-assign]
-        self.assertEqual(sweeper.sweep().deleted, {"age": 1})
+        self.assertEqual(self.successResultOf(sweeper.sweep()).deleted, {"age": 1})
         self.assertTrue((self.outside / "e").is_dir())
 
 

@@ -10,6 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from hmacfs.state.shared import RedisLocks
 from hmacfs.storage.filesystem import Store
+from hmacfs.storage.fs_backend import FilesystemBackend
 from hmacfs.storage.retention import RetentionService, RetentionSettings, Sweeper, Tombstones
 from tests.redis_server import RedisServer
 
@@ -27,10 +28,12 @@ class SweepLockTests(TestCase):
         from twisted.internet import reactor
 
         def service() -> RetentionService:
-            sweeper = Sweeper(store, Tombstones(root), RetentionSettings(interval=60), root.parent / "r.log")
-            return RetentionService(
-                clock=reactor, sweeper=sweeper, run_blocking=maybeDeferred, lock=RedisLocks(lambda: redis)
+            backend = FilesystemBackend(store, maybeDeferred, Tombstones(root))
+            sweeper = Sweeper(
+                backend, RetentionSettings(interval=60), root.parent / "r.log",
+                run_blocking=maybeDeferred, exclusive=backend.sweep_lock,
             )
+            return RetentionService(clock=reactor, sweeper=sweeper, lock=RedisLocks(lambda: redis))
 
         first = await service().sweep()
         second = await service().sweep()

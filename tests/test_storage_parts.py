@@ -18,14 +18,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from hmacfs.signing import paths as signing_paths
 from hmacfs.storage import fs_dirs, fs_paths, fsio, layout, locks, metadata, sweep
+from hmacfs.storage.blocking import IBlockingStore, IBlockingUpload, ILocalBlockingStore
 from hmacfs.storage.filesystem import Store
-from hmacfs.storage.interface import (
-    ILocalStore,
-    IPartialUpload,
-    IReservation,
-    IStore,
-    StorageError,
-)
+from hmacfs.storage.interface import IReservation, StorageError
 from hmacfs.storage.reservations import Reservation, ReservationLedger
 
 
@@ -443,27 +438,27 @@ def protocol_members(protocol: type) -> set[str]:
 class InterfaceTests(DirTestCase):
     def test_store_implements_the_interface(self) -> None:
         store = Store(self.make_dir())
-        self.assertIsInstance(store, IStore)
-        self.assertIsInstance(store, ILocalStore)
+        self.assertIsInstance(store, IBlockingStore)
+        self.assertIsInstance(store, ILocalBlockingStore)
         upload = store.open_partial(("f",), "text/plain", 1)
         self.addCleanup(upload.abort)
-        self.assertIsInstance(upload, IPartialUpload)
+        self.assertIsInstance(upload, IBlockingUpload)
         reservation = store.reserve(0)
         self.assertIsInstance(reservation, IReservation)
         self.assertIsInstance(reservation, Reservation)
 
     def test_the_interface_names_what_the_store_offers(self) -> None:
-        """Every public method of Store is in ILocalStore (or a filesystem-only view), and back."""
+        """Every public method of Store is in ILocalBlockingStore (or a filesystem-only view), and back."""
         public = {
             name for name, _ in inspect.getmembers(Store) if not name.startswith("_")
         } | {"root", "partial_dir", "meta_dir"}
-        declared = protocol_members(ILocalStore)
+        declared = protocol_members(ILocalBlockingStore)
         self.assertEqual(public - FILESYSTEM_ONLY, declared)
 
     def test_signatures_match(self) -> None:
         """Each method the interface declares has the same parameters on Store."""
-        for name in protocol_members(ILocalStore):
-            declared = getattr(ILocalStore, name, None)
+        for name in protocol_members(ILocalBlockingStore):
+            declared = getattr(ILocalBlockingStore, name, None)
             if not callable(declared):
                 continue
             self.assertEqual(

@@ -48,6 +48,24 @@ class OptionsTests(SynchronousTestCase):
         error = self.assertRaises(usage.UsageError, options.parseOptions, ["--config", "/nonexistent/c.toml"])
         self.assertIn("does not exist", str(error))
 
+    def test_s3_error_is_usage_error_naming_key(self) -> None:
+        """An S3 configuration without a secret stops twistd before listening, naming
+        S3SecretKey; a bad S3 value is named with its value."""
+        store = Path(self.mktemp()).resolve()
+        store.mkdir()
+        base = (
+            f'Secret = "0123456789abcdefXYZ"\nStoreDir = "{store}"\n'
+            'StorageBackend = "s3"\nS3Bucket = "b-1"\nS3AccessKey = "AKIA"\n'
+        )
+        error = self.assertRaises(
+            usage.UsageError, Options().parseOptions, ["--config", self.write(base)]
+        )
+        self.assertIn("S3SecretKey: '' is empty", str(error))
+        path = self.write(base + 'S3SecretKey = "s3-secret-XYZ-0123"\nS3PartSize = "1MiB"\n')
+        error = self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", path])
+        self.assertIn("S3PartSize: '1MiB' is out of range", str(error))
+        self.assertNotIn("s3-secret-XYZ-0123", str(error))
+
     def test_good_config_loads(self) -> None:
         """A valid file gives a Config on the options."""
         store = Path(self.mktemp()).resolve()
@@ -173,8 +191,14 @@ _OPTIONAL = ("OpenSSL", "cryptography", "service_identity", "twisted.internet.ss
 # imports it) or a worker's (leave_out_tls, the reactor, build_worker), in a fresh
 # interpreter: prints which of _OPTIONAL ended up imported.
 _FOOTPRINT = """
-import socket, sys
+import socket, sys, types
 kind, path, optional = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+# What is measured is the imports: the S3 start-up check (a real S3 in tests.test_s3_store
+# and tests.test_s3_daemon) answers here without a server, and imports nothing itself.
+startup = types.ModuleType("hmacfs.storage.s3.startup")
+startup.S3StartupError = type("S3StartupError", (Exception,), {})
+startup.check_bucket = lambda settings, timeout=10.0: types.SimpleNamespace(conditional_writes=True)
+sys.modules["hmacfs.storage.s3.startup"] = startup
 if kind == "daemon":
     from hmacfs.service.tap import Options, makeService
     options = Options()
@@ -244,6 +268,29 @@ class ConfigFootprintTests(SynchronousTestCase):
         self.assertIn("OpenSSL", found)
         self.assertIn("twisted.internet.ssl", found)
 
+    def test_s3_over_https_keeps_tls(self) -> None:
+        """StorageBackend = "s3" with an https endpoint, or none (AWS): pyOpenSSL is not
+        left out, in the daemon or a worker."""
+        for endpoint in ('S3Endpoint = "https://s3.example.org"\n', ""):
+            extra = f"NumCores = 2\n{_S3}{endpoint}"
+            for kind in ("daemon", "worker"):
+                self.assertIn("OpenSSL", self.imported(kind, extra), (kind, endpoint))
+
+    def test_s3_over_http_leaves_tls_out(self) -> None:
+        """The S3 backend on a plain http endpoint, or S3 keys with the filesystem backend
+        (unused), still leave pyOpenSSL out."""
+        http = f'NumCores = 2\n{_S3}S3Endpoint = "http://127.0.0.1:1"\n'
+        self.assertEqual(self.imported("worker", http), [])
+        unused = 'NumCores = 2\nS3Endpoint = "https://s3.example.org"\n'
+        self.assertEqual(self.imported("worker", unused), [])
+
+
+#: The S3 backend's required keys, for a config file.
+_S3 = (
+    'StorageBackend = "s3"\nS3Bucket = "hmacfs-uploads"\nS3AccessKey = "test:tester"\n'
+    'S3SecretKey = "s3-secret-0123456789"\n'
+)
+
 
 class TlsNeededTests(SynchronousTestCase):
     def test_plain_config(self) -> None:
@@ -261,6 +308,30 @@ class TlsNeededTests(SynchronousTestCase):
             {"Nested": {"list": ["tls:x"]}},
         ):
             self.assertTrue(tls_needed(raw), raw)
+
+    def test_s3_backend(self) -> None:
+        """The S3 backend needs TLS unless its endpoint is plain http (read as the config
+        loader reads it: case and spaces ignored); S3 keys with the filesystem backend do not,
+        and a StorageBackend the loader will refuse decides nothing."""
+        from hmacfs.service.process import tls_needed
+
+        for raw in (
+            {"StorageBackend": "s3"},
+            {"StorageBackend": " S3 ", "S3Endpoint": ""},
+            {"StorageBackend": "s3", "S3Endpoint": "https://s3.example.org"},
+            {"StorageBackend": "s3", "S3Endpoint": "HTTPS://s3.example.org"},
+            {"StorageBackend": "s3", "S3Endpoint": 443},
+            {"StorageBackend": ["s3"]},
+        ):
+            self.assertTrue(tls_needed(raw), raw)
+        for raw in (
+            {"StorageBackend": "s3", "S3Endpoint": "http://127.0.0.1:8080"},
+            {"StorageBackend": "s3", "S3Endpoint": " HTTP://minio.lan:9000"},
+            {"StorageBackend": "filesystem", "S3Endpoint": "https://s3.example.org"},
+            {"StorageBackend": " FileSystem"},
+            {"S3Endpoint": "https://s3.example.org", "S3CAFile": "/etc/ca.pem"},
+        ):
+            self.assertFalse(tls_needed(raw), raw)
 
     def test_unreadable_config_keeps_tls(self) -> None:
         """A file that cannot be read decides nothing (load_config reports it)."""

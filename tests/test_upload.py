@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from hmacfs.storage import filesystem as storage
+from hmacfs.storage.fs_backend import FilesystemBackend
 from hmacfs.testing import ManualRunner, SiteHarness, make_config, put_head, status_of, v1_mac
 from hmacfs.upload.policy import UploadPolicy
 
@@ -40,10 +41,12 @@ def partials(root: Path) -> list[str]:
 
 
 def upload_store(harness: SiteHarness) -> storage.Store:
-    """The Store behind a harness's site (through its body policy, the UploadPolicy)."""
+    """The Store behind a harness's site (through its body policy, the UploadPolicy's backend)."""
     policy = harness.site.body_policy
     assert isinstance(policy, UploadPolicy), policy
-    return policy.store
+    backend = policy.store
+    assert isinstance(backend, FilesystemBackend), backend
+    return backend.store
 
 
 class UploadTestsMixin:
@@ -58,6 +61,11 @@ class UploadTestsMixin:
 
     def status(self, transport) -> int:
         return status_of(transport.value())
+
+    def admit(self) -> None:
+        """Run the one store job of an upload's admission (``IStore.admit``), nothing after it."""
+        self.assertEqual(len(self.runner.jobs), 1)  # type: ignore[attr-defined]  # mixed into a TestCase
+        self.runner.run_next()
 
 
 class EarlyRejectionTests(UploadTestsMixin, SynchronousTestCase):
@@ -266,6 +274,7 @@ class FlowControlTests(UploadTestsMixin, SynchronousTestCase):
         body = os.urandom(64 * 1024)
         protocol, transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/slow.bin", len(body)))
+        self.admit()
         for start in range(0, 32 * 1024, 1024):
             protocol.dataReceived(body[start : start + 1024])
         self.assertEqual(transport.producerState, "paused")
@@ -282,6 +291,7 @@ class FlowControlTests(UploadTestsMixin, SynchronousTestCase):
         body = os.urandom(256 * 1024)
         protocol, transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/bounded.bin", len(body)))
+        self.admit()
         receiver = protocol.requests[-1].upload_state.receiver
         fed = 0
         while fed < len(body):
@@ -303,6 +313,7 @@ class FlowControlTests(UploadTestsMixin, SynchronousTestCase):
         """
         protocol, _transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/gone.bin", 10000))
+        self.admit()
         protocol.dataReceived(b"q" * 5000)
         self.assertEqual(len(partials(self.store)), 2)  # the .part and its .json record
         protocol.connectionLost(Failure(ConnectionLost()))
@@ -321,6 +332,7 @@ class FlowControlTests(UploadTestsMixin, SynchronousTestCase):
         body = b"c" * 3000
         protocol, transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/late.bin", len(body)) + body)
+        self.admit()  # admitted: the write and commit job is queued
         [request] = protocol.requests
         answered: list[object] = []
         request.upload_state.receiver.done.addBoth(answered.append)
@@ -463,17 +475,26 @@ class WriteFailureTests(UploadTestsMixin, SynchronousTestCase):
 
 
 class OneDiskJobTests(UploadTestsMixin, SynchronousTestCase):
-    """A body that arrives whole is written and committed in a single disk job."""
+    """
+    A body that arrives whole costs two disk jobs: the admission (``IStore.admit``:
+    tombstone, existence, space and the partial file in one) and then its write and
+    commit in a single job.
+    """
 
     def setUp(self) -> None:
         super().setUp()
         self.runner.auto = False
 
     def test_small_upload_is_one_thread_hop(self) -> None:
-        """Headers and a 4 KiB body in one read: one job, then 201 and the exact bytes."""
+        """
+        Headers and a 4 KiB body in one read: the admission job (the body held, unwritten),
+        then one job that writes and commits, then 201 and the exact bytes.
+        """
         body = os.urandom(4096)
         protocol, transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/one.bin", len(body)) + body)
+        self.assertEqual(partials(self.store), [])  # nothing on disk before the admission job
+        self.admit()
         self.assertEqual(len(self.runner.jobs), 1)
         self.assertEqual(self.runner.run_all(), 1)
         self.assertEqual(self.status(transport), 201)
@@ -484,6 +505,7 @@ class OneDiskJobTests(UploadTestsMixin, SynchronousTestCase):
         body = os.urandom(9000)
         protocol, transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/two.bin", len(body)) + body[:4000])
+        self.admit()
         self.assertEqual(len(self.runner.jobs), 1)  # the first piece goes to disk now
         self.runner.run_all()
         protocol.dataReceived(body[4000:])
@@ -499,6 +521,7 @@ class OneDiskJobTests(UploadTestsMixin, SynchronousTestCase):
         body = os.urandom(4096)
         protocol, transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/norec.bin", len(body)) + body)
+        self.admit()
         self.assertEqual([name.rsplit(".", 1)[1] for name in partials(self.store)], ["part"])
         self.runner.run_all()
         self.assertEqual(self.status(transport), 201)
@@ -510,6 +533,7 @@ class OneDiskJobTests(UploadTestsMixin, SynchronousTestCase):
         body = os.urandom(4096)
         protocol, transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/rec.bin", len(body)))
+        self.admit()
         self.assertEqual(
             [name.rsplit(".", 1)[1] for name in partials(self.store)], ["json", "part"]
         )
@@ -525,6 +549,7 @@ class OneDiskJobTests(UploadTestsMixin, SynchronousTestCase):
         head = put_head(f"{UUID}/tok.bin", len(body), extra=("X-Session-Token: one-job-token-1",))
         protocol, transport = self.harness.connect()
         protocol.dataReceived(head + body)
+        self.admit()
         self.assertEqual(
             [name.rsplit(".", 1)[1] for name in partials(self.store)], ["json", "part"]
         )
@@ -556,6 +581,7 @@ class OneDiskJobTests(UploadTestsMixin, SynchronousTestCase):
         body = os.urandom(4096)
         protocol, transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/order.bin", len(body)) + body)
+        self.admit()
         self.assertEqual(self.runner.run_all(), 1)
         self.assertEqual(self.status(transport), 201)
         linked = [i for i, (kind, _) in enumerate(events) if kind == "link"]

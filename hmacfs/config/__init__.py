@@ -10,10 +10,11 @@ L{Config} of seconds, bytes, paths and Twisted endpoint descriptions, so the
 rest of the server never parses a string.  The first bad value stops the load
 with a L{ConfigError} naming the key, the value and what would be accepted.
 The secrets (C{Secret}, the file behind C{SecretFile}, C{RedisPassword},
-C{ComponentSecret}) never appear in an error, a warning, C{repr(config)} or L{Config.redacted}.
+C{ComponentSecret}, C{S3SecretKey} and the file behind C{S3SecretKeyFile})
+never appear in an error, a warning, C{repr(config)} or L{Config.redacted}.
 
 The package is split along that path: L{keys} (the table and L{Config}),
-L{validators} and L{addresses} (one converter per kind of value), L{units}
+L{validators}, L{addresses} and L{s3} (one converter per kind of value), L{units}
 (sizes, durations), L{endpoints} (listen addresses), L{load} (TOML in, the
 cross-key rules, L{Config} out).  This module names the public API.
 """

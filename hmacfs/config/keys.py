@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Literal
 
 import attrs
 
@@ -23,6 +24,19 @@ from hmacfs.config.addresses import (
     upload_access,
 )
 from hmacfs.config.error import REDACTED
+from hmacfs.config.s3 import (
+    MAX_PART_SIZE,
+    MIN_PART_SIZE,
+    resolve_addressing,
+    s3_access_key,
+    s3_addressing_style,
+    s3_bucket,
+    s3_endpoint,
+    s3_prefix,
+    s3_presign_expiry,
+    s3_region,
+    storage_backend,
+)
 from hmacfs.config.validators import (
     Converter,
     boolean,
@@ -63,6 +77,19 @@ KEYS: tuple[Key, ...] = (
     Key("SecretFile", "secret_file", "", optional_path),
     Key("StoreDir", "store_dir", "./data", store_dir),
     Key("UploadSubDir", "upload_subdir", "upload", upload_subdir),
+    Key("StorageBackend", "storage_backend", "filesystem", storage_backend),
+    Key("S3Endpoint", "s3_endpoint", "", s3_endpoint),
+    Key("S3Region", "s3_region", "us-east-1", s3_region),
+    Key("S3Bucket", "s3_bucket", "", s3_bucket),
+    Key("S3Prefix", "s3_prefix", "", s3_prefix),
+    Key("S3AccessKey", "s3_access_key", "", s3_access_key),
+    Key("S3SecretKey", "s3_secret_key", "", string, sensitive=True),
+    Key("S3SecretKeyFile", "s3_secret_key_file", "", optional_path),
+    Key("S3AddressingStyle", "s3_addressing_style", "auto", s3_addressing_style),
+    Key("S3PartSize", "s3_part_size", "8MiB", size(MIN_PART_SIZE, MAX_PART_SIZE)),
+    Key("S3RedirectDownloads", "s3_redirect_downloads", False, boolean),
+    Key("S3PresignExpiry", "s3_presign_expiry", "5m", s3_presign_expiry),
+    Key("S3CAFile", "s3_ca_file", "", optional_path),
     Key("LogLevel", "log_level", "info", log_level),
     Key("LogFile", "log_file", "", log_file),
     Key("MaxRetries", "max_retries", 5, integer(0)),
@@ -153,6 +180,24 @@ class Config:
     secret_file: Path | None
     store_dir: Path
     upload_subdir: str
+    storage_backend: Literal["filesystem", "s3"]
+    #: normalised ``scheme://host[:port]``; "" = AWS's endpoint for s3_region
+    s3_endpoint: str
+    s3_region: str
+    s3_bucket: str
+    #: "" or ending in "/"
+    s3_prefix: str
+    s3_access_key: str
+    #: the secret access key, from S3SecretKey or read from S3SecretKeyFile ("" unless
+    #: StorageBackend = "s3" or S3SecretKey is set)
+    s3_secret_key: str = attrs.field(repr=False)
+    s3_secret_key_file: Path | None
+    s3_addressing_style: Literal["path", "virtual", "auto"]
+    s3_part_size: int
+    s3_redirect_downloads: bool
+    #: whole seconds, 1 to 604800
+    s3_presign_expiry: int
+    s3_ca_file: Path | None
     log_level: str
     log_file: Path | None
     max_retries: int
@@ -213,6 +258,10 @@ class Config:
             "RedisAddr": mask_password(self.redis_addr),
             "RedisPassword": repr(REDACTED) if self.redis_password else "",
             "ComponentSecret": repr(REDACTED) if self.component_secret else "",
+            # Read from S3SecretKeyFile (shown as its path) or given inline.
+            "S3SecretKey": (
+                repr(REDACTED) if self.s3_secret_key and self.s3_secret_key_file is None else ""
+            ),
         }
         shown: dict[str, object] = {}
         for spec in KEYS:
@@ -225,6 +274,14 @@ class Config:
                 value = [str(item) for item in value]
             shown[spec.name] = value
         return shown
+
+    def s3_addressing(self) -> Literal["path", "virtual"]:
+        """
+        The addressing the S3 backend uses: C{S3AddressingStyle} with
+        C{"auto"} resolved (virtual-hosted on AWS for a bucket without dots,
+        path style on every other endpoint).
+        """
+        return resolve_addressing(self.s3_addressing_style, self.s3_endpoint, self.s3_bucket)
 
     def read_secret(self) -> bytes:
         """

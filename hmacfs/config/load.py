@@ -4,7 +4,8 @@ Reading and building: TOML in, a frozen L{Config} and the warnings out.
 
 Unknown keys get a typo hint, obsolete keys a warning (or their replacement's
 role), then every key is converted in table order and the cross-key rules run
-(one of Secret/SecretFile, the component's secret and URL, the socket path).
+(one of Secret/SecretFile, the component's secret and URL, the socket path,
+the S3 backend's required keys and files).
 """
 
 from __future__ import annotations
@@ -33,6 +34,19 @@ from hmacfs.config.keys import (
     OBSOLETE_KEYS,
     Config,
 )
+from hmacfs.config.s3 import (
+    MAX_OBJECT_SIZE,
+    MAX_PARTS,
+    MIN_PART_SIZE,
+    S3_ACCESS_KEY_FORMS,
+    S3_ADDRESSING_FORMS,
+    S3_BUCKET_FORMS,
+    check_ca_file,
+    endpoint_is_ip,
+    endpoint_is_loopback,
+    endpoint_uses_tls,
+)
+from hmacfs.config.units import format_size
 from hmacfs.config.validators import Context, read_secret_file, size, string
 
 
@@ -70,6 +84,123 @@ def _resolve_secret(text: str, secret_file: Path | None, ctx: Context) -> bytes:
             "(for example the output of `openssl rand -hex 32`)"
         )
     return secret
+
+
+#: The keys only the S3 backend reads.
+_S3_KEYS = tuple(spec for spec in KEYS if spec.name.startswith("S3"))
+_S3_SECRET_FILE_FORMS = "a readable file holding the S3 secret access key"
+_WITH_S3 = 'is empty, but StorageBackend = "s3"'
+
+
+def _resolve_storage(data: Mapping[str, object], values: dict[str, object], ctx: Context) -> None:
+    """
+    With C{StorageBackend = "s3"}: the bucket, the access key and exactly one
+    of C{S3SecretKey}/C{S3SecretKeyFile} are required, that file and
+    C{S3CAFile} are read, and the addressing style and part size must work
+    with the endpoint, the bucket and C{MaxUploadSize}.  With
+    C{"filesystem"} the S3 keys are unused: one warning names those set to
+    something else than their default, and no file they name is read.
+    """
+    secret_text = str(values["s3_secret_key"])
+    secret_file = values["s3_secret_key_file"]
+    assert secret_file is None or isinstance(secret_file, Path)
+    if secret_text and secret_file is not None:
+        raise ConfigError(
+            "S3SecretKey",
+            REDACTED,
+            "set exactly one of S3SecretKey or S3SecretKeyFile",
+            "is set and so is S3SecretKeyFile",
+        )
+    if values["storage_backend"] != "s3":
+        scratch = Context(base_dir=ctx.base_dir, warnings=[], create_store_dir=False)
+        unused = [
+            spec.name
+            for spec in _S3_KEYS
+            if spec.name in data and values[spec.attr] != spec.convert(spec.default, spec.name, scratch)
+        ]
+        if unused:
+            ctx.warnings.append(
+                'StorageBackend is "filesystem", so these keys are unused: ' + ", ".join(unused)
+            )
+        return
+
+    endpoint, bucket = str(values["s3_endpoint"]), str(values["s3_bucket"])
+    if not bucket:
+        raise ConfigError("S3Bucket", "", S3_BUCKET_FORMS, _WITH_S3)
+    if not values["s3_access_key"]:
+        raise ConfigError("S3AccessKey", "", S3_ACCESS_KEY_FORMS, _WITH_S3)
+    shown: object
+    if secret_file is not None:
+        raw = read_secret_file(
+            secret_file, ctx.warnings, key="S3SecretKeyFile", allowed=_S3_SECRET_FILE_FORMS
+        )
+        try:
+            secret_text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(
+                "S3SecretKeyFile", str(secret_file), _S3_SECRET_FILE_FORMS, "is not UTF-8 text"
+            ) from None
+        key, shown = "S3SecretKeyFile", str(secret_file)
+    elif secret_text:
+        key, shown = "S3SecretKey", REDACTED
+    else:
+        raise ConfigError("S3SecretKey", "", "set S3SecretKey or S3SecretKeyFile", _WITH_S3)
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in secret_text):
+        raise ConfigError(
+            key, shown, "the secret access key, without control characters",
+            "has a control character (a line break inside, or a second one at the end?)",
+        )
+    values["s3_secret_key"] = secret_text
+
+    if values["s3_ca_file"] is not None:
+        if endpoint_uses_tls(endpoint):
+            check_ca_file(values["s3_ca_file"], "S3CAFile")
+        else:
+            ctx.warnings.append(f"S3CAFile is unused: S3Endpoint {endpoint!r} is not https")
+    if not endpoint_uses_tls(endpoint) and not endpoint_is_loopback(endpoint):
+        ctx.warnings.append(
+            f"S3Endpoint {endpoint!r} is not https: uploads and downloads cross the network "
+            "unencrypted (requests are signed, so the secret key itself is never sent)"
+        )
+    if values["s3_addressing_style"] == "virtual":
+        if endpoint_is_ip(endpoint):
+            raise ConfigError(
+                "S3AddressingStyle", "virtual", S3_ADDRESSING_FORMS,
+                f"needs a host name in S3Endpoint, not the IP address in {endpoint!r} "
+                "(the bucket name goes in front of the host); use \"path\"",
+            )
+        if endpoint_uses_tls(endpoint) and "." in bucket:
+            raise ConfigError(
+                "S3AddressingStyle", "virtual", S3_ADDRESSING_FORMS,
+                f"cannot be used over https with the bucket {bucket!r}, which has a dot "
+                "(BUCKET.HOST does not match the wildcard certificate); use \"path\" or \"auto\"",
+            )
+    _check_part_size(data, values)
+
+
+def _raw(data: Mapping[str, object], key: str) -> object:
+    """A key's value as the file has it, or its default as TOML would hold it, for a message."""
+    return data.get(key, _KEYS_BY_NAME[key].default)
+
+
+def _check_part_size(data: Mapping[str, object], values: dict[str, object]) -> None:
+    """An S3 object has at most 10,000 parts and 5 TiB: MaxUploadSize must fit in both."""
+    part_size, max_upload = int(values["s3_part_size"]), int(values["max_upload_size"])  # type: ignore[call-overload]
+    if max_upload > MAX_OBJECT_SIZE:
+        raise ConfigError(
+            "MaxUploadSize", _raw(data, "MaxUploadSize"),
+            f"a size of at most {format_size(MAX_OBJECT_SIZE)} (S3's largest object), or 0",
+            'is larger than S3 allows, and StorageBackend = "s3"',
+        )
+    if max_upload > MAX_PARTS * part_size:
+        needed = max(-(-max_upload // MAX_PARTS), MIN_PART_SIZE)
+        needed = -(-needed // 1024**2) * 1024**2  # whole MiB, for an operator to write
+        raise ConfigError(
+            "S3PartSize", _raw(data, "S3PartSize"),
+            f"a size of at least {format_size(needed)}: S3 allows {MAX_PARTS:,} parts per "
+            f"object, and MaxUploadSize is {format_size(max_upload)}",
+            "is too small",
+        )
 
 
 def _resolve_listen(data: Mapping[str, object], values: dict[str, object], ctx: Context) -> str:
@@ -167,6 +298,7 @@ def _parse(
 
     _min_free_alias(data, values, ctx)
     _check_component(values)
+    _resolve_storage(data, values, ctx)
     if secret is None:
         secret_file = values["secret_file"]
         assert secret_file is None or isinstance(secret_file, Path)

@@ -68,13 +68,19 @@ def string(value: object, key: str, ctx: Context) -> str:
     return as_text(value, key, "a string")
 
 
-def duration(minimum: float = 0.0, *, exclusive: bool = False) -> Converter:
+def duration(
+    minimum: float = 0.0, *, exclusive: bool = False, maximum: float | None = None
+) -> Converter:
     bound = f"greater than {minimum:g}s" if exclusive else f"of at least {minimum:g}s"
+    if maximum is not None:
+        bound = f"{bound} and at most {maximum:g}s"
 
     def convert(value: object, key: str, ctx: Context) -> float:
         seconds = parse_duration(value, key=key)  # type: ignore[arg-type]
         if seconds < minimum or (exclusive and seconds == minimum):
             raise ConfigError(key, value, f"a duration {bound}", "is too short")
+        if maximum is not None and seconds > maximum:
+            raise ConfigError(key, value, f"a duration {bound}", "is too long")
         return seconds
 
     return convert
@@ -251,18 +257,27 @@ def networks(
     return tuple(networks)
 
 
-def read_secret_file(path: Path, warnings: list[str] | None = None) -> bytes:
-    allowed = "a readable file holding the shared secret"
+def read_secret_file(
+    path: Path,
+    warnings: list[str] | None = None,
+    *,
+    key: str = "SecretFile",
+    allowed: str = "a readable file holding the shared secret",
+) -> bytes:
+    """
+    A secret held in a file (C{SecretFile}, C{S3SecretKeyFile}): errors and
+    warnings name C{key} and the path, never the content.
+    """
     try:
         secret = path.read_bytes()
         world_readable = path.stat().st_mode & 0o004
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        raise ConfigError("SecretFile", str(path), allowed, f"cannot be read ({reason})") from exc
+        raise ConfigError(key, str(path), allowed, f"cannot be read ({reason})") from exc
     # One trailing newline is what `echo` and editors add; anything else is part of the secret.
     secret = secret.removesuffix(b"\n").removesuffix(b"\r")
     if not secret:
-        raise ConfigError("SecretFile", str(path), allowed, "is empty")
+        raise ConfigError(key, str(path), allowed, "is empty")
     if world_readable and warnings is not None:
-        warnings.append(f"SecretFile {str(path)!r} is readable by every user; chmod o-r it")
+        warnings.append(f"{key} {str(path)!r} is readable by every user; chmod o-r it")
     return secret

@@ -4,10 +4,11 @@
 
 200 with a short JSON when the store is writable and Redis (when
 configured) is connected, 503 with the same JSON naming what is wrong.  The
-store is probed by creating, writing and removing a file in
-``StoreDir/.hmacfs`` on the disk pool, never on the reactor thread, and the
-answer is kept for ``cache_seconds`` so that a monitor polling every second
-(or several at once) costs one probe per interval, not one per request.
+store is probed through ``IStore.probe`` (the filesystem backend creates,
+writes and removes a file in ``StoreDir/.hmacfs`` on the disk pool, never on
+the reactor thread), and the answer is kept for ``cache_seconds`` so that a
+monitor polling every second (or several at once) costs one probe per
+interval, not one per request.
 Served on the metrics listener, and on the main listener with
 ``HealthOnMainPort``.
 """
@@ -15,10 +16,8 @@ Served on the metrics listener, and on the main listener with
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -26,46 +25,15 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from hmacfs.errors import Refusal
 from hmacfs.logs import log_router
-from hmacfs.signing.paths import PRIVATE_DIR
+
+if TYPE_CHECKING:
+    from twisted.python.failure import Failure
 
 log = Logger(observer=log_router)
 
 HEALTH_PATH = b"/healthz"
-
-
-def probe_store(root: Path) -> str | None:
-    """
-    Create, write and remove a small file in ``root/.hmacfs`` (disk pool).
-
-    Returns None when that worked, else a short reason.  No link below
-    ``root`` is followed.
-    """
-    name = f"health-{os.getpid()}.tmp"
-    try:
-        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            try:
-                os.mkdir(PRIVATE_DIR, dir_fd=root_fd)
-            except FileExistsError:
-                pass
-            private = os.open(PRIVATE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
-            try:
-                fd = os.open(
-                    name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=private
-                )
-                try:
-                    os.write(fd, b"ok\n")
-                finally:
-                    os.close(fd)
-                os.unlink(name, dir_fd=private)
-            finally:
-                os.close(private)
-        finally:
-            os.close(root_fd)
-    except OSError as error:
-        return f"not writable: {error.strerror or error}"
-    return None
 
 
 @attrs.frozen
@@ -79,30 +47,34 @@ class HealthReport:
         return json.dumps({"status": "ok" if self.healthy else "fail", **self.fields}).encode() + b"\n"
 
 
+class Probed(Protocol):
+    """What the check uses of an ``IStore``."""
+
+    def probe(self) -> Deferred[None]:
+        """Fails if the store cannot be written now."""
+
+
 class HealthCheck:
     """
     The checks behind ``/healthz``.
 
-    ``run_blocking`` runs the store probe off the reactor thread;
-    ``redis_connected`` is None when no Redis is configured.
+    ``store.probe`` says whether the store can be written (a refusal's reason
+    is the problem reported); ``redis_connected`` is None when no Redis is
+    configured.
     """
 
     def __init__(
         self,
         *,
-        store_dir: Path,
-        run_blocking: Callable[..., Deferred],
+        store: Probed,
         clock: Any,
         redis_connected: Callable[[], bool] | None = None,
         cache_seconds: float = 2.0,
-        probe: Callable[[Path], str | None] = probe_store,
     ) -> None:
-        self.store_dir = store_dir
-        self.run_blocking = run_blocking
+        self.store = store
         self.clock = clock
         self.redis_connected = redis_connected
         self.cache_seconds = cache_seconds
-        self.probe = probe
         self._store_problem: str | None = None
         self._probed_at: float | None = None
         self._waiting: list[Deferred[str | None]] | None = None  # a probe in flight
@@ -129,19 +101,27 @@ class HealthCheck:
             self._waiting.append(result)
             return result
         self._waiting = [result]
-        probing = self.run_blocking(self.probe, self.store_dir)
-        probing.addErrback(lambda failure: f"not checked: {failure.getErrorMessage()}")
+        probing = self.store.probe()
+        probing.addCallbacks(lambda _: None, _problem)
         probing.addCallback(self._probed)
         return result
 
     def _probed(self, problem: str | None) -> None:
         if problem is not None and problem != self._store_problem:
-            log.warn("health check: store {path} {problem}", path=str(self.store_dir), problem=problem)
+            where = getattr(self.store, "root", "")
+            log.warn("health check: store {path} {problem}", path=str(where), problem=problem)
         self._store_problem = problem
         self._probed_at = self.clock.seconds()
         waiting, self._waiting = self._waiting or [], None
         for deferred in waiting:
             deferred.callback(problem)
+
+
+def _problem(failure: Failure) -> str:
+    """A refusal says what is wrong (``not writable: ...``); anything else was not checked."""
+    if failure.check(Refusal):
+        return str(failure.value.reason)
+    return f"not checked: {failure.getErrorMessage()}"
 
 
 class HealthResource(Resource):

@@ -19,21 +19,30 @@ response encoder (``Request._encoder``, gzip) keeps a body on the ``pread``
 path, which writes through the request.  TLS,
 HTTP/2, response encoders and test transports keep the ``pread`` path, and so
 does a file system that refuses ``sendfile``.
+
+Each turn's ``sendfile`` runs on the disk pool (``ILocalByteSource.sendfile``):
+``sendfile(2)`` reads the file, and a page that is not cached (a cold file, a
+slow disk, NFS) would hold the reactor thread for the disk's latency.  The
+socket is duplicated for the job, so a connection closed meanwhile never
+sends the bytes to whoever reuses its descriptor number; the transport is not
+written to while the job runs (the producer is the only writer of the body,
+and the headers left before the first turn).
 """
 
 from __future__ import annotations
 
 import errno
-import os
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 import hmacfs.http._twisted_compat  # noqa: F401 - refuses an unsupported Twisted
 from hmacfs.http.producer import CHUNKS_PER_TURN, PreadProducer
 from hmacfs.logs import log_router
+from hmacfs.storage.interface import ILocalByteSource
 
 __all__ = [
     "CHUNKS_PER_TURN",
@@ -83,7 +92,7 @@ def sendfile_transport(request: Any) -> FileDescriptor | None:
 
 class FileProducer(PreadProducer):
     """
-    Push ``length`` bytes of ``fd`` from ``offset`` into ``request`` with
+    Push ``length`` bytes of ``source`` from ``offset`` into ``request`` with
     ``sendfile`` when given a ``transport`` (see ``sendfile_transport``), else
     (and when ``sendfile`` refuses the file before the body started) with
     ``pread`` and ``request.write``.
@@ -99,7 +108,7 @@ class FileProducer(PreadProducer):
     def __init__(
         self,
         request: Any,
-        fd: int,
+        source: ILocalByteSource,
         *,
         offset: int,
         length: int,
@@ -111,7 +120,7 @@ class FileProducer(PreadProducer):
     ) -> None:
         super().__init__(
             request,
-            fd,
+            source,
             offset=offset,
             length=length,
             clock=clock,
@@ -120,6 +129,7 @@ class FileProducer(PreadProducer):
             chunks_per_turn=chunks_per_turn,
         )
         self._transport = transport
+        self._sending = False
 
     def _begin(self) -> None:
         if self._transport is not None:
@@ -134,7 +144,7 @@ class FileProducer(PreadProducer):
             PreadProducer._produce(self)
             return
         self._turn_call = None
-        if self._done or self._producing:
+        if self._done or self._producing or self._sending:
             return
         self._producing = True
         try:
@@ -150,35 +160,45 @@ class FileProducer(PreadProducer):
         self._transport.startWriting()
 
     def _sendfile_turn(self) -> None:
-        """``sendfile`` until the socket is full, the turn's quota is used, or the end."""
-        assert self._fd is not None and self._transport is not None
+        """One job on the pool: ``sendfile`` until the socket is full, the turn's quota is used, or the end."""
+        assert self._source is not None and self._transport is not None
         if self._transport.dataBuffer or self._transport._tempDataLen:
             self._wait_for_socket()
             return
-        out = self._transport.fileno()
-        budget = SENDFILE_PER_TURN
-        while self._remaining and budget:
-            try:
-                sent = os.sendfile(out, self._fd, self._offset, min(self._remaining, budget))
-            except BlockingIOError:
-                break
-            except InterruptedError:
-                continue
-            except OSError as error:
-                self._sendfile_failed(error)
-                return
-            if not sent:
-                self._shrank()
-                return
-            self._advance(sent)
-            # request.write() counts what goes through it; the access log and
-            # metrics read this count.
-            self._request.sentLength += sent
-            budget -= sent
+        self._sending = True
+        sending = self._source.sendfile(
+            self._transport.fileno(), self._offset, min(self._remaining, SENDFILE_PER_TURN)
+        )
+        sending.addCallbacks(self._sent, self._not_sent)
+
+    def _sent(self, sent: int) -> None:
+        self._sending = False
+        if self._done:
+            return
+        if not sent:
+            self._shrank()
+            return
+        self._advance(sent)
+        # request.write() counts what goes through it; the access log and
+        # metrics read this count.
+        self._request.sentLength += sent
         if self._remaining == 0:
             self._finish()
             return
         self._wait_for_socket()
+
+    def _not_sent(self, failure: Failure) -> None:
+        self._sending = False
+        if self._done:
+            return
+        error = failure.value
+        if isinstance(error, BlockingIOError):
+            self._wait_for_socket()
+        elif isinstance(error, OSError):
+            self._sendfile_failed(error)
+        else:
+            log.failure("sendfile at {offset} failed", failure, offset=self._offset)
+            self._abort()
 
     def _sendfile_failed(self, error: OSError) -> None:
         if error.errno in _SENDFILE_UNSUPPORTED and self._request.sentLength == 0:
@@ -189,5 +209,5 @@ class FileProducer(PreadProducer):
             self._turn_call = self._clock.callLater(0, self._produce)
             return
         if error.errno not in _PEER_GONE:
-            log.failure("sendfile at {offset} failed", offset=self._offset)
+            log.failure("sendfile at {offset} failed", Failure(error), offset=self._offset)
         self._abort()

@@ -29,6 +29,7 @@ from hmacfs.service.operations import add_component, add_metrics_listener, add_r
 from hmacfs.service.process import MultiprocessMetrics, UndoOnStop
 from hmacfs.service.reload import ReloadService
 from hmacfs.service.site import ServerParts, build_server
+from hmacfs.service.storage import build_store
 from hmacfs.service.workers import WorkerSupervisor
 from hmacfs.service.zygote import ForkedZygote
 from hmacfs.signing.rotation import SecretRing
@@ -121,7 +122,7 @@ def assemble_single(config: Config, reactor: Any, config_path: str | None = None
     if tree.metrics is not None:
         add_metrics_listener(top, config, reactor, tree.metrics, parts.health)
     tree.retention = add_retention(
-        top, config, reactor, store=parts.store, tombstones=parts.tombstones,
+        top, config, reactor, backend=parts.backend,
         run_blocking=tree.disk.run_blocking, metrics=tree.metrics, reload=tree.reload,
         lock=parts.resumable.state_service.locks,
     )
@@ -184,18 +185,19 @@ def make_supervisor(
         )
         state.setServiceParent(top)
         lock = state.locks
+    tombstones = Tombstones(store.root)
+    backend = build_store(config, reactor, store, disk.run_blocking, metrics, tombstones)
     if metrics is not None:
         health = HealthResource(
             HealthCheck(
-                store_dir=store.root,
-                run_blocking=disk.run_blocking,
+                store=backend,
                 clock=reactor,
                 redis_connected=(lambda: state.connected) if config.redis_addr else None,
             )
         )
         add_metrics_listener(top, config, reactor, metrics, health)
     retention = add_retention(
-        top, config, reactor, store=store, tombstones=Tombstones(store.root),
+        top, config, reactor, backend=backend,
         run_blocking=disk.run_blocking, metrics=metrics, reload=reload, lock=lock,
     )
     supervisor.setServiceParent(top)

@@ -107,6 +107,19 @@ class Metrics:
         )
         self.store_bytes = Gauge("hmacfs_store_bytes", "Bytes of finished files in the store", registry=r, **latest)
         self.store_files = Gauge("hmacfs_store_files", "Finished files in the store", registry=r, **latest)
+        # The S3 backend's requests: operation and outcome are bounded sets (storage.s3.observer).
+        self.s3_requests = Counter(
+            "hmacfs_s3_requests", "Requests to S3, by operation and outcome",
+            ["operation", "outcome"], registry=r,
+        )
+        self.s3_seconds = Histogram(
+            "hmacfs_s3_request_seconds", "Latency of S3 requests (to the end of the body)",
+            ["operation"], registry=r,
+        )
+        self.s3_bytes_sent = Counter("hmacfs_s3_sent_bytes", "Body bytes sent to S3", registry=r)
+        self.s3_bytes_received = Counter(
+            "hmacfs_s3_received_bytes", "Body bytes received from S3", registry=r
+        )
         self.redis_connected = Gauge(
             "hmacfs_redis_connected", "1 while the Redis state backend is connected", registry=r, **latest
         )

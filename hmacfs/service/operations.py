@@ -19,14 +19,9 @@ from hmacfs.service.metrics import Metrics, metrics_site
 from hmacfs.service.reload import ReloadService
 from hmacfs.signing.paths import PRIVATE_DIR
 from hmacfs.signing.rotation import SecretRing
-from hmacfs.storage.filesystem import Store
-from hmacfs.storage.retention import (
-    RetentionService,
-    RetentionSettings,
-    Sweeper,
-    SweepLock,
-    Tombstones,
-)
+from hmacfs.storage.fs_backend import FilesystemBackend
+from hmacfs.storage.interface import IStore
+from hmacfs.storage.retention import RetentionService, RetentionSettings, Sweeper, SweepLock
 
 
 def deletion_report_path(config: Config) -> Path:
@@ -51,17 +46,19 @@ def add_metrics_listener(
 
 
 def add_retention(
-    top: MultiService, config: Config, reactor: Any, *, store: Store, tombstones: Tombstones,
+    top: MultiService, config: Config, reactor: Any, *, backend: IStore,
     run_blocking: Any, metrics: Metrics | None, reload: ReloadService, lock: SweepLock | None = None,
 ) -> RetentionService:
     """The retention sweeps (and the store gauges), re-configured by SIGHUP."""
-    retention = RetentionService(
-        clock=reactor,
-        sweeper=Sweeper(store, tombstones, RetentionSettings.from_config(config), deletion_report_path(config)),
+    sweeper = Sweeper(
+        backend,
+        RetentionSettings.from_config(config),
+        deletion_report_path(config),
         run_blocking=run_blocking,
-        metrics=metrics,
-        lock=lock,
+        # Nodes sharing a filesystem take its flock; an object store has the Redis lock only.
+        exclusive=backend.sweep_lock if isinstance(backend, FilesystemBackend) else None,
     )
+    retention = RetentionService(clock=reactor, sweeper=sweeper, metrics=metrics, lock=lock)
     # Always a child, idle unless retention or metrics need sweeps: a SIGHUP
     # that turns retention on then starts it without a restart.
     retention.setServiceParent(top)

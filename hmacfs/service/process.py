@@ -67,13 +67,28 @@ def tune_allocator(buffer_size: int, libc: Any = None) -> tuple[int, int] | None
 _TLS_PREFIXES = ("ssl:", "tls:")
 
 
+def _s3_needs_tls(raw: dict[str, Any]) -> bool:
+    """
+    The S3 backend over https: ``StorageBackend = "s3"`` with an ``https://``
+    ``S3Endpoint`` or none (AWS).  Read from the raw table, as
+    ``hmacfs.config`` would read it (case and spaces ignored), because that
+    package cannot be imported yet (it imports Twisted's endpoints).  Only a
+    plain ``http://`` endpoint, or another backend, leaves TLS out.
+    """
+    backend = raw.get("StorageBackend", "filesystem")
+    if isinstance(backend, str) and backend.strip().lower() == "filesystem":
+        return False
+    endpoint = raw.get("S3Endpoint", "")
+    return not (isinstance(endpoint, str) and endpoint.strip().lower().startswith("http://"))
+
+
 def tls_needed(raw: dict[str, Any]) -> bool:
     """
     Whether the configuration file's table ``raw`` can need TLS: a ``ssl:`` or
-    ``tls:`` endpoint anywhere, or RedisAddr (txredisapi imports Twisted's TLS
-    module, and ``rediss://`` uses it).
+    ``tls:`` endpoint anywhere, RedisAddr (txredisapi imports Twisted's TLS
+    module, and ``rediss://`` uses it), or the S3 backend over https.
     """
-    if raw.get("RedisAddr"):
+    if raw.get("RedisAddr") or _s3_needs_tls(raw):
         return True
 
     def strings(value: object) -> list[str]:

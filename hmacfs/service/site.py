@@ -23,11 +23,13 @@ from hmacfs.http.clientaddr import ClientAddressResolver, request_client
 from hmacfs.http.health import HealthCheck, HealthGate, HealthResource
 from hmacfs.http.resource import DownloadSettings, UploadResource
 from hmacfs.logs import log_router
+from hmacfs.service.storage import build_store
 from hmacfs.signing.auth import Authenticator
 from hmacfs.signing.rotation import SecretRing
 from hmacfs.state.bans import BanList, BanSettings, BanSyncService, SharedBans, ban_check
 from hmacfs.storage.filesystem import Store
-from hmacfs.storage.retention import Tombstones, tombstone_check
+from hmacfs.storage.interface import IStore
+from hmacfs.storage.retention import Tombstones
 from hmacfs.upload.policy import UploadLimits, UploadPolicy
 from hmacfs.upload.resume import Resumable, make_resumable
 
@@ -39,7 +41,10 @@ class ServerParts:
     """What L{build_server} assembled around one StreamingSite."""
 
     site: StreamingSite
+    #: the blocking store (retention, operations); everything on the request path uses ``backend``
     store: Store
+    #: the one asynchronous store (``IStore``) the upload policy, resume and resources share
+    backend: IStore
     ring: SecretRing
     policy: UploadPolicy
     resumable: Resumable
@@ -77,9 +82,8 @@ def make_access_logger(resolver: ClientAddressResolver) -> Any:
 def make_upload_policy(
     config: Config,
     *,
-    store: Store,
+    store: IStore,
     authenticator: Authenticator,
-    run_blocking: Any,
     reactor: Any,
     on_auth_failure: Any,
     resumable: Resumable,
@@ -94,7 +98,6 @@ def make_upload_policy(
         ),
         store=store,
         authenticator=authenticator,
-        run_blocking=run_blocking,
         clock=reactor,
         on_auth_failure=on_auth_failure,
         uploads=resumable.uploads,
@@ -111,6 +114,10 @@ def build_server(
     """The upload Site for a configuration and the parts behind it; ``.site`` is what
     embedding applications mount."""
     store = Store(config.store_dir, min_free_bytes=config.min_free_bytes)
+    tombstones = Tombstones(store.root)
+    # Built once: the filesystem's every call on the disk pool, never on the reactor
+    # thread; or the S3 bucket (StorageBackend).
+    backend = build_store(config, reactor, store, run_blocking, metrics, tombstones)
     if ring is None:
         ring = SecretRing(config.secret, reactor, config.secret_grace_period)
     authenticator = Authenticator(ring.secrets, reactor, config.clock_skew)
@@ -121,7 +128,7 @@ def build_server(
 
     bans = BanList(reactor, BanSettings.from_config(config))
     # Resumable uploads: state backend (embedded or Redis), registry, timers.
-    resumable = make_resumable(config, reactor, run_blocking, store)
+    resumable = make_resumable(config, reactor, backend)
     # Failures and blocks shared by every node and worker (with Redis; embedded: nothing shared).
     shared_bans = SharedBans(bans=bans, share=resumable.state_service.bans)
 
@@ -134,16 +141,15 @@ def build_server(
 
     policy = make_upload_policy(
         config,
-        store=store,
+        store=backend,
         authenticator=authenticator,
-        run_blocking=run_blocking,
         reactor=reactor,
         on_auth_failure=auth_failed,
         resumable=resumable,
     )
     resource = UploadResource(
         prefix=config.upload_subdir,
-        store=store,
+        store=backend,
         clock=reactor,
         downloads=DownloadSettings(
             enable_get_retries=config.enable_get_retries,
@@ -158,8 +164,7 @@ def build_server(
     state_service = resumable.state_service
     health = HealthResource(
         HealthCheck(
-            store_dir=store.root,
-            run_blocking=run_blocking,
+            store=backend,
             clock=reactor,
             redis_connected=(lambda: state_service.connected) if config.redis_addr else None,
         )
@@ -176,17 +181,21 @@ def build_server(
         connection_key=resolver.connection_key,
     )
     site.metrics = metrics
+    # Bans at header time, before any other work; tombstones are the store's
+    # admission's (``IStore.admit``/``resume``: 403 before the body is read).
     site.admission_checks.append(ban_check(bans, client_of))
-    tombstones = Tombstones(store.root)
-    site.admission_checks.append(tombstone_check(tombstones, config.upload_subdir))
     return ServerParts(
         site=site,
         store=store,
+        backend=backend,
         ring=ring,
         policy=policy,
         resumable=resumable,
         bans=bans,
-        ban_sync=BanSyncService(clock=reactor, bans=bans, store_dir=store.root, shared=shared_bans),
+        ban_sync=BanSyncService(
+            clock=reactor, bans=bans, store_dir=store.root, shared=shared_bans,
+            run_blocking=run_blocking,
+        ),
         tombstones=tombstones,
         health=health,
     )

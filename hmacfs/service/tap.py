@@ -53,6 +53,16 @@ class Options(usage.Options):
             raise usage.UsageError(str(error)) from None
         for warning in warnings:
             log.warn("config {path}: {problem}", path=path, problem=warning)
+        if config.storage_backend == "s3":
+            # Before anything listens: a missing bucket or refused credentials stop the
+            # daemon here, naming the key, instead of answering 503s later.
+            from hmacfs.service.storage import check_storage
+            from hmacfs.storage.s3.startup import S3StartupError
+
+            try:
+                check_storage(config)
+            except S3StartupError as error:
+                raise usage.UsageError(str(error)) from None
         self["config"] = path
         self.config_obj = config
 

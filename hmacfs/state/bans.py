@@ -351,7 +351,14 @@ def request_unban(store_dir: Path, address: str) -> Path:
 
 
 class BanSyncService(PeriodicService):
-    """Every second: mirror shared blocks from Redis and apply unban requests."""
+    """
+    Every second: mirror shared blocks from Redis and apply unban requests.
+
+    The unban requests are files in ``StoreDir/.hmacfs/unban``; with
+    ``run_blocking`` (the disk pool) they are read there, so a slow store never
+    holds the reactor thread once a second.  Without it (tests, tools) they are
+    read in place.
+    """
 
     def __init__(
         self,
@@ -361,35 +368,58 @@ class BanSyncService(PeriodicService):
         store_dir: Path,
         shared: SharedBans | None = None,
         interval: float = 1.0,
+        run_blocking: Callable[..., Deferred[Any]] | None = None,
     ) -> None:
         super().__init__(clock, interval, self.tick, what="ban sync")
         self.bans = bans
         self.shared = shared
         self.unban_dir = store_dir / PRIVATE_DIR / UNBAN_DIR
+        self.run_blocking = run_blocking
         self._applied: dict[str, float] = {}
 
-    def tick(self) -> None:
+    def tick(self) -> Deferred[None] | None:
         if self.shared is not None:
             self.shared.sync()
-        self.apply_unban_requests()
-        self.bans.prune()
+        if self.run_blocking is None:
+            self.apply_unban_requests()
+            self.bans.prune()
+            return None
+        reading = self.run_blocking(read_unban_requests, self.unban_dir, time.time())
+        reading.addCallback(self._apply)
+        reading.addCallback(lambda _: self.bans.prune())
+        return reading
 
     def apply_unban_requests(self) -> None:
+        self._apply(read_unban_requests(self.unban_dir, time.time()))
+
+    def _apply(self, requests: list[tuple[str, float, bool]]) -> None:
+        for name, mtime, expired in requests:
+            if self._applied.get(name) != mtime:
+                self._applied[name] = mtime
+                if self.bans.unblock(name):
+                    log.info("block of {address} lifted by an operator", address=name)
+            if expired:
+                self._applied.pop(name, None)
+
+
+def read_unban_requests(unban_dir: Path, now: float) -> list[tuple[str, float, bool]]:
+    """
+    The unban requests as ``(address, mtime, expired)``, the expired ones removed
+    (blocking: on the disk pool).
+    """
+    try:
+        entries = list(os.scandir(unban_dir))
+    except FileNotFoundError:
+        return []
+    requests = []
+    for entry in entries:
         try:
-            entries = list(os.scandir(self.unban_dir))
+            mtime = entry.stat().st_mtime
         except FileNotFoundError:
-            return
-        now = time.time()
-        for entry in entries:
-            try:
-                mtime = entry.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            if self._applied.get(entry.name) != mtime:
-                self._applied[entry.name] = mtime
-                if self.bans.unblock(entry.name):
-                    log.info("block of {address} lifted by an operator", address=entry.name)
-            if now - mtime > UNBAN_REQUEST_LIFETIME:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-                self._applied.pop(entry.name, None)
+            continue
+        expired = now - mtime > UNBAN_REQUEST_LIFETIME
+        if expired:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+        requests.append((entry.name, mtime, expired))
+    return requests

@@ -35,7 +35,7 @@ from typing import Any
 
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -170,8 +170,9 @@ class RedisState:
     Locks and progress in Redis, shared by every node, with the embedded state
     underneath for when Redis is unreachable.
 
-    ``writer_lock_free(key)`` says whether no process on this host holds the
-    upload's partial file: a Redis lock held by an owner on this host whose
+    ``writer_lock_free(key)`` says (or fires a Deferred saying: the store's
+    ``IStore.writer_lock_free``, off the reactor thread) whether no process on
+    this host holds the upload's partial file: a Redis lock held by an owner on this host whose
     file lock is free belongs to a process that died (``kill -9``), and is
     taken over at once instead of after ``LOCK_TTL``.
     """
@@ -181,7 +182,7 @@ class RedisState:
         service: StateService,
         local: EmbeddedState,
         *,
-        writer_lock_free: Callable[[str], bool] = lambda key: False,
+        writer_lock_free: Callable[[str], bool | Deferred[bool]] = lambda key: False,
         lock_ttl: float = LOCK_TTL,
     ) -> None:
         self.service = service
@@ -215,7 +216,9 @@ class RedisState:
                 taken = True
             elif holder is None:  # expired between the two commands
                 taken = await client.set(lock_key(key), owner, pexpire=px, only_if_not_exists=True)
-            elif owner_host(str(holder)) == self.host and self.writer_lock_free(key):
+            elif owner_host(str(holder)) == self.host and await maybeDeferred(
+                self.writer_lock_free, key  # type: ignore[call-overload]  # bool or Deferred
+            ):
                 log.info("taking over the lock of {key} from a dead process", key=key)
                 taken = await client.eval(_STEAL, [lock_key(key)], [holder, owner, px])
             else:
@@ -322,7 +325,7 @@ class StateService(Service):
         redis_db: int = 0,
         max_retries: int = 5,
         retry_delay: float = 2.0,
-        writer_lock_free: Callable[[str], bool] = lambda key: False,
+        writer_lock_free: Callable[[str], bool | Deferred[bool]] = lambda key: False,
         endpoint: Any = None,
     ) -> None:
         self.reactor = reactor

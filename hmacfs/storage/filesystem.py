@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_storage -*-
 """
 The on-disk store for uploads: ``Store``, the façade the rest of hmacfs calls (it
-implements ``hmacfs.storage.interface.ILocalStore``) over the pieces of this folder.
+implements ``hmacfs.storage.blocking.ILocalBlockingStore``) over the pieces of this folder.
 
 Invariants: a file is never overwritten (commit publishes with ``os.link``, which refuses an
 existing name atomically); a failed upload leaves nothing at the target path; no method
@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from hmacfs.storage import locks, partial
+from hmacfs.storage.blocking import IBlockingUpload, ILocalBlockingStore
 from hmacfs.storage.fs_dirs import Dirs, PrivateDirs
 from hmacfs.storage.fs_paths import check_segments, open_parents, target_of
 from hmacfs.storage.fsio import DIR_MODE, FILE_MODE, close_all, log, unlink_quietly
-from hmacfs.storage.interface import ILocalStore, IPartialUpload, StorageError, StoredFile
+from hmacfs.storage.interface import StorageError, StoredFile
 from hmacfs.storage.layout import (
     is_path_key,
     meta_name,
@@ -170,7 +171,7 @@ class Store:
         return self._ledger.reserved
 
     def reserve(self, incoming: int) -> Reservation:
-        """``IStore.reserve``: ``statvfs`` says what is free; per process (``reservations``)."""
+        """``IBlockingStore.reserve``: ``statvfs`` says what is free; per process (``reservations``)."""
         return self._ledger.reserve(self.free_bytes(), incoming)
 
     # -- uploads in progress
@@ -184,7 +185,7 @@ class Store:
         record: dict[str, object] | None = None,
         resumable: bool = True,
     ) -> PartialUpload:
-        """``IStore.open_partial``: a partial file, locked, and its sidecar record beside it."""
+        """``IBlockingStore.open_partial``: a partial file, locked, and its sidecar record beside it."""
         segs = check_segments(segments)
         target = Path(target_of(self._root_prefix, segs))
         return partial.start(
@@ -193,7 +194,7 @@ class Store:
         )
 
     def resume_partial(self, segments: Sequence[str]) -> PartialUpload | None:
-        """``IStore.resume_partial``: the offset is the partial file's length."""
+        """``IBlockingStore.resume_partial``: the offset is the partial file's length."""
         segs = check_segments(segments)
         target = Path(target_of(self._root_prefix, segs))
         if os.path.lexists(target):
@@ -209,12 +210,12 @@ class Store:
         return partial.mtime(self._dirs().partial, path_key(check_segments(segments)))
 
     def remove_partial(self, segments: Sequence[str]) -> bool:
-        """``IStore.remove_partial``: the partial file and its record, taking the lock first."""
+        """``IBlockingStore.remove_partial``: the partial file and its record, taking the lock first."""
         segs = check_segments(segments)
         return partial.remove(self._dirs().partial, segs, where=self._private.partial_where)
 
     def sweep_partials(self, max_idle: float) -> int:
-        """``IStore.sweep_partials`` (``sweep``), the private directory rechecked first."""
+        """``IBlockingStore.sweep_partials`` (``sweep``), the private directory rechecked first."""
         now = self._now()
         try:
             dirs = self._dirs(force=True)
@@ -243,7 +244,7 @@ class Store:
 
 if TYPE_CHECKING:
     # mypy checks that the store implements its interface (structurally).
-    def _implements(store: Store, upload: PartialUpload) -> tuple[ILocalStore, IPartialUpload]:
+    def _implements(store: Store, upload: PartialUpload) -> tuple[ILocalBlockingStore, IBlockingUpload]:
         return store, upload
 
 

@@ -3,8 +3,13 @@
 Retention: deleting old files, keeping the store under its size cap.
 
 A reactor timer starts a sweep at startup and every RetentionInterval; the
-sweep itself (directory walk, deletions, report) runs on a worker thread and
-takes a lock file so that only one process or node sweeps at a time.
+sweep works through the ``IStore`` alone (``list_files`` pages, ``delete``,
+``add_tombstone``, ``purge_tombstones``), so it never touches the store from
+the reactor thread, and the deletion report is appended on the disk pool.
+Only one process or node sweeps at a time: the lock shared by the nodes
+(Redis, when configured) and the store's own lock (``ExclusiveLock``: the
+filesystem backend's flock'd file, for processes on one host and nodes on a
+shared mount).
 
 - DeleteFiles: files older than DeleteFilesAfterPeriod are deleted ("age").
 - RetentionPolicyEnabled: files older than MaxRetentionTime are deleted
@@ -14,13 +19,15 @@ takes a lock file so that only one process or node sweeps at a time.
 Every deletion is a line in the deletion report (time, path, size, reason)
 and leaves a tombstone until the retention horizon, so a leaked PUT URL that
 never expires (v, v2, token) cannot bring the file back.  Partial uploads and
-our own state under ``.hmacfs`` are never touched; empty directories are pruned.
+our own state under ``.hmacfs`` are never touched; the backend prunes the
+directories a deletion empties.
+
+``Tombstones`` and ``scan_store`` are the filesystem backend's pieces (blocking,
+run on the pool by ``fs_backend``).
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,10 +43,10 @@ from hmacfs.errors import Refusal
 from hmacfs.logs import log_router
 from hmacfs.periodic import PeriodicService
 from hmacfs.signing.paths import PathError, parse_slot_path
-from hmacfs.storage.filesystem import Store
 from hmacfs.storage.fs_dirs import PrivateDir
 from hmacfs.storage.fsio import write_file
-from hmacfs.storage.layout import PRIVATE_DIR, SWEEP_LOCK_FILE, TMP_SUFFIX, TOMBSTONES_DIR, path_key
+from hmacfs.storage.interface import FileEntry, IStore
+from hmacfs.storage.layout import PRIVATE_DIR, TMP_SUFFIX, TOMBSTONES_DIR, path_key
 
 log = Logger(observer=log_router)
 
@@ -56,6 +63,20 @@ class SweepLock(Protocol):
 
     def try_lock(self, name: str, owner: str, ttl: float) -> Deferred[bool]:
         """True if ``owner`` holds ``name`` for ``ttl`` s (or no one else can be asked)."""
+
+
+class ExclusiveLock(Protocol):
+    """
+    A lock the store itself offers for the sweep (the filesystem backend: a flock'd
+    file in ``.hmacfs``), held for the sweep's duration.
+    """
+
+    def acquire(self) -> Deferred[Callable[[], Deferred[None]] | None]:
+        """The release if this process now holds it, None if another does."""
+
+
+#: finished files asked of the store per ``list_files`` call
+LIST_PAGE = 10_000
 
 
 @attrs.define
@@ -93,15 +114,6 @@ class RetentionSettings:
         if self.policy_enabled:
             ages.append(self.max_time)
         return max(ages) if ages else 0.0
-
-
-@attrs.frozen
-class FileEntry:
-    """One finished file, as the sweep sees it."""
-
-    segments: tuple[str, ...]
-    size: int
-    mtime: float
 
 
 @attrs.define
@@ -234,68 +246,75 @@ def tombstone_check(tombstones: Tombstones, prefix: str) -> Callable[[Any], Refu
 
 
 class Sweeper:
-    """One sweep, blocking: run it on a thread."""
+    """One sweep, through the ``IStore``: every store call a Deferred, none on the reactor thread."""
 
     def __init__(
         self,
-        store: Store,
-        tombstones: Tombstones,
+        store: IStore,
         settings: RetentionSettings,
         report_file: Path,
+        *,
+        run_blocking: Callable[..., Deferred[Any]],
+        exclusive: ExclusiveLock | None = None,
         now: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
-        self.tombstones = tombstones
         self.settings = settings
         self.report_file = report_file
+        self.run_blocking = run_blocking
+        self.exclusive = exclusive
         self.now = now
-        self.lock_path = store.root / PRIVATE_DIR / SWEEP_LOCK_FILE
 
-    def sweep(self) -> SweepResult:
-        # Opened through the store's descriptor of .hmacfs: never through a link.
-        with os.fdopen(self.store.open_private_file(self.lock_path.name), "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as error:
-                if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    return SweepResult(skipped=True)
-                raise
-            try:
-                return self._sweep()
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def sweep(self) -> Deferred[SweepResult]:
+        return Deferred.fromCoroutine(self._held_sweep())
 
-    def _sweep(self) -> SweepResult:
+    async def _held_sweep(self) -> SweepResult:
+        release = None
+        if self.exclusive is not None:
+            release = await self.exclusive.acquire()
+            if release is None:
+                return SweepResult(skipped=True)
+        try:
+            return await self._sweep()
+        finally:
+            if release is not None:
+                await release()
+
+    async def _sweep(self) -> SweepResult:
         now = self.now()
-        files = list(scan_store(self.store.root))
+        files: list[FileEntry] = []
+        cursor: str | None = None
+        while True:
+            page = await self.store.list_files(cursor, LIST_PAGE)
+            files.extend(page.entries)
+            cursor = page.cursor
+            if cursor is None:
+                break
         result = SweepResult()
         doomed = plan_deletions(files, self.settings, now) if self.settings.active else []
         gone: set[tuple[str, ...]] = set()
         lines = []
         for entry, reason in doomed:
-            if self.store.delete(entry.segments):
-                self.tombstones.add(entry.segments, now + self.settings.horizon)
+            if await self.store.delete(entry.segments):
+                await self.store.add_tombstone(entry.segments, now + self.settings.horizon)
                 gone.add(entry.segments)
                 result.deleted[reason] = result.deleted.get(reason, 0) + 1
                 result.freed += entry.size
                 stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
                 lines.append(f"{stamp}\t{'/'.join(entry.segments)}\t{entry.size}\t{reason}\n")
         if lines:
-            with open(self.report_file, "a", encoding="utf-8") as report:
-                report.writelines(lines)
-            self._prune_empty_dirs({entry.segments[:-1] for entry, _ in doomed})
-        self.tombstones.purge_expired()
+            await self.run_blocking(append_report, self.report_file, lines)
+        await self.store.purge_tombstones()
         kept = [entry for entry in files if entry.segments not in gone]
         result.store_files = len(kept)
         result.store_bytes = sum(entry.size for entry in kept)
         return result
 
-    def _prune_empty_dirs(self, parents: set[tuple[str, ...]]) -> None:
-        for parent in sorted(parents, key=len, reverse=True):
-            for depth in range(len(parent), 0, -1):
-                # Walked with openat like every store path: never rmdir through a link.
-                if not self.store.remove_empty_dir(parent[:depth]):
-                    break  # not empty (or gone): stop climbing
+
+def append_report(report_file: Path, lines: list[str]) -> None:
+    """Append deletion lines to the report (blocking: on the disk pool)."""
+    with open(report_file, "a", encoding="utf-8") as report:
+        report.writelines(lines)
 
 
 class RetentionService(Service):
@@ -306,17 +325,16 @@ class RetentionService(Service):
         *,
         clock: Any,
         sweeper: Sweeper,
-        run_blocking: Callable[..., Any],
         metrics: Any = None,
         lock: SweepLock | None = None,
     ) -> None:
         self.clock = clock
         self.sweeper = sweeper
-        self.run_blocking = run_blocking
         self.metrics = metrics
         #: the lock shared by the nodes (embedded: always granted): only the node
-        #: holding SWEEP_LOCK sweeps in an interval (the lock file covers
-        #: processes on one host and stores whose filesystem supports flock)
+        #: holding SWEEP_LOCK sweeps in an interval (the sweeper's ExclusiveLock,
+        #: a flock'd file on the filesystem, covers processes on one host and
+        #: stores whose filesystem supports flock)
         self.lock = lock
         self._timer = PeriodicService(
             clock, sweeper.settings.interval, self.sweep, what="retention sweep", now=True
@@ -358,7 +376,7 @@ class RetentionService(Service):
         return self._running
 
     def sweep(self) -> Any:
-        """One sweep on the thread pool; overlapping sweeps are skipped."""
+        """One sweep (its store calls on the disk pool); overlapping sweeps are skipped."""
         if self._running is not None:
             return None
         d = Deferred.fromCoroutine(self._locked_sweep())
@@ -380,11 +398,11 @@ class RetentionService(Service):
             try:
                 taken = await self.lock.try_lock(SWEEP_LOCK, owner, ttl)
             except Exception as error:  # noqa: BLE001 - Redis trouble: fall back to the lock file
-                log.info("sweep lock in Redis unavailable ({error}); using the lock file", error=error)
+                log.info("sweep lock in Redis unavailable ({error}); using the store's lock", error=error)
                 taken = True
             if not taken:
                 return SweepResult(skipped=True)
-        return await self.run_blocking(self.sweeper.sweep)
+        return await self.sweeper.sweep()
 
     def _swept(self, result: SweepResult) -> SweepResult:
         if result.skipped:

@@ -6,7 +6,8 @@ Plain functions of the request's headers and arguments (checksum, session
 token, Content-Type, Content-Range) and one ``Admission`` object for the
 checks that need the secret or the store (the MAC, the size limit, the
 binding of a request to an upload in progress), so each decision is tested
-on a bare request object without a socket.
+on a bare request object without a socket.  What needs the store asks the
+``IStore`` and answers with a Deferred: nothing here touches the disk.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import attrs
+from twisted.internet.defer import Deferred
 
 from hmacfs.signing.auth import Authenticator, AuthError
 from hmacfs.signing.paths import SlotPath
-from hmacfs.storage.filesystem import Store
+from hmacfs.storage.interface import TOMBSTONED, IStore, StoredFile
 from hmacfs.upload.receiver import UploadFailed
 from hmacfs.upload.resume import UploadRecord, mac_fingerprint, offset_header, parse_content_range
 
@@ -133,7 +135,7 @@ class Admission:
         self,
         *,
         limits: UploadLimits,
-        store: Store,
+        store: IStore,
         authenticator: Authenticator,
         on_auth_failure: Callable[[Any, str], None] | None = None,
     ) -> None:
@@ -174,10 +176,33 @@ class Admission:
         except ValueError as error:
             raise UploadFailed(400, str(error)) from None
 
-    def check_absent(self, slot: SlotPath, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-        """409 when the file is already stored: a slot is written once."""
-        if self.store.exists(slot.segments):
-            raise UploadFailed(409, "file already exists", headers)
+    def check_absent(
+        self, slot: SlotPath, headers: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> Deferred[None]:
+        """Fails with 409 when the file is already stored: a slot is written once."""
+
+        def decided(exists: bool) -> None:
+            if exists:
+                raise UploadFailed(409, "file already exists", headers)
+
+        return self.store.exists(slot.segments).addCallback(decided)
+
+    def check_tombstone(self, slot: SlotPath) -> Deferred[None]:
+        """
+        Fails with 403 for a path retention deleted (a never-expiring URL may not
+        re-create it).  ``IStore.admit``/``resume`` refuse it too: this is for the
+        requests that are refused before they get that far (a resume of nothing).
+        """
+
+        def decided(blocked: bool) -> None:
+            if blocked:
+                raise UploadFailed(403, TOMBSTONED)
+
+        return self.store.tombstoned(slot.segments).addCallback(decided)
+
+    def lookup(self, slot: SlotPath) -> Deferred[StoredFile | None]:
+        """The finished file at ``slot``, or None."""
+        return self.store.lookup(slot.segments)
 
     @staticmethod
     def record(
@@ -195,13 +220,16 @@ class Admission:
             **kw,
         )
 
-    def resumable(self, slot: SlotPath) -> tuple[int, UploadRecord] | None:
-        """The upload in progress on ``slot``: (bytes on disk, its record), or None."""
-        status = self.store.partial_status(slot.segments)
-        if status is None:
-            return None
-        record = UploadRecord.from_dict(status[1])
-        return None if record is None else (status[0], record)
+    def resumable(self, slot: SlotPath) -> Deferred[tuple[int, UploadRecord] | None]:
+        """The upload in progress on ``slot``: (bytes stored, its record), or None."""
+
+        def found(status: tuple[int, dict[str, object]] | None) -> tuple[int, UploadRecord] | None:
+            if status is None:
+                return None
+            record = UploadRecord.from_dict(status[1])
+            return None if record is None else (status[0], record)
+
+        return self.store.upload_status(slot.segments).addCallback(found)
 
     @staticmethod
     def binds(record: UploadRecord, request: Any, slot: SlotPath, *, session: bool) -> bool:

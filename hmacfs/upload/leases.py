@@ -3,23 +3,26 @@
 The lease dance around the store: one writer per upload.
 
 An admitted request takes the upload's ``Lease`` (``Uploads.lock``, taking
-over from a dead connection of the same client when it resumes), opens or
-reopens the partial file under it (promising the free space the rest of the
-upload needs), and gets an ``UploadReceiver`` whose end releases the lease.
-Any failure on the way lets go of what was taken.
+over from a dead connection of the same client when it resumes), admits or
+resumes the upload in the store under it (``IStore.admit``/``resume``: one
+store step that also promises the free space the rest of the upload needs),
+and gets an ``UploadReceiver`` whose end releases the lease.  Any failure on
+the way lets go of what was taken.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from hmacfs.http.channel import Answer, StreamingRequest
 from hmacfs.signing.paths import SlotPath
-from hmacfs.storage.filesystem import PartialUpload, StorageError, Store
+from hmacfs.storage.interface import IStore, IUpload, StorageError
 from hmacfs.upload.admission import UploadLimits
-from hmacfs.upload.receiver import RunBlocking, UploadFailed, UploadFinish, UploadReceiver
+from hmacfs.upload.receiver import UploadFailed, UploadFinish, UploadReceiver
 from hmacfs.upload.resume import Lease, UploadEnd, UploadRecord, Uploads, offset_header
 
 if TYPE_CHECKING:
@@ -27,21 +30,19 @@ if TYPE_CHECKING:
 
 
 class UploadStarter:
-    """Leases, partial files and receivers for admitted uploads; counts those in flight."""
+    """Leases, store uploads and receivers for admitted uploads; counts those in flight."""
 
     def __init__(
         self,
         *,
         limits: UploadLimits,
-        store: Store,
+        store: IStore,
         uploads: Uploads,
-        run_blocking: RunBlocking,
         clock: IReactorTime,
     ) -> None:
         self.limits = limits
         self.store = store
         self.uploads = uploads
-        self.run_blocking = run_blocking
         self.clock = clock
         #: uploads accepted and not yet stored, kept or abandoned (for graceful stop)
         self.active = 0
@@ -61,7 +62,7 @@ class UploadStarter:
         resumable: bool = True,
     ) -> Deferred[UploadReceiver]:
         """
-        Take the upload's lease, open its partial file and build its receiver.
+        Take the upload's lease, admit (or resume) it in the store and build its receiver.
 
         ``resumed`` marks the request for metrics (``RequestState.resumed``) once it is
         admitted: it continues an upload that an earlier request left unfinished.
@@ -70,18 +71,23 @@ class UploadStarter:
         it fails: the client sends the same few bytes again.
         """
 
-        def locked(lease: Lease) -> UploadReceiver:
-            try:
-                partial = self.open(
-                    slot, record, fresh=fresh, takeover=takeover, first=first, length=length,
-                    resumable=resumable,
-                )
-            except BaseException:
-                lease.release()
-                raise
+        def locked(lease: Lease) -> Deferred[UploadReceiver]:
+            d = self.open(
+                slot, record, fresh=fresh, takeover=takeover, first=first, length=length,
+                resumable=resumable,
+            )
+            return d.addCallbacks(opened, not_opened, callbackArgs=(lease,), errbackArgs=(lease,))
+
+        def not_opened(failure: Failure, lease: Lease) -> Failure:
+            lease.release()
+            return failure
+
+        def opened(upload: IUpload, lease: Lease) -> UploadReceiver:
+            # What this request brings (a tus PATCH may bring less than the rest): a store
+            # that keeps whole parts plans them with it.
+            upload.expect(length)
             finish = UploadFinish(
-                partial,
-                run_blocking=self.run_blocking,
+                upload,
                 total=record.size,
                 expected_sha256=(
                     bytes.fromhex(record.sha256)
@@ -95,7 +101,6 @@ class UploadStarter:
             )
             receiver = UploadReceiver(
                 finish,
-                run_blocking=self.run_blocking,
                 flow=request.channel,
                 high_water=4 * self.limits.buffer_size,
                 progress=self.uploads.progress_callback(record),
@@ -121,68 +126,84 @@ class UploadStarter:
         first: int,
         length: int,
         resumable: bool = True,
-    ) -> PartialUpload:
-        """A new partial file (``fresh``), or the one left at ``first`` bytes by this upload."""
-        try:
-            if fresh:
-                # The space the whole upload needs is promised to it now (and counted by
-                # every later admission) until it ends: concurrent uploads cannot each
-                # count the same free bytes.
-                reservation = self.store.reserve(record.size)
-                try:
-                    opened = self.store.open_partial(
-                        slot.segments, record.content_type, record.size,
-                        record=record.to_dict() if resumable else None, resumable=resumable,
-                    )
-                except BaseException:
-                    reservation.release()
-                    raise
-                opened.reservation = reservation
-                return opened
-            partial = self.store.resume_partial(slot.segments)
-        except StorageError as error:
+    ) -> Deferred[IUpload]:
+        """A new upload (``fresh``), or the one left at ``first`` bytes by this upload."""
+
+        def refused(failure: Failure) -> Any:
+            failure.trap(StorageError)
+            error = failure.value
             if error.reason == "upload already in progress":
-                raise self.uploads.busy_elsewhere(slot.segments, takeover=takeover) from None
-            raise UploadFailed(error.status, error.reason) from None
-        current = None if partial is None else UploadRecord.from_dict(partial.record or {})
+                return self.uploads.busy_elsewhere(slot.segments, takeover=takeover)
+            raise UploadFailed(error.status, error.reason, error.headers)
+
+        if fresh:
+            # One store step: tombstone, existence, the space the whole upload needs
+            # (promised to it now, counted by every later admission until it ends:
+            # concurrent uploads cannot each count the same free bytes), the file.
+            return self.store.admit(
+                slot.segments, record.content_type, record.size,
+                record=record.to_dict() if resumable else None, resumable=resumable,
+            ).addErrback(refused)
+        # What the rest of the upload needs, not only this request's part of it.
+        d = self.store.resume(slot.segments, record.size - first).addErrback(refused)
+        return d.addCallback(self._resumed, record, first)
+
+    def _resumed(
+        self, upload: IUpload | None, record: UploadRecord, first: int
+    ) -> IUpload | Deferred[IUpload]:
+        current = None if upload is None else UploadRecord.from_dict(upload.record or {})
         if (
-            partial is None
+            upload is None
             or current is None
             or (current.mac, current.size, current.token) != (record.mac, record.size, record.token)
         ):
-            if partial is not None:
-                partial.release()
-            raise UploadFailed(409, "no upload to resume", (offset_header(0),))
-        if partial.written != first:
-            offset = partial.release()
-            raise UploadFailed(409, "wrong offset: resume from Upload-Offset", (offset_header(offset),))
+            refusal = UploadFailed(409, "no upload to resume", (offset_header(0),))
+            if upload is None:
+                raise refusal
+            return _release_then(upload, lambda _offset: refusal)
+        if upload.written != first:
+            return _release_then(
+                upload,
+                lambda offset: UploadFailed(
+                    409, "wrong offset: resume from Upload-Offset", (offset_header(offset),)
+                ),
+            )
         if record != current:  # the resume announced a checksum the creation did not
-            partial.record = record.to_dict()
-        try:
-            # What the rest of the upload needs, not only this request's part of it.
-            partial.reservation = self.store.reserve(record.size - first)
-        except StorageError as error:
-            partial.release()
-            raise UploadFailed(error.status, error.reason) from None
-        return partial
+            upload.record = record.to_dict()
+        return upload
 
     def remove(self, slot: SlotPath, record: UploadRecord) -> Deferred[Answer]:
-        """tus termination: under the upload's lease (taken over), drop its partial file."""
+        """tus termination: under the upload's lease (taken over), drop its partial upload."""
 
-        def locked(lease: Lease) -> Answer:
+        def locked(lease: Lease) -> Deferred[Answer]:
             lease.record = record  # so its progress record is dropped too
-            try:
-                removed = self.store.remove_partial(slot.segments)
-            except StorageError as error:
-                lease.release()
-                raise self.uploads.busy_elsewhere(slot.segments, takeover=True) from error
+            return self.store.remove_upload(slot.segments).addCallbacks(
+                removed, failed, callbackArgs=(lease,), errbackArgs=(lease,)
+            )
+
+        def removed(found: bool, lease: Lease) -> Answer:
             lease.release(UploadEnd("removed", 0))
-            if not removed:
+            if not found:
                 raise UploadFailed(404, "no upload in progress")
             return Answer(204)
+
+        def failed(failure: Failure, lease: Lease) -> Any:
+            lease.release()
+            if failure.check(StorageError):
+                return self.uploads.busy_elsewhere(slot.segments, takeover=True)
+            return failure
 
         return self.uploads.lock(slot.segments, takeover=True).addCallback(locked)
 
     def _ended(self, lease: Lease, end: UploadEnd) -> None:
         self.active -= 1
         lease.release(end)
+
+
+def _release_then(upload: IUpload, refusal: Callable[[int], UploadFailed]) -> Deferred[IUpload]:
+    """Let go of an upload this request may not continue, then fail with ``refusal(offset)``."""
+
+    def refuse(offset: int) -> IUpload:
+        raise refusal(offset)
+
+    return upload.release().addCallback(refuse)

@@ -3,9 +3,11 @@
 Upload admission, decided from the request line and headers.
 
 ``UploadPolicy.headers_received`` runs before any byte of the body is read:
-path, method, length, MAC, size limit, existence, free space and, for a
-resumed upload, its binding and offset are all checked there, so a refused
-client gets its answer without sending the body.  The same holds for the
+path, method, length, MAC, size limit, tombstones, existence, free space
+and, for a resumed upload, its binding and offset are all checked there, so a
+refused client gets its answer without sending the body.  The checks that need
+the store are Deferreds of the ``IStore`` (``RequestState.admission``): the
+channel holds the body, and any 100 Continue, until they are decided.  The same holds for the
 three ways a body can arrive:
 
 * ``PUT`` of the whole file (XEP-0363), or of its rest with ``Content-Range:
@@ -36,12 +38,12 @@ from hmacfs.http.channel import Answer, RequestState, StreamingRequest
 from hmacfs.logs import log_router
 from hmacfs.signing.auth import Authenticator
 from hmacfs.signing.paths import PathError, SlotPath, parse_slot_path
-from hmacfs.storage.filesystem import Store
+from hmacfs.storage.interface import IStore
 from hmacfs.upload import tus
 from hmacfs.upload.admission import Admission, UploadLimits, client_token, has_mac
 from hmacfs.upload.leases import UploadStarter
 from hmacfs.upload.protocols import PutUploads, TusUploads
-from hmacfs.upload.receiver import RunBlocking, UploadReceiver
+from hmacfs.upload.receiver import UploadReceiver
 from hmacfs.upload.resume import Uploads
 
 if TYPE_CHECKING:
@@ -65,9 +67,8 @@ class UploadPolicy:
         self,
         *,
         limits: UploadLimits,
-        store: Store,
+        store: IStore,
         authenticator: Authenticator,
-        run_blocking: RunBlocking,
         clock: IReactorTime,
         on_auth_failure: Callable[[StreamingRequest, str], None] | None = None,
         uploads: Uploads | None = None,
@@ -82,9 +83,7 @@ class UploadPolicy:
         self.admission = Admission(
             limits=limits, store=store, authenticator=authenticator, on_auth_failure=on_auth_failure
         )
-        self.starter = UploadStarter(
-            limits=limits, store=store, uploads=uploads, run_blocking=run_blocking, clock=clock
-        )
+        self.starter = UploadStarter(limits=limits, store=store, uploads=uploads, clock=clock)
         self.put = PutUploads(self.admission, self.starter, store)
         self.tus = TusUploads(self.admission, self.starter, store, uploads)
         self._tus_verbs: dict[bytes, Handler] = {
@@ -133,20 +132,18 @@ class UploadPolicy:
         except Refusal as refusal:
             state.rejection = Refusal(refusal.status, refusal.reason, refusal.headers)
             return
-        except OSError as error:
-            # A store lookup at header time (a HEAD's offset, a PUT's parents) that failed:
-            # a short answer, never an unhandled error in the channel.
-            refused = storage_refusal(error, reading=method == b"HEAD")
-            if refused.status == 503:
-                log.warn("{path}: storage error: {error}", path=slot.text, error=error.strerror or error)
-            state.rejection = Refusal(refused.status, refused.reason, refused.headers)
-            return
         if isinstance(outcome, Deferred):
             outcome.addCallbacks(
-                self._attach, self._refuse, callbackArgs=(state,), errbackArgs=(state,)
+                self._attach, self._refuse, callbackArgs=(state,),
+                errbackArgs=(state, slot, method == b"HEAD"),
             )
-            if not outcome.called:
-                state.admission = outcome
+            if state.consumer is None and state.answer is None and state.rejection is None:
+                # The store answers later (off the reactor thread): the channel reads
+                # no body and sends no 100 Continue until then.  (Not ``outcome``
+                # itself: a Deferred waiting on an inner one already counts as called.)
+                decided: Deferred[None] = Deferred()
+                outcome.addBoth(lambda _: decided.callback(None))
+                state.admission = decided
         else:
             self._attach(outcome, state)
 
@@ -156,10 +153,18 @@ class UploadPolicy:
         else:
             state.consumer = state.receiver = outcome
 
-    def _refuse(self, failure: Failure, state: RequestState) -> None:
+    def _refuse(self, failure: Failure, state: RequestState, slot: SlotPath, reading: bool) -> None:
         if failure.check(Refusal):
             error = failure.value
             state.rejection = Refusal(error.status, error.reason, error.headers)
+        elif failure.check(OSError):
+            # A store lookup at header time (a HEAD's offset, a PUT's parents) that failed:
+            # a short answer, never an unhandled error in the channel.
+            error = failure.value
+            refused = storage_refusal(error, reading=reading)
+            if refused.status == 503:
+                log.warn("{path}: storage error: {error}", path=slot.text, error=error.strerror or error)
+            state.rejection = Refusal(refused.status, refused.reason, refused.headers)
         else:
             log.failure("upload admission failed", failure)
             state.rejection = Refusal(500, "internal error")

@@ -7,18 +7,23 @@ The two ways an upload arrives and resumes, each as the handlers of its verbs.
 ``HEAD`` with that token that says how far it got.  ``TusUploads``: tus 1.0
 creation (with upload), ``PATCH``, ``HEAD`` and termination on the signed URL.
 Each handler takes ``(request, slot, length)`` after the path parsed, checks
-with ``Admission`` and returns an ``Answer`` or starts a writer
-(``UploadStarter``); refusals are raised as ``UploadFailed``.
+with ``Admission`` and returns a Deferred ``Answer`` or starts a writer
+(``UploadStarter``); refusals are raised (or the Deferred fails) as
+``UploadFailed``.  Every store lookup is a Deferred of the ``IStore``, made
+before the body is read.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from hmacfs.http.channel import Answer, StreamingRequest
 from hmacfs.signing.paths import SlotPath
-from hmacfs.storage.filesystem import Store, StoredFile
+from hmacfs.storage.interface import IStore, StoredFile
 from hmacfs.upload import tus
 from hmacfs.upload.admission import (
     Admission,
@@ -50,7 +55,7 @@ def offset_headers(offset: int, size: int, *, ranges: bool = True) -> Headers:
 class PutUploads:
     """``PUT`` (whole, or resumed with Content-Range) and the session-token ``HEAD``."""
 
-    def __init__(self, admission: Admission, starter: UploadStarter, store: Store) -> None:
+    def __init__(self, admission: Admission, starter: UploadStarter, store: IStore) -> None:
         self.admission = admission
         self.starter = starter
         self.store = store
@@ -65,9 +70,54 @@ class PutUploads:
         check.authorize(request, slot, total, content_type)
         check.check_size(total)
         expected = check.announced_sha256(request)
-        check.check_absent(slot, (offset_header(total),) if ranged else ())
         token = client_token(request)
-        found = check.resumable(slot) if ranged else None
+        if not ranged:
+            # A whole file: the store's admission (one step: tombstone, existence,
+            # space, the upload) is all the store work before the body.
+            return self._fresh(request, slot, total, length, content_type, expected, token, False)
+        d: Deferred[Any] = check.check_tombstone(slot)
+        d.addCallback(lambda _: check.check_absent(slot, (offset_header(total),)))
+        d.addCallback(lambda _: check.resumable(slot))
+        return d.addCallback(
+            self._ranged, request, slot, first, total, length, content_type, expected, token
+        )
+
+    def _fresh(
+        self,
+        request: StreamingRequest,
+        slot: SlotPath,
+        total: int,
+        length: int,
+        content_type: bytes | None,
+        expected: bytes | None,
+        token: str | None,
+        ranged: bool,
+    ) -> Deferred[UploadReceiver]:
+        record = self.admission.record(
+            slot, request, total, content_type, token=token,
+            sha256=None if expected is None else expected.hex(),
+        )
+        # The whole body came with the headers and nobody asked to resume it: it is
+        # stored or dropped within this request, so it needs no sidecar record.
+        one_request = token is None and not ranged and request.upload_state.body_in_hand
+        return self.starter.start(
+            request, slot, record, fresh=True, takeover=False, first=0, length=length,
+            resumable=not one_request,
+        )
+
+    def _ranged(
+        self,
+        found: tuple[int, UploadRecord] | None,
+        request: StreamingRequest,
+        slot: SlotPath,
+        first: int,
+        total: int,
+        length: int,
+        content_type: bytes | None,
+        expected: bytes | None,
+        token: str | None,
+    ) -> Deferred[UploadReceiver]:
+        check = self.admission
         if found is not None and (
             found[1].size != total or not check.binds(found[1], request, slot, session=True)
         ):
@@ -75,17 +125,7 @@ class PutUploads:
         if found is None:
             if first != 0:
                 raise UploadFailed(409, "no upload to resume for this session", (offset_header(0),))
-            record = check.record(
-                slot, request, total, content_type, token=token,
-                sha256=None if expected is None else expected.hex(),
-            )
-            # The whole body came with the headers and nobody asked to resume it: it is
-            # stored or dropped within this request, so it needs no sidecar record.
-            one_request = token is None and not ranged and request.upload_state.body_in_hand
-            return self.starter.start(
-                request, slot, record, fresh=True, takeover=False, first=0, length=length,
-                resumable=not one_request,
-            )
+            return self._fresh(request, slot, total, length, content_type, expected, token, True)
         record = found[1]
         if expected is not None and record.sha256 is not None and expected.hex() != record.sha256:
             raise UploadFailed(400, "the checksum differs from the one the upload started with")
@@ -96,20 +136,27 @@ class PutUploads:
             resumed=first > 0,
         )
 
-    def head(self, request: StreamingRequest, slot: SlotPath, length: int | None) -> Answer:
+    def head(
+        self, request: StreamingRequest, slot: SlotPath, length: int | None
+    ) -> Deferred[Answer]:
         """``HEAD`` with ``X-Session-Token`` on the signed URL: how far the upload got."""
         check = self.admission
-        found = check.resumable(slot)
-        if found is not None:
-            offset, record = found
-            check.authorize(request, slot, record.size, record.signed_type_bytes)
-            check.check_session(record, request, slot)
-            return Answer(200, offset_headers(offset, record.size) + (NO_STORE,))
-        stored = self.store.stat(slot.segments)
-        if stored is not None:
+
+        def found(status: tuple[int, UploadRecord] | None) -> Answer | Deferred[Answer]:
+            if status is not None:
+                offset, record = status
+                check.authorize(request, slot, record.size, record.signed_type_bytes)
+                check.check_session(record, request, slot)
+                return Answer(200, offset_headers(offset, record.size) + (NO_STORE,))
+            return check.lookup(slot).addCallback(finished)
+
+        def finished(stored: StoredFile | None) -> Answer:
+            if stored is None:
+                raise UploadFailed(404, "no upload in progress", (offset_header(0),))
             check.authorize(request, slot, stored.size, stored.content_type.encode("ascii"))
             return Answer(200, offset_headers(stored.size, stored.size) + (NO_STORE,))
-        raise UploadFailed(404, "no upload in progress", (offset_header(0),))
+
+        return check.resumable(slot).addCallback(found)
 
 
 class _Complete(Exception):
@@ -124,7 +171,7 @@ class TusUploads:
     """tus 1.0 on the signed URL: creation (with upload), ``PATCH``, ``HEAD``, termination."""
 
     def __init__(
-        self, admission: Admission, starter: UploadStarter, store: Store, uploads: Uploads
+        self, admission: Admission, starter: UploadStarter, store: IStore, uploads: Uploads
     ) -> None:
         self.admission = admission
         self.starter = starter
@@ -149,34 +196,40 @@ class TusUploads:
             raise UploadFailed(413, "the body is larger than Upload-Length")
         expected = check.announced_sha256(request)
         chunk = tus.chunk_checksum(request) if length else None
-        check.check_absent(slot)
         record = check.record(
             slot, request, size, content_type, protocol="tus",
             sha256=None if expected is None else expected.hex(),
             metadata=None if raw_metadata is None else raw_metadata.decode("latin-1"),
         )
         request.upload_state.kind = "tus-create"
+        # The store's admission refuses a tombstoned path (403) or an existing file (409).
         return self.starter.start(
             request, slot, record, fresh=True, takeover=False, first=0, length=length, chunk=chunk
         )
 
-    def _upload(self, request: StreamingRequest, slot: SlotPath) -> tuple[int, UploadRecord]:
+    def _upload(self, request: StreamingRequest, slot: SlotPath) -> Deferred[tuple[int, UploadRecord]]:
         """
         The upload a tus request is about, authorised; 404 when there is none for this URL
-        or it was started with an X-Session-Token this request does not carry.
+        or it was started with an X-Session-Token this request does not carry; fails with
+        ``_Complete`` when it is a finished file by now.
         """
         check = self.admission
-        found = check.resumable(slot)
-        if found is None:
-            stored = self.store.stat(slot.segments)
-            if stored is not None:
-                check.authorize(request, slot, stored.size, stored.content_type.encode("ascii"))
-                raise _Complete(stored)
-            raise UploadFailed(404, "no upload in progress")
-        offset, record = found
-        check.authorize(request, slot, record.size, record.signed_type_bytes)
-        check.check_session(record, request, slot)
-        return offset, record
+
+        def found(status: tuple[int, UploadRecord] | None) -> Any:
+            if status is None:
+                return check.lookup(slot).addCallback(finished)
+            offset, record = status
+            check.authorize(request, slot, record.size, record.signed_type_bytes)
+            check.check_session(record, request, slot)
+            return offset, record
+
+        def finished(stored: StoredFile | None) -> None:
+            if stored is None:
+                raise UploadFailed(404, "no upload in progress")
+            check.authorize(request, slot, stored.size, stored.content_type.encode("ascii"))
+            raise _Complete(stored)
+
+        return check.resumable(slot).addCallback(found)
 
     def patch(
         self, request: StreamingRequest, slot: SlotPath, length: int | None
@@ -185,40 +238,57 @@ class TusUploads:
         offset = tus.upload_offset(request)
         length = require_length(length)
         chunk = tus.chunk_checksum(request)
-        try:
-            _on_disk, record = self._upload(request, slot)
-        except _Complete as complete:
-            raise UploadFailed(
-                409, "the upload is complete", (offset_header(complete.stored.size),)
-            ) from None
-        if offset + length > record.size:
-            raise UploadFailed(400, "the chunk goes beyond Upload-Length")
-        request.upload_state.kind = "tus-patch"
-        return self.starter.start(
-            request, slot, record, fresh=False, takeover=True, first=offset, length=length,
-            chunk=chunk,
-            resumed=offset > 0 and not self.uploads.continues_cleanly(slot.segments),
-        )
 
-    def head(self, request: StreamingRequest, slot: SlotPath, length: int | None) -> Answer:
-        try:
-            offset, record = self._upload(request, slot)
-        except _Complete as complete:
-            size = complete.stored.size
+        def complete(failure: Failure) -> UploadReceiver:
+            failure.trap(_Complete)
+            raise UploadFailed(409, "the upload is complete", (offset_header(failure.value.stored.size),))
+
+        def start(found: tuple[int, UploadRecord]) -> Deferred[UploadReceiver]:
+            _in_store, record = found
+            if offset + length > record.size:
+                raise UploadFailed(400, "the chunk goes beyond Upload-Length")
+            request.upload_state.kind = "tus-patch"
+            return self.starter.start(
+                request, slot, record, fresh=False, takeover=True, first=offset, length=length,
+                chunk=chunk,
+                resumed=offset > 0 and not self.uploads.continues_cleanly(slot.segments),
+            )
+
+        d = self.admission.check_tombstone(slot)
+        d.addCallback(lambda _: self._upload(request, slot))
+        return d.addCallbacks(start, complete)
+
+    def head(
+        self, request: StreamingRequest, slot: SlotPath, length: int | None
+    ) -> Deferred[Answer]:
+        def complete(failure: Failure) -> Answer:
+            failure.trap(_Complete)
+            size = failure.value.stored.size
             return Answer(200, offset_headers(size, size, ranges=False) + (NO_STORE,))
-        headers = offset_headers(offset, record.size, ranges=False) + (
-            NO_STORE,
-            tus.expires_header(self.uploads.expires_at(slot.segments)),
-        )
-        if record.metadata:
-            headers += ((b"Upload-Metadata", record.metadata.encode("latin-1")),)
-        return Answer(200, headers)
+
+        def found(status: tuple[int, UploadRecord]) -> Deferred[Answer]:
+            offset, record = status
+            return self.uploads.expires_at(slot.segments).addCallback(answer, offset, record)
+
+        def answer(expires: float, offset: int, record: UploadRecord) -> Answer:
+            headers = offset_headers(offset, record.size, ranges=False) + (
+                NO_STORE,
+                tus.expires_header(expires),
+            )
+            if record.metadata:
+                headers += ((b"Upload-Metadata", record.metadata.encode("latin-1")),)
+            return Answer(200, headers)
+
+        return self._upload(request, slot).addCallbacks(found, complete)
 
     def delete(
         self, request: StreamingRequest, slot: SlotPath, length: int | None
     ) -> Deferred[Answer]:
-        try:
-            _offset, record = self._upload(request, slot)
-        except _Complete:
-            raise UploadFailed(404, "no upload in progress (the file is complete)") from None
-        return self.starter.remove(slot, record)
+        def complete(failure: Failure) -> Answer:
+            failure.trap(_Complete)
+            raise UploadFailed(404, "no upload in progress (the file is complete)")
+
+        def remove(status: tuple[int, UploadRecord]) -> Deferred[Answer]:
+            return self.starter.remove(slot, status[1])
+
+        return self._upload(request, slot).addCallbacks(remove, complete)

@@ -1,11 +1,11 @@
 # -*- test-case-name: tests.test_receiver -*-
 """
-One request's body on its way to the upload's partial file.
+One request's body on its way to the upload (an ``IUpload`` of the store).
 
 Two parts with one boundary: ``UploadReceiver`` is the write pipeline (the
-channel's ``IBodyConsumer``: batches, ``writev`` jobs on the pool, pausing
-the socket while the disk lags), called per chunk; ``UploadFinish`` is how
-the partial file ends (commit after the checksums, keep for a resume, or
+channel's ``IBodyConsumer``: batches, ``IUpload.write`` calls, pausing
+the socket while the store lags), called per chunk; ``UploadFinish`` is how
+the upload ends (commit after the checksums, keep for a resume, or
 remove) and what the request's ``done`` says, used once per request.  The
 finish needs no channel, so its commit protocol is tested on its own.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import hashlib
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -25,13 +25,13 @@ from twisted.python.failure import Failure
 from hmacfs.errors import Refusal
 from hmacfs.http.channel import IBodyConsumer
 from hmacfs.logs import log_router
-from hmacfs.storage.filesystem import PartialUpload, StorageError, StoredFile
+from hmacfs.storage.interface import Hasher, IUpload, StorageError, StoredFile
 from hmacfs.upload import tus
 from hmacfs.upload.resume import CHECKPOINT_BYTES, CHECKPOINT_SECONDS, UploadEnd, offset_header
 
 log = Logger(observer=log_router)
 
-RunBlocking = Callable[..., Deferred]
+T = TypeVar("T")
 
 #: At most this many buffers go to one writev() call (IOV_MAX is 1024).
 MAX_BATCH_BUFFERS = 512
@@ -71,21 +71,24 @@ class UploadFinish:
     for the next request (``done`` fires ``Progress``); a tus chunk whose
     ``Upload-Checksum`` differs is cut off again.  The client went away: what
     was written is kept (``keep_on_interrupt``).  ``on_end`` hears, exactly
-    once, how the partial file was left; ``done`` fires once with the answer.
+    once, how the upload was left; ``done`` fires once with the answer.
+
+    Every store operation goes through the upload's ``IUpload``; the checksums
+    are fed by the store as part of its writes (``IUpload.write``'s hashers), so
+    the reactor thread never hashes a big body on the filesystem backend.
     """
 
     # One per upload request: no instance dict.
     __slots__ = (
-        "partial", "start", "total", "keep_on_interrupt", "_keep_empty", "_run_blocking",
-        "_on_end", "_expected", "_hasher", "_prefix", "_chunk_expected", "_chunk_hasher",
+        "upload", "start", "total", "keep_on_interrupt", "_keep_empty", "_on_end",
+        "_expected", "_hasher", "_prefix", "_chunk_expected", "_chunk_hasher", "_hashers",
         "finishing", "done",
     )
 
     def __init__(
         self,
-        partial: PartialUpload,
+        upload: IUpload,
         *,
-        run_blocking: RunBlocking,
         total: int | None = None,
         expected_sha256: bytes | None = None,
         chunk_checksum: tuple[str, bytes] | None = None,
@@ -93,22 +96,24 @@ class UploadFinish:
         keep_on_interrupt: bool = False,
         keep_empty: bool = False,
     ) -> None:
-        self.partial = partial
-        self.start = partial.written
+        self.upload = upload
+        self.start = upload.written
         self.total = total
         self.keep_on_interrupt = keep_on_interrupt
         self._keep_empty = keep_empty
-        self._run_blocking = run_blocking
         self._on_end = on_end
         self._expected = expected_sha256
         self._hasher = hashlib.sha256() if expected_sha256 is not None else None
-        # Bytes an earlier request wrote, to hash before ours (on the pool thread).
+        # Bytes an earlier request wrote, to hash (by the store) before ours.
         self._prefix = self.start if self._hasher is not None else 0
         self._chunk_expected: bytes | None = None
         self._chunk_hasher: Any = None
         if chunk_checksum is not None:
             name, self._chunk_expected = chunk_checksum
             self._chunk_hasher = tus.CHECKSUM_ALGORITHMS[name]()
+        self._hashers: tuple[Hasher, ...] = tuple(
+            h for h in (self._hasher, self._chunk_hasher) if h is not None
+        )
         #: an ending has begun: the pipeline starts no more jobs
         self.finishing = False
         self.done: Deferred[StoredFile | Progress] = Deferred()
@@ -118,17 +123,36 @@ class UploadFinish:
         """Whether this request's bytes carry a tus chunk checksum (checked before any commit)."""
         return self._chunk_hasher is not None
 
-    def hash(self, batch: list[bytes]) -> None:
-        """Runs in a worker thread, before the batch is written: feed the checksums."""
-        if self._hasher is not None:
-            if self._prefix:
-                self.partial.hash_prefix(self._hasher, self._prefix)
-                self._prefix = 0
-            for chunk in batch:
-                self._hasher.update(chunk)
-        if self._chunk_hasher is not None:
-            for chunk in batch:
-                self._chunk_hasher.update(chunk)
+    @property
+    def path(self) -> str:
+        """The upload's path, for the log."""
+        return "/".join(self.upload.segments)
+
+    def _with_prefix(self, then: Callable[[], Deferred[T]]) -> Deferred[T]:
+        """``then()``, after the bytes of earlier requests were fed to the whole-file hasher."""
+        prefix, self._prefix = self._prefix, 0
+        if not prefix or self._hasher is None:
+            return then()
+        return self.upload.hash_prefix(self._hasher, prefix).addCallback(lambda _: then())
+
+    def write(self, batch: list[bytes]) -> Deferred[int]:
+        """Write a batch of this request's body, the checksums fed by the store."""
+        return self._with_prefix(lambda: self.upload.write(batch, self._hashers))
+
+    def write_and_commit(self, batch: list[bytes]) -> Deferred[StoredFile]:
+        """Write the last batch (maybe none) and commit, one store step (``_digest`` checks)."""
+        return self._with_prefix(
+            lambda: self.upload.write_and_commit(batch, self._hashers, self._digest)
+        )
+
+    def _digest(self) -> str | None:
+        """Called by the store once every byte is hashed: the whole file's SHA-256, or 400."""
+        if self._hasher is None:
+            return None
+        actual = self._hasher.digest()
+        if actual != self._expected:
+            raise UploadFailed(400, "checksum mismatch: the file was not stored")
+        return actual.hex()
 
     # the body ended
 
@@ -137,7 +161,7 @@ class UploadFinish:
         self.finishing = True
         if self._chunk_hasher is not None and self._chunk_hasher.digest() != self._chunk_expected:
             # tus checksum: the chunk is discarded, the upload stays where it was.
-            d: Deferred[Any] = self._run_blocking(self.partial.truncate, self.start)
+            d: Deferred[Any] = self.upload.truncate(self.start)
             # kept as it was before this chunk if the truncate worked, dropped if not
             d.addBoth(lambda result: self.close(
                 keep=not isinstance(result, Failure), clean=not isinstance(result, Failure)
@@ -150,8 +174,7 @@ class UploadFinish:
             d.addCallback(lambda _: self.fail(mismatch))
             return
         if self.total is None or offset >= self.total:
-            d = self._run_blocking(self.commit)
-            d.addCallbacks(self.committed, self.commit_failed)
+            self.write_and_commit([]).addCallbacks(self.committed, self.commit_failed)
             return
         self.close(keep=True, clean=True).addCallback(self._kept)
 
@@ -160,20 +183,6 @@ class UploadFinish:
             self.succeed(Progress(end.offset, self.total))
         else:
             self.fail(UploadFailed(500, "could not keep the upload"))
-
-    def commit(self) -> StoredFile:
-        """Runs in a worker thread: check the whole file's SHA-256, then publish it."""
-        digest = None
-        if self._hasher is not None:
-            if self._prefix:
-                self.partial.hash_prefix(self._hasher, self._prefix)
-                self._prefix = 0
-            actual = self._hasher.digest()
-            if actual != self._expected:
-                self.partial.abort()
-                raise UploadFailed(400, "checksum mismatch: the file was not stored")
-            digest = actual.hex()
-        return self.partial.commit(digest)
 
     def committed(self, stored: StoredFile) -> None:
         self.ended(UploadEnd("stored", stored.size))
@@ -184,19 +193,19 @@ class UploadFinish:
             error = failure.value
         elif failure.check(StorageError):
             error = UploadFailed(failure.value.status, failure.value.reason)
-        elif _is_enospc(failure):
-            # ``commit`` removed everything of this upload already.
-            log.warn("committing upload {path} failed: insufficient storage", path=self.partial.target)
-            self._run_blocking(self.partial.abort).addErrback(
-                lambda f: log.failure("removing partial upload failed", f)
-            )
-            error = UploadFailed(507, "insufficient storage")
         else:
-            log.failure("committing upload {path} failed", failure, path=self.partial.target)
-            self._run_blocking(self.partial.abort).addErrback(
+            if _is_enospc(failure):
+                # ``commit`` removed everything of this upload already.
+                log.warn("committing upload {path} failed: insufficient storage", path=self.path)
+            else:
+                log.failure("committing upload {path} failed", failure, path=self.path)
+            self.upload.abort().addErrback(
                 lambda f: log.failure("removing partial upload failed", f)
             )
-            error = UploadFailed(507 if _is_enospc(failure) else 500, "could not store the file")
+            error = UploadFailed(
+                507 if _is_enospc(failure) else 500,
+                "insufficient storage" if _is_enospc(failure) else "could not store the file",
+            )
         self.ended(UploadEnd("removed", 0))
         self.fail(error)
 
@@ -207,16 +216,16 @@ class UploadFinish:
         full = _is_full(failure)
         if full:
             # Expected in operation, not a bug: one line, no traceback.
-            log.warn("writing upload {path} failed: insufficient storage", path=self.partial.target)
+            log.warn("writing upload {path} failed: insufficient storage", path=self.path)
             return UploadFailed(507, "insufficient storage"), True
         if failure.check(StorageError):
             log.warn(
                 "writing upload {path} failed: {reason}",
-                path=self.partial.target,
+                path=self.path,
                 reason=failure.value.reason,
             )
             return UploadFailed(failure.value.status, failure.value.reason), False
-        log.failure("writing upload {path} failed", failure, path=self.partial.target)
+        log.failure("writing upload {path} failed", failure, path=self.path)
         return UploadFailed(500, "could not write the file"), False
 
     def interrupted(self, offset: int) -> None:
@@ -225,17 +234,16 @@ class UploadFinish:
         self.close(keep=keep, clean=False)
 
     def close(self, *, keep: bool, clean: bool) -> Deferred[UploadEnd]:
-        """Keep (release) or remove the partial file, then report how it was left."""
+        """Keep (release) or remove the upload, then report how it was left."""
         self.finishing = True
+        d: Deferred[UploadEnd]
         if keep:
-            d = self._run_blocking(self.partial.release)
-            d.addCallback(lambda offset: UploadEnd("kept", offset, clean))
+            d = self.upload.release().addCallback(lambda offset: UploadEnd("kept", offset, clean))
         else:
-            d = self._run_blocking(self.partial.abort)
-            d.addCallback(lambda _: UploadEnd("removed", 0, clean))
+            d = self.upload.abort().addCallback(lambda _: UploadEnd("removed", 0, clean))
 
         def failed(failure: Failure) -> UploadEnd:
-            log.failure("closing partial upload {path} failed", failure, path=self.partial.target)
+            log.failure("closing partial upload {path} failed", failure, path=self.path)
             return UploadEnd("removed", 0, False)
 
         d.addErrback(failed)
@@ -259,20 +267,21 @@ class UploadFinish:
 
 class UploadReceiver:
     """
-    Writes one request's body to its upload's partial file, off the reactor thread.
+    Writes one request's body to its upload, never blocking the reactor thread.
 
     Chunks queue in memory only while a write is in flight; once more than
-    ``high_water`` bytes wait, the socket is paused until the disk catches up,
-    so memory per upload stays bounded whatever the file size.  The reactor
-    thread only appends and counts; hashing and writing happen on the pool,
-    and every ``checkpoint_bytes``/``checkpoint_seconds`` a write is synced and
-    reported to ``progress``.  How the file ends is ``finish``'s; ``done`` is
-    its answer.
+    ``high_water`` bytes wait, the socket is paused until the store catches up
+    (``IUpload.write``'s Deferred is its back-pressure), so memory per upload
+    stays bounded whatever the file size.  The reactor thread only appends and
+    counts; hashing and writing are the store's (on the pool for the
+    filesystem), and every ``checkpoint_bytes``/``checkpoint_seconds`` a write
+    is followed by ``IUpload.checkpoint`` and reported to ``progress``.  How the
+    upload ends is ``finish``'s; ``done`` is its answer.
     """
 
     # One per upload request: no instance dict.
     __slots__ = (
-        "partial", "_finish", "done", "start", "total", "_run_blocking", "_flow", "_high_water",
+        "upload", "_finish", "done", "start", "total", "_flow", "_high_water",
         "_progress", "_checkpoint_bytes", "_checkpoint_seconds", "_clock", "_synced",
         "_synced_at", "_pending", "_queued", "_flushed", "_writing", "_paused", "_complete",
         "_aborted", "_error", "_answer", "received",
@@ -282,7 +291,6 @@ class UploadReceiver:
         self,
         finish: UploadFinish,
         *,
-        run_blocking: RunBlocking,
         flow: BodyFlow,
         high_water: int,
         progress: Callable[[int], None] | None = None,
@@ -290,12 +298,11 @@ class UploadReceiver:
         checkpoint_seconds: float = CHECKPOINT_SECONDS,
         clock: Any = None,
     ) -> None:
-        self.partial = partial = finish.partial
+        self.upload = upload = finish.upload
         self._finish = finish
         self.done = finish.done
-        self.start = partial.written
+        self.start = upload.written
         self.total = finish.total
-        self._run_blocking = run_blocking
         self._flow = flow
         self._high_water = high_water
         self._progress = progress
@@ -327,7 +334,7 @@ class UploadReceiver:
         if not self._writing:
             if self._last_bytes_of_upload():
                 # body_complete() follows in this same call: write and commit
-                # in one disk job (one thread hop for a small upload, not two).
+                # in one store step (one thread hop for a small upload, not two).
                 return
             self._flush()
         elif self._queued > self._high_water and not self._paused:
@@ -350,7 +357,7 @@ class UploadReceiver:
         self._pending = []
         log.info(
             "upload {path} interrupted after {received} bytes of this request",
-            path=self.partial.target,
+            path=self._finish.path,
             received=self.received,
         )
         if not self._writing:
@@ -367,7 +374,7 @@ class UploadReceiver:
 
     @property
     def offset(self) -> int:
-        """Bytes of the upload in its partial file so far."""
+        """Bytes of the upload in the store so far."""
         return self.start + self._flushed
 
     # the pipeline
@@ -380,16 +387,14 @@ class UploadReceiver:
             self.offset - self._synced >= self._checkpoint_bytes
             or self._clock.seconds() - self._synced_at >= self._checkpoint_seconds
         )
-        d = self._run_blocking(self._write_batch, batch, sync)
+        d = self._finish.write(batch)
+        if sync:
+            d.addCallback(self._checkpoint)
         d.addCallbacks(self._written, self._write_failed, callbackArgs=(sync,))
 
-    def _write_batch(self, batch: list[bytes], sync: bool) -> int:
-        """Runs in a worker thread: hash (hashlib releases the GIL), write, maybe fdatasync."""
-        self._finish.hash(batch)
-        count = self.partial.write(batch)
-        if sync:
-            self.partial.datasync()
-        return count
+    def _checkpoint(self, count: int) -> Deferred[int]:
+        """After a write: make the upload so far survive a crash (then it is reported)."""
+        return self.upload.checkpoint().addCallback(lambda _: count)
 
     def _written(self, count: int, sync: bool) -> None:
         self._writing = False
@@ -450,33 +455,30 @@ class UploadReceiver:
         self._writing = True
         finish = self._finish
         finish.finishing = True
+        count = sum(len(chunk) for chunk in batch)
+        end = self.offset + count
 
-        written: list[int] = []
-
-        def job() -> StoredFile:
-            written.append(self._write_batch(batch, False))
-            return finish.commit()
-
-        def count_written() -> None:
+        def count_written() -> bool:
             self._writing = False
-            if written:
-                self._queued -= written[0]
-                self._flushed += written[0]
+            if self.upload.written < end:
+                return False
+            self._queued -= count
+            self._flushed += count
+            return True
 
         def done(stored: StoredFile) -> None:
             count_written()
             finish.committed(stored)
 
         def failed(failure: Failure) -> None:
-            count_written()
-            # A failed write keeps what reached the disk (resumable), as on the
+            # A failed write keeps what reached the store (resumable), as on the
             # normal path; a failed commit is handled as a commit failure.
-            if written:
+            if count_written():
                 finish.commit_failed(failure)
             else:
                 self._write_failed(failure)
 
-        self._run_blocking(job).addCallbacks(done, failed)
+        finish.write_and_commit(batch).addCallbacks(done, failed)
 
 
 def _is_enospc(failure: Failure) -> bool:

@@ -4,7 +4,7 @@ Resumable uploads: what binds an interrupted upload to the client that may
 finish it, who is writing which upload right now, and the clean-up of
 uploads nobody comes back for.
 
-An interrupted upload keeps its partial file (``Store``) and a sidecar
+An interrupted upload keeps its partial data in the store (``IStore``) and a sidecar
 ``UploadRecord``: the signed size, the signed Content-Type, a fingerprint of
 the MAC and the client's ``X-Session-Token``.  A request may continue the
 upload only if its MAC verifies for that size and type and its fingerprint,
@@ -45,7 +45,8 @@ from hmacfs.logs import log_router
 from hmacfs.periodic import PeriodicService
 from hmacfs.signing.auth import SCHEMES
 from hmacfs.state.store import StateService, node_identity
-from hmacfs.storage.filesystem import StorageError, Store, path_key
+from hmacfs.storage.interface import IStore
+from hmacfs.storage.layout import path_key
 
 log = Logger(observer=log_router)
 
@@ -180,7 +181,7 @@ class Lease:
 
     __slots__ = (
         "uploads", "key", "segments", "owner", "started", "receiver", "record", "released",
-        "_waiters",
+        "clear_marker", "_waiters",
     )
 
     def __init__(self, uploads: Uploads, key: str, segments: tuple[str, ...], owner: str) -> None:
@@ -192,6 +193,10 @@ class Lease:
         self.receiver: Any = None
         self.record: UploadRecord | None = None
         self.released = False
+        #: whether a takeover marker may name this upload (a resume took it, or another
+        #: process asked for it): only then is the marker removed at the end, so that a
+        #: plain upload costs no store call for it (``sweep_uploads`` removes strays)
+        self.clear_marker = False
         self._waiters: list[Deferred[None]] = []
 
     def attach(self, receiver: Any, record: UploadRecord | None) -> None:
@@ -228,7 +233,7 @@ class Uploads:
     def __init__(
         self,
         *,
-        store: Store,
+        store: IStore,
         state: Any,
         clock: IReactorTime,
         ttl: float = 600.0,
@@ -279,15 +284,16 @@ class Uploads:
     def _acquire(self, key: str, segments: tuple[str, ...], takeover: bool) -> Deferred[Lease]:
         self._serial += 1
         lease = Lease(self, key, segments, f"{self.owner_prefix}/{self._serial}")
+        lease.clear_marker = takeover
         self.active[key] = lease
 
-        def decided(held: bool) -> Lease:
+        def decided(held: bool) -> Lease | Deferred[Lease]:
             if held:
                 return lease
             lease.released = True
             if self.active.get(key) is lease:
                 del self.active[key]
-            raise self.busy_elsewhere(segments, takeover=takeover)
+            return self.busy_elsewhere(segments, takeover=takeover)
 
         def broken(failure: Failure) -> Lease:
             # The state backend promises local fallback; anything else is a bug,
@@ -297,21 +303,24 @@ class Uploads:
 
         return self.state.acquire(key, lease.owner).addCallbacks(decided, broken)
 
-    def busy_elsewhere(self, segments: Sequence[str], *, takeover: bool) -> Refusal:
+    def busy_elsewhere(self, segments: Sequence[str], *, takeover: bool) -> Deferred[Any]:
         """
-        The refusal for an upload another process holds; with ``takeover``, ask
-        that process to let go so the client's retry succeeds.
+        Fails with the refusal for an upload another process holds; with ``takeover``,
+        once that process was asked to let go (so the client's retry succeeds).
         """
-        if takeover:
-            try:
-                self.store.request_takeover(segments)
-            except OSError:
-                log.failure("could not request a takeover of {path}", path="/".join(segments))
-            return Refusal(
-                409, "upload in progress on another connection; it is being closed, retry",
-                _retry_after(),
-            )
-        return Refusal(409, "upload already in progress", _retry_after())
+        if not takeover:
+            return fail(Refusal(409, "upload already in progress", _retry_after()))
+        refusal = Refusal(
+            409, "upload in progress on another connection; it is being closed, retry",
+            _retry_after(),
+        )
+
+        def asked(result: object) -> Any:
+            if isinstance(result, Failure):
+                log.failure("could not request a takeover of {path}", result, path="/".join(segments))
+            raise refusal
+
+        return self.store.request_takeover(segments).addBoth(asked)
 
     def _released(self, lease: Lease, end: UploadEnd | None) -> None:
         if self.active.get(lease.key) is lease:
@@ -331,11 +340,8 @@ class Uploads:
                 self._write_progress(record, end.offset)
             else:
                 self.state.forget(token).addErrback(lambda f: log.failure("forget progress", f))
-        if end is not None:
-            try:
-                self.store.clear_takeover(lease.segments)
-            except OSError:
-                pass
+        if end is not None and lease.clear_marker:
+            self.store.clear_takeover(lease.segments).addErrback(lambda _: None)
 
     def continues_cleanly(self, segments: Sequence[str]) -> bool:
         """Whether the last writer of this upload (in this process) ended normally."""
@@ -355,34 +361,46 @@ class Uploads:
         d = self.state.record_progress(record.progress_token(), record.binding(), offset, self.ttl)
         d.addErrback(lambda f: log.failure("recording upload progress", f))
 
-    def expires_at(self, segments: Sequence[str]) -> float:
+    def expires_at(self, segments: Sequence[str]) -> Deferred[float]:
         """When an idle upload will be removed (epoch seconds), for tus ``Upload-Expires``."""
-        mtime = self.store.partial_mtime(segments)
-        return (mtime if mtime is not None else self._now()) + self.ttl
+        return self.store.upload_mtime(segments).addCallback(
+            lambda mtime: (mtime if mtime is not None else self._now()) + self.ttl
+        )
+
+    def expires_after_write(self) -> float:
+        """``expires_at`` of an upload that has just been written to (its mtime is now)."""
+        return self._now() + self.ttl
 
     # other processes asking us to let go
 
-    def poll_takeovers(self) -> None:
-        """Close the connections of uploads another process has asked to take over."""
-        for lease in list(self.active.values()):
-            if lease.receiver is None:
-                continue
-            try:
-                asked = self.store.takeover_requested(lease.segments, lease.started)
-            except (OSError, StorageError):
-                continue
-            if asked:
+    def poll_takeovers(self) -> Deferred[None]:
+        """
+        Close the connections of uploads another process has asked to take over.
+
+        One store call for all the uploads written here (``IStore.takeovers_requested``),
+        none on the reactor thread; the next poll waits for this one (``PeriodicService``),
+        so a slow disk cannot pile them up.
+        """
+        leases = [lease for lease in self.active.values() if lease.receiver is not None]
+        if not leases:
+            return succeed(None)
+        d = self.store.takeovers_requested([(lease.segments, lease.started) for lease in leases])
+        return d.addCallbacks(self._asked, lambda _: None, callbackArgs=(leases,))
+
+    def _asked(self, asked: list[bool], leases: list[Lease]) -> None:
+        for lease, wanted in zip(leases, asked, strict=True):
+            if wanted and not lease.released and lease.receiver is not None:
                 log.info("upload {path} taken over by another process", path="/".join(lease.segments))
                 self.takeovers += 1
+                lease.clear_marker = True
                 lease.receiver.take_over()
 
 
 class PartialSweeper:
     """Removes uploads nobody has written to for ``ttl`` seconds (a reactor timer)."""
 
-    def __init__(self, store: Store, run_blocking: Callable[..., Deferred], ttl: float) -> None:
+    def __init__(self, store: IStore, ttl: float) -> None:
         self.store = store
-        self.run_blocking = run_blocking
         self.ttl = ttl
         #: abandoned uploads removed since start (for metrics)
         self.removed_total = 0
@@ -405,7 +423,7 @@ class PartialSweeper:
             log.failure("sweeping abandoned uploads failed", failure)
             return 0
 
-        return self.run_blocking(self.store.sweep_partials, self.ttl).addCallbacks(done, failed)
+        return self.store.sweep_uploads(self.ttl).addCallbacks(done, failed)
 
 
 class ResumeService(Service):
@@ -456,9 +474,7 @@ class Resumable:
         return [self.state_service, self.service]
 
 
-def make_resumable(
-    config: Any, reactor: Any, run_blocking: Callable[..., Deferred], store: Store
-) -> Resumable:
+def make_resumable(config: Any, reactor: Any, store: IStore) -> Resumable:
     """The state backend, the upload registry and the timers for ``config``."""
     state_service = StateService(
         reactor,
@@ -477,7 +493,7 @@ def make_resumable(
         ttl=ttl,
         record_progress=state_service.address is not None,
     )
-    sweeper = PartialSweeper(store, run_blocking, ttl)
+    sweeper = PartialSweeper(store, ttl)
     return Resumable(
         uploads=uploads,
         state_service=state_service,
