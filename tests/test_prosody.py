@@ -634,9 +634,13 @@ class S3ComponentTests(ComponentRoundTrips, SynchronousTestCase):
         metrics = body.decode()
         self.assertNotIn(S3_SECRET, metrics)
         requests: dict[tuple[str, str], float] = {}
+        moved: dict[str, float] = {}
         for family in text_string_to_metric_families(metrics):
             for sample in family.samples:
-                if sample.name == "hmacfs_s3_requests_total":
+                if sample.name in ("hmacfs_s3_sent_bytes_total", "hmacfs_s3_received_bytes_total"):
+                    self.assertEqual(sample.labels, {}, sample)
+                    moved[sample.name] = sample.value
+                elif sample.name == "hmacfs_s3_requests_total":
                     self.assertEqual(set(sample.labels), {"operation", "outcome"}, sample)
                     self.assertIn(sample.labels["operation"], OPERATIONS, sample)
                     self.assertIn(sample.labels["outcome"], OUTCOMES, sample)
@@ -646,6 +650,9 @@ class S3ComponentTests(ComponentRoundTrips, SynchronousTestCase):
                     self.assertIn(sample.labels["operation"], OPERATIONS, sample)
         self.assertGreaterEqual(requests.get(("PutObject", "ok"), 0), 1, requests)
         self.assertGreaterEqual(requests.get(("GetObject", "ok"), 0), 2, requests)
+        # one upload of 3 MiB went to S3, and came back from it twice
+        self.assertGreaterEqual(moved.get("hmacfs_s3_sent_bytes_total", 0), 3 * MIB, moved)
+        self.assertGreaterEqual(moved.get("hmacfs_s3_received_bytes_total", 0), 6 * MIB, moved)
 
         cli = subprocess.run(
             [str(VENV_BIN / "hmacfs"), "check-config", str(self.daemon.config)],
