@@ -70,7 +70,7 @@ test-fast: $(STAMP)
 test-slow: $(STAMP) $(SWIFT_STAMP) system-deps
 	$(TRIAL) $(SLOW_TESTS)
 
-bench: $(STAMP) system-deps
+bench: $(STAMP) $(SWIFT_STAMP) system-deps
 	$(PY) bench/bench.py --venv $(VENV)
 
 # prosody-filer (Go), an optional peer of `make bench`: its source and build script are not

@@ -57,6 +57,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 SMALL_FILLER = b"0123456789abcdef" * 256  # wrk_put.lua builds the same bodies
 GET_FILES = 16  # distinct 64 KiB files the GET load cycles through
 WRK_THREADS = max(1, min(os.cpu_count() or 2, 4))
+CONCURRENT_SIZE = 16 * MiB  # the body of each of the concurrent uploads (two default S3 parts)
 
 
 class BenchError(Exception):
@@ -494,6 +495,193 @@ def toml_value(value: object) -> str:
     return json.dumps(str(value))  # a TOML basic string for these plain ASCII values
 
 
+# --------------------------------------------------------------------------------------------
+# The S3 backend: a Swift all-in-one with s3api (tests/servers/swift_saio.sh) on 127.0.0.1
+
+
+SWIFT_SCRIPT = REPO / "tests" / "servers" / "swift_saio.sh"
+
+
+def find_swift_python(options: argparse.Namespace) -> tuple[Path | None, str]:
+    """The interpreter that runs Swift (as tests/s3_server.py finds it), or None and why not."""
+    candidates = [options.swift_python] if options.swift_python else [
+        os.environ.get("HMACFS_SWIFT_PYTHON") or str(REPO / ".venv-swift" / "bin" / "python")
+    ]
+    for candidate in candidates:
+        python = Path(candidate)
+        if not python.exists():
+            return None, f"no Swift interpreter at {python} (make .venv-swift, or --swift-python)"
+        try:
+            ok = subprocess.run(
+                [str(python), "-c", "import swift"], capture_output=True, timeout=60
+            ).returncode == 0
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return None, f"{python} cannot run: {e}"
+        if not ok:
+            return None, f"{python} cannot import swift (make .venv-swift)"
+        return python, ""
+    return None, "no Swift interpreter"
+
+
+class SwiftS3:
+    """
+    One Swift all-in-one (proxy with s3api + object, container, account servers, one process
+    each) under swift_saio.sh `run`: the script and the servers are one process tree, so its
+    CPU and memory are measured like a server's.  Buckets are made and listed with Swift's
+    with botocore on the venv's interpreter (S3_ADMIN), so the bench signs nothing itself.
+    """
+
+    def __init__(self, python: Path, workdir: Path) -> None:
+        self.python = python
+        self.workdir = workdir
+        self.proc: subprocess.Popen[str] | None = None
+        self.env: dict[str, str] = {}
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log = workdir / "saio.stderr"
+
+    def start(self, timeout: float = 90.0) -> None:
+        env = dict(os.environ, SAIO_PYTHON=str(self.python), SAIO_LOG_LEVEL="WARNING")
+        with open(self.log, "w") as stderr:
+            self.proc = subprocess.Popen(
+                ["bash", str(SWIFT_SCRIPT), "run", str(self.workdir)],
+                stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, text=True,
+                env=env, start_new_session=True,
+            )
+        assert self.proc.stdout is not None
+        ready: list[bool] = []
+
+        def read() -> None:  # a thread, so the deadline holds even if the script goes silent
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                key, _, value = line.strip().partition("=")
+                if key.startswith("S3_"):
+                    self.env[key] = value
+                if line.startswith("SAIO_READY"):
+                    ready.append(True)
+                    return
+
+        reader = threading.Thread(target=read, name="swift-start", daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not ready:
+            self.stop()
+            raise BenchError(f"Swift did not start within {timeout:.0f} s: {tail(self.log, 10)}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def endpoint(self) -> str:
+        return self.env["S3_ENDPOINT"]
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM to the script (it stops its servers by PID), then the group if need be."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    # -- the bucket, through botocore on the venv's interpreter (hmacfs depends on it): the
+    # bench itself stays stdlib only, and SigV4 is not written again here
+    def s3_admin(self, options: argparse.Namespace, op: str, bucket: str, arg: str = "") -> Any:
+        python = venv_path(options) / "bin" / "python"
+        env = dict(os.environ, **self.env)
+        try:
+            out = subprocess.run(
+                [str(python), "-c", S3_ADMIN, op, bucket, arg], capture_output=True, text=True,
+                timeout=120, env=env, check=False,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise BenchError(f"S3 {op} on {bucket} timed out") from e
+        if out.returncode != 0:
+            raise BenchError(f"S3 {op} on {bucket}: {out.stderr.strip()[-300:]}")
+        return json.loads(out.stdout)
+
+
+# op bucket arg: create (arg unused), list (arg = prefix; name -> size), delete (arg = key)
+S3_ADMIN = """
+import json, os, sys
+import botocore.session
+from botocore.config import Config
+op, bucket, arg = sys.argv[1:4]
+s3 = botocore.session.get_session().create_client(
+    "s3", endpoint_url=os.environ["S3_ENDPOINT"], region_name=os.environ["S3_REGION"],
+    aws_access_key_id=os.environ["S3_ACCESS_KEY"], aws_secret_access_key=os.environ["S3_SECRET_KEY"],
+    config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}))
+if op == "create":
+    s3.create_bucket(Bucket=bucket)
+    print("{}")
+elif op == "delete":
+    s3.delete_object(Bucket=bucket, Key=arg)
+    print("{}")
+elif op == "list":
+    found, token = {}, None
+    for _ in range(1000):  # pages of 1,000: at most a million objects
+        kw = {"ContinuationToken": token} if token else {}
+        page = s3.list_objects_v2(Bucket=bucket, Prefix=arg, **kw)
+        found.update((o["Key"], o["Size"]) for o in page.get("Contents", ()))
+        token = page.get("NextContinuationToken")
+        if not page.get("IsTruncated") or not token:
+            break
+    print(json.dumps(found))
+"""
+
+
+class HmacfsS3Server(HmacfsServer):
+    """hmacfs with StorageBackend = "s3" on the bench's Swift; files are checked in the bucket."""
+
+    def __init__(self, workdir: Path, secret: str, options: argparse.Namespace, swift: SwiftS3,
+                 bucket: str) -> None:
+        super().__init__(workdir, secret, options)
+        self.swift = swift
+        self.bucket = bucket
+        self.metrics_port = 0  # with MetricsEnabled: where s3_requests() scrapes
+        self.extra_config = {
+            "StorageBackend": "s3",
+            "S3Endpoint": swift.endpoint,
+            "S3Region": swift.env.get("S3_REGION", "us-east-1"),
+            "S3Bucket": bucket,
+            "S3AccessKey": swift.env["S3_ACCESS_KEY"],
+            "S3SecretKey": swift.env["S3_SECRET_KEY"],
+            "MaxUploadSize": 5 * GiB,
+        }
+
+    def stored_candidates(self, a: str, b: str) -> list[Path]:
+        return []  # nothing on disk: BigFile.check downloads it and hashes every byte
+
+    def object_key(self, a: str, b: str) -> str:
+        return f"{a}/{b}"  # the URL's path below UploadSubDir, S3Prefix ""
+
+    def stored_sizes(self, a: str) -> dict[str, int]:
+        """file name -> size of the finished objects under upload/<a>/ in the bucket."""
+        prefix = self.object_key(a, "")
+        listed = self.swift.s3_admin(self.options, "list", self.bucket, prefix)
+        return {k[len(prefix):]: int(v) for k, v in listed.items()}
+
+    def remove(self, a: str, b: str) -> None:
+        self.swift.s3_admin(self.options, "delete", self.bucket, self.object_key(a, b))
+
+
 _STARTED: list[Server] = []
 
 SERVER_CLASSES: dict[str, type[Server]] = {
@@ -706,7 +894,7 @@ class Bench:
         self.tmp = tmp
         self.token = secrets.token_hex(4)
         q = options.quick
-        self.big_size = (256 if q else 1024) * MiB
+        self.big_size = (options.big_size or (256 if q else 1024)) * MiB
         self.small_count = options.small_puts or (500 if q else 2000)
         self.get_seconds = options.get_seconds or (5 if q else 10)
         self.slow_count = options.slow_count or (100 if q else 500)
@@ -715,24 +903,36 @@ class Bench:
         self.only = {w.strip() for w in options.only.split(",") if w.strip()}
         self.big: BigFile | None = None
         self.slow_pattern = os.urandom(MiB)
+        self.s3_small_count = options.s3_small_puts or (200 if q else 500)
+        self.concurrent_count = options.concurrent_uploads
+        self.concurrent_seconds = options.concurrent_seconds or (3 if q else 5)
+        self.concurrent_pattern = os.urandom(CONCURRENT_SIZE)
         self.get_paths: dict[str, list[tuple[str, bytes]]] = {}
 
     # a. one big PUT with curl -T
     def put_big(
-        self, server: Server, run: int, deadline: Deadline, headers: tuple[str, ...] = ()
+        self,
+        server: Server,
+        run: int,
+        deadline: Deadline,
+        headers: tuple[str, ...] = (),
+        pss: bool = False,
     ) -> dict[str, Any]:
         assert self.big is not None
         a, b = f"big-{self.token}-{run}-{server.name}", "file.bin"
         url = f"http://{LOOPBACK}:{server.port}" + server.signed_path(a, b, self.big.size)
         rss0 = tree_rss_bytes(server.pid)
+        pss0 = tree_pss_bytes(server.pid) if pss else 0
         cpu0, gen0 = tree_cpu_seconds(server.pid), children_cpu_seconds()
+        swift0, s3_0 = companion_cpu(server), s3_requests(server)
         extra = [arg for header in headers for arg in ("-H", header)]
-        with RssSampler(server.pid) as sampler:
+        with RssSampler(server.pid, pss=pss) as sampler:
             res = curl(
                 ["-T", str(self.big.path), "-o", str(self.tmp / "put-response.txt"), *extra, url],
                 deadline,
             )
         cpu1, gen1 = tree_cpu_seconds(server.pid), children_cpu_seconds()
+        swift1, s3_1 = companion_cpu(server), s3_requests(server)
         if res["code"] not in (200, 201, 204):
             body = (self.tmp / "put-response.txt").read_text(errors="replace")[:300]
             raise BenchError(f"PUT status {res['code']}: {body}")
@@ -740,7 +940,14 @@ class Bench:
             raise BenchError(f"curl uploaded {res['size_upload']:.0f} of {self.big.size} bytes")
         checked = self.big.check(server, a, b, deadline)
         gib = self.big.size / GiB
+        more: dict[str, Any] = s3_requests_delta(s3_0, s3_1, 1)
+        if pss:
+            more.update(pss_before_mib=pss0 / MiB, pss_peak_mib=sampler.peak_pss / MiB,
+                        pss_added_mib=(sampler.peak_pss - pss0) / MiB)
+        if swift0 is not None and swift1 is not None:
+            more["swift_cpu_s_per_gib"] = (swift1 - swift0) / gib
         return {
+            **more,
             "mib_s": self.big.size / MiB / res["time"],
             "seconds": res["time"],
             "cpu_s_per_gib": (cpu1 - cpu0) / gib,
@@ -762,13 +969,19 @@ class Bench:
         a, b = stored
         url = f"http://{LOOPBACK}:{server.port}/upload/{a}/{b}"
         cpu0, gen0 = tree_cpu_seconds(server.pid), children_cpu_seconds()
+        swift0 = companion_cpu(server)
         res = curl(["-o", "/dev/null", url], deadline)
         cpu1, gen1 = tree_cpu_seconds(server.pid), children_cpu_seconds()
+        swift1 = companion_cpu(server)
         if res["code"] != 200 or int(res["size_download"]) != self.big.size:
             raise BenchError(
                 f"GET status {res['code']}, {res['size_download']:.0f} of {self.big.size} bytes"
             )
+        more: dict[str, Any] = {}
+        if swift0 is not None and swift1 is not None:
+            more["swift_cpu_s_per_gib"] = (swift1 - swift0) / (self.big.size / GiB)
         return {
+            **more,
             "mib_s": self.big.size / MiB / res["time"],
             "seconds": res["time"],
             "cpu_s_per_gib": (cpu1 - cpu0) / (self.big.size / GiB),
@@ -783,15 +996,23 @@ class Bench:
             rss.append(tree_rss_bytes(server.pid))
             pss.append(tree_pss_bytes(server.pid))
             time.sleep(0.2)
+        more: dict[str, Any] = {}
+        swift = getattr(server, "swift", None)
+        if swift is not None and swift.alive():
+            more.update(swift_rss_mib=tree_rss_bytes(swift.pid) / MiB,
+                        swift_pss_mib=tree_pss_bytes(swift.pid) / MiB)
         return {
+            **more,
             "rss_mib": statistics.median(rss) / MiB,
             "pss_mib": statistics.median(pss) / MiB,
             "processes": len(tree_pids(server.pid)),
         }
 
     # b. many 4 KiB PUTs through wrk, each signed URL used once
-    def put_small(self, server: Server, run: int, deadline: Deadline) -> dict[str, Any]:
-        n, size, conns = self.small_count, 4 * KiB, self.options.connections
+    def put_small(
+        self, server: Server, run: int, deadline: Deadline, count: int | None = None
+    ) -> dict[str, Any]:
+        n, size, conns = count or self.small_count, 4 * KiB, self.options.connections
         threads = min(WRK_THREADS, conns, n)
         a = f"small-{self.token}-{run}"
         work = self.tmp / "wrk" / f"put-{server.name}-{run}"
@@ -806,6 +1027,7 @@ class Bench:
             "  paths = {\n" + "".join(f"    {lua_str(p)},\n" for p in paths) + "  },\n}\n"
         )
         cpu0, gen0 = tree_cpu_seconds(server.pid), children_cpu_seconds()
+        swift0, s3_0 = companion_cpu(server), s3_requests(server)
         wall = int(min(deadline.remaining(), 600)) + 1
         summary, stderr = run_wrk(
             [
@@ -828,6 +1050,7 @@ class Bench:
             threads=threads,
         )
         cpu1, gen1 = tree_cpu_seconds(server.pid), children_cpu_seconds()
+        swift1, s3_1 = companion_cpu(server), s3_requests(server)
         if summary.get("ok") != n or summary.get("bad"):
             raise BenchError(
                 f"{summary.get('ok', 0)} of {n} PUTs succeeded, "
@@ -837,7 +1060,11 @@ class Bench:
             )
         seconds = (summary["last_us"] - summary["first_us"]) / 1e6
         checked = self.check_small(server, a, n, size, deadline)
+        more: dict[str, Any] = s3_requests_delta(s3_0, s3_1, n)
+        if swift0 is not None and swift1 is not None:
+            more["swift_cpu_ms_per_req"] = (swift1 - swift0) * 1000 / n
         return {
+            **more,
             "rps": n / seconds,
             "seconds": seconds,
             "p50_ms": summary["p50_us"] / 1000,
@@ -861,6 +1088,12 @@ class Bench:
                 raise BenchError(
                     f"GET /upload/{a}/{i}.bin: status {status}, {len(body)} bytes, content differs"
                 )
+        if isinstance(server, HmacfsS3Server):
+            sizes = server.stored_sizes(a)
+            stored = sum(1 for i in range(1, n + 1) if sizes.get(f"{i}.bin") == size)
+            if stored != n:
+                raise BenchError(f"{stored} of {n} objects of {size} bytes in the bucket")
+            return f"{n} objects of {size} bytes listed in the bucket, {len(sample)} samples via GET"
         where = [p.parent for p in server.stored_candidates(a, "x") if p.parent.is_dir()]
         if not where:
             return f"{len(sample)} samples via GET (store layout unknown: no file count)"
@@ -1000,6 +1233,94 @@ class Bench:
                 )
         result["verified"] = "all statuses 201/204, samples via GET"
         return result
+
+
+    # g. many uploads of a part-sized body in flight at once (memory per in-flight upload)
+    def put_concurrent(self, server: Server, deadline: Deadline) -> dict[str, Any]:
+        n, size = self.concurrent_count, CONCURRENT_SIZE
+        a = f"conc-{self.token}-{server.name}"
+        pattern = self.concurrent_pattern
+        rss0, pss0 = tree_rss_bytes(server.pid), tree_pss_bytes(server.pid)
+        cpu0, swift0 = tree_cpu_seconds(server.pid), companion_cpu(server)
+        s3_0 = s3_requests(server)
+        with RssSampler(server.pid, pss=True) as sampler:
+            statuses, errors, elapsed = trickle_uploads(
+                server, a, n, size, self.concurrent_seconds, pattern, deadline
+            )
+        cpu1, swift1 = tree_cpu_seconds(server.pid), companion_cpu(server)
+        s3_1 = s3_requests(server)
+        ok = sum(1 for st in statuses.values() if st in (200, 201, 204))
+        result: dict[str, Any] = {
+            **s3_requests_delta(s3_0, s3_1, n),
+            "ok": ok,
+            "seconds": elapsed,
+            "rss_before_mib": rss0 / MiB,
+            "pss_before_mib": pss0 / MiB,
+            "peak_rss_mib": sampler.peak / MiB,
+            "peak_pss_mib": sampler.peak_pss / MiB,
+            "rss_per_upload_mib": (sampler.peak - rss0) / n / MiB,
+            "pss_per_upload_mib": (sampler.peak_pss - pss0) / n / MiB,
+            "server_cpu_s": cpu1 - cpu0,
+        }
+        if swift0 is not None and swift1 is not None:
+            result["swift_cpu_s"] = swift1 - swift0
+        if ok != n:
+            why = sorted({errors.get(i) or f"status {statuses.get(i)}" for i in range(n)
+                          if statuses.get(i) not in (200, 201, 204)})
+            raise BenchError(f"{ok} of {n} uploads stored ({'; '.join(why[:3])})", result)
+        want = [
+            hashlib.sha256(slow_body_piece(pattern, i, 0, size)).hexdigest() for i in range(n)
+        ]
+        for i in range(n):  # every one, every byte
+            status, got, digest = http_get_digest(server, f"/upload/{a}/{i}.bin", deadline)
+            if status != 200 or got != size or digest != want[i]:
+                raise BenchError(
+                    f"upload {i}: GET status {status}, {got} bytes, content "
+                    f"{'matches' if digest == want[i] else 'differs'}", result)
+        result["verified"] = f"all {n} statuses 201, all {n} downloaded: size + full SHA-256"
+        return result
+
+
+def companion_cpu(server: Server) -> float | None:
+    """CPU seconds of the S3 server an hmacfs stores into (it shares the machine), else None."""
+    swift = getattr(server, "swift", None)
+    return tree_cpu_seconds(swift.pid) if swift is not None and swift.alive() else None
+
+
+S3_REQUESTS_LINE = re.compile(
+    r'^hmacfs_s3_requests_total\{operation="(\w+)",outcome="(\w+)"\} ([0-9.e+]+)$', re.MULTILINE
+)
+
+
+def s3_requests(server: Server) -> dict[str, float] | None:
+    """hmacfs_s3_requests_total by "Operation/outcome" from the server's /metrics, None
+    for a server without S3 or metrics (a failed scrape is an error: the row would lie)."""
+    port = getattr(server, "metrics_port", None)
+    if not isinstance(server, HmacfsS3Server) or not port:
+        return None
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=30)
+    try:
+        conn.request("GET", "/metrics", headers={"Accept": "text/plain"})
+        resp = conn.getresponse()
+        text = resp.read().decode("utf-8", "replace")
+    except OSError as e:
+        raise BenchError(f"scraping {server.name}'s metrics: {e}") from e
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise BenchError(f"scraping {server.name}'s metrics: status {resp.status}")
+    return {f"{op}/{outcome}": float(n) for op, outcome, n in S3_REQUESTS_LINE.findall(text)}
+
+
+def s3_requests_delta(
+    before: dict[str, float] | None, after: dict[str, float] | None, per: int
+) -> dict[str, Any]:
+    """The S3 requests made between two scrapes, per upload: the total and by operation."""
+    if before is None or after is None:
+        return {}
+    delta = {k: (v - before.get(k, 0.0)) / per for k, v in sorted(after.items())}
+    delta = {k: round(v, 2) for k, v in delta.items() if v}
+    return {"s3_requests_per_upload": sum(delta.values()), "s3_requests_by_operation": delta}
 
 
 def lua_str(text: str) -> str:
@@ -1468,6 +1789,7 @@ def run_workload(
     server: Server,
     workload: str,
     fn: Callable[[Deadline], dict[str, Any]],
+    budget: float | None = None,
 ) -> dict[str, Any]:
     """Run one workload under its hard time budget; failures become an "error" entry."""
     slot = results.setdefault(server.name, {}).setdefault(workload, [])
@@ -1479,7 +1801,7 @@ def run_workload(
         label = f"[{time.strftime('%H:%M:%S')}] {server.name:13} {workload:9} run {len(slot) + 1}"
         print(label + " ...", end="", flush=True)
         try:
-            entry = fn(Deadline(bench.options.timeout))
+            entry = fn(Deadline(budget or bench.options.timeout))
         except BenchError as e:
             partial = e.args[1] if len(e.args) > 1 and isinstance(e.args[1], dict) else {}
             entry = {**partial, "error": str(e.args[0])}
@@ -1565,6 +1887,190 @@ def measure_resume_cost(
     }
 
 
+BACKEND_WORKLOADS = ("idle", "put_big", "get_big", "put_small", "put_concurrent")
+
+
+def measure_backends(
+    bench: Bench,
+    tmp: Path,
+    secret: str,
+    options: argparse.Namespace,
+    results: dict[str, dict[str, list[dict[str, Any]]]],
+) -> dict[str, Any]:
+    """
+    The storage backends side by side: two fresh hmacfs servers, the same config except
+    StorageBackend ("filesystem" on the tmpfs, "s3" on a Swift all-in-one that the bench
+    starts on 127.0.0.1 with its data on the same tmpfs), runs interleaved.  Swift's own CPU
+    is measured apart, as it shares the cores.  Returns {"skipped": why} when there is no
+    Swift outside CI; in CI (CI=true) a missing Swift is an error.
+    """
+    python, why = find_swift_python(options)
+    if python is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            return {"error": f"the S3 rows need Swift in CI: {why}"}
+        return {"skipped": why}
+    budget = max(options.timeout, options.s3_timeout)  # Swift all-in-one is slow
+    swift = SwiftS3(python, tmp / "swift")
+    fs = HmacfsServer(tmp / "hmacfs-fs", secret, options)
+    fs.name = "hmacfs-fs"
+    # Metrics on both (the same config but the backend): the S3 requests per upload.
+    fs.extra_config = {"MetricsEnabled": True, "MetricsPort": f"{LOOPBACK}:{free_port()}"}
+    s3: HmacfsS3Server | None = None
+    started: list[Server] = [fs]
+    try:
+        t0 = time.monotonic()
+        try:
+            try:
+                swift.start()
+            except BenchError as e:
+                if "xattr" not in str(e):
+                    raise
+                # A tmpfs before Linux 6.6 has no user xattrs, which Swift needs: use disk.
+                swift = SwiftS3(python, Path(tempfile.mkdtemp(prefix="hmacfs-bench-swift-")))
+                print(f"Swift: {tmp} has no user xattrs, its data goes to {swift.workdir}")
+                swift.start()
+            bucket = f"bench-{bench.token}"
+            swift.s3_admin(options, "create", bucket)
+        except BenchError as e:
+            return {"error": f"Swift: {e}"}
+        print(f"Swift s3api on {swift.endpoint} (pid {swift.pid}), bucket {bucket}, "
+              f"up in {time.monotonic() - t0:.1f} s")
+        s3 = HmacfsS3Server(tmp / "hmacfs-s3", secret, options, swift, bucket)
+        s3.name = "hmacfs-s3"
+        s3.metrics_port = free_port()
+        s3.extra_config.update(MetricsEnabled=True, MetricsPort=f"{LOOPBACK}:{s3.metrics_port}")
+        started.append(s3)
+        pair: list[Server] = [fs, s3]
+        only = bench.only
+        for s in pair:
+            start_server(s)
+        if "idle" in only:
+            for s in pair:
+                run_workload(bench, results, s, "idle", lambda d, s=s: bench.idle(s, d), budget)
+        for run in range(bench.runs):
+            for s in pair if run % 2 == 0 else pair[::-1]:
+                if "put_big" in only:
+                    put = run_workload(
+                        bench, results, s, "put_big",
+                        lambda d, s=s, run=run: bench.put_big(s, run, d, pss=True), budget,
+                    )
+                    stored = put.get("_stored")
+                    if "get_big" in only:
+                        if stored:
+                            run_workload(
+                                bench, results, s, "get_big",
+                                lambda d, s=s, stored=stored: bench.get_big(s, stored, d),
+                                budget,
+                            )
+                        else:
+                            results.setdefault(s.name, {}).setdefault("get_big", []).append(
+                                {"error": "no verified upload to download"}
+                            )
+                    if stored:
+                        remove_stored(s, *put.pop("_stored"))
+        for run in range(bench.runs):
+            if "put_small" in only:
+                for s in pair if run % 2 == 0 else pair[::-1]:
+                    run_workload(
+                        bench, results, s, "put_small",
+                        lambda d, s=s, run=run: bench.put_small(s, run, d, bench.s3_small_count),
+                        budget,
+                    )
+        if "put_concurrent" in only:
+            # Fresh processes, as for put_slow: the peak is this workload's alone.
+            for s in pair:
+                start_server(s)
+            for s in pair:
+                run_workload(
+                    bench, results, s, "put_concurrent",
+                    lambda d, s=s: bench.put_concurrent(s, d), budget,
+                )
+    finally:
+        for s in started:
+            s.stop()
+        keep_logs(started, Path(options.out).parent / "logs")
+        swift.stop()
+        if swift.log.is_file():
+            shutil.copyfile(swift.log, Path(options.out).parent / "logs" / "swift-saio.stderr")
+        if not swift.workdir.is_relative_to(tmp):
+            shutil.rmtree(swift.workdir, ignore_errors=True)
+    return {"endpoint": swift.env.get("S3_ENDPOINT"), "swift_python": str(python)}
+
+
+# (workload, metric, label, better): the filesystem and s3 columns of the backends table
+BACKEND_ROWS: list[tuple[str, str, str, str]] = [
+    ("put_big", "mib_s", "{big} PUT (curl -T): MiB/s", "higher"),
+    ("put_big", "cpu_s_per_gib", "{big} PUT: hmacfs CPU s per GiB", "lower"),
+    ("put_big", "swift_cpu_s_per_gib", "{big} PUT: Swift CPU s per GiB (apart)", "lower"),
+    ("put_big", "s3_requests_per_upload", "{big} PUT: S3 requests", "lower"),
+    ("put_big", "rss_added_mib", "{big} PUT: hmacfs RSS added MiB", "lower"),
+    ("put_big", "pss_added_mib", "{big} PUT: hmacfs PSS added MiB", "lower"),
+    ("get_big", "mib_s", "{big} GET (curl): MiB/s", "higher"),
+    ("get_big", "cpu_s_per_gib", "{big} GET: hmacfs CPU s per GiB", "lower"),
+    ("get_big", "swift_cpu_s_per_gib", "{big} GET: Swift CPU s per GiB (apart)", "lower"),
+    ("put_small", "rps", "{small} x 4 KiB PUTs, {conns} conns: req/s", "higher"),
+    ("put_small", "cpu_ms_per_req", "4 KiB PUT: hmacfs CPU ms per request", "lower"),
+    ("put_small", "swift_cpu_ms_per_req", "4 KiB PUT: Swift CPU ms per request (apart)", "lower"),
+    ("put_small", "p99_ms", "4 KiB PUTs: p99 latency ms", "lower"),
+    ("put_small", "s3_requests_per_upload", "4 KiB PUT: S3 requests per upload", "lower"),
+    ("put_concurrent", "peak_rss_mib", "{conc} concurrent 16 MiB uploads: hmacfs peak RSS MiB",
+     "lower"),
+    ("put_concurrent", "peak_pss_mib", "{conc} concurrent 16 MiB uploads: hmacfs peak PSS MiB",
+     "lower"),
+    ("put_concurrent", "rss_before_mib", "  the same, hmacfs RSS before MiB", "lower"),
+    ("put_concurrent", "rss_per_upload_mib", "  RSS per in-flight upload MiB (peak - before) / "
+     "{conc}", "lower"),
+    ("put_concurrent", "pss_per_upload_mib", "  PSS per in-flight upload MiB (peak - before) / "
+     "{conc}", "lower"),
+    ("put_concurrent", "ok", "{conc} concurrent 16 MiB uploads: stored", "higher"),
+    ("put_concurrent", "s3_requests_per_upload", "  S3 requests per 16 MiB upload", "lower"),
+    ("idle", "rss_mib", "idle hmacfs: RSS MiB", "lower"),
+    ("idle", "pss_mib", "idle hmacfs: PSS MiB", "lower"),
+    ("idle", "swift_rss_mib", "idle Swift, its process tree: RSS MiB (apart)", "lower"),
+]
+
+
+def render_backends_table(
+    bench: Bench, results: dict[str, dict[str, list[dict[str, Any]]]]
+) -> tuple[str, list[dict[str, Any]]]:
+    """hmacfs on the filesystem against hmacfs on S3 (Swift), with the ratio s3 / filesystem."""
+    names = {
+        "big": f"{bench.big_size // MiB} MiB" if bench.big_size < GiB
+        else f"{bench.big_size // GiB} GiB",
+        "small": f"{bench.s3_small_count:,}",
+        "conns": bench.options.connections,
+        "conc": bench.concurrent_count,
+    }
+    lines = [["workload", "filesystem", "s3 (Swift)", "s3/fs", "better"]]
+    data = []
+    for workload, metric, label, better in BACKEND_ROWS:
+        if workload not in bench.only:
+            continue
+        figures = {}
+        for column, server in (("filesystem", "hmacfs-fs"), ("s3", "hmacfs-s3")):
+            runs = results.get(server, {}).get(workload, [])
+            if metric.startswith(("swift_", "s3_")) and column == "filesystem":
+                figures[column] = (None, "")
+            else:
+                figures[column] = aggregate(runs, metric)
+        cells = []
+        for value, error in figures.values():
+            if error:
+                cells.append(f"FAIL: {error.splitlines()[0][:50]}" if error != "not run"
+                             else "(not run)")
+            else:
+                cells.append(fmt(value) if value is not None else "—")
+        fs_value, s3_value = figures["filesystem"][0], figures["s3"][0]
+        ok = not figures["filesystem"][1] and not figures["s3"][1]
+        ratio = s3_value / fs_value if ok and fs_value and s3_value is not None else None
+        lines.append([label.format(**names), *cells,
+                      f"{ratio:.2f}" if ratio is not None else "-", f"{better} is better"])
+        data.append({"workload": workload, "metric": metric, "filesystem": fs_value,
+                     "s3": s3_value, "ratio_s3_over_fs": ratio,
+                     "errors": {k: e for k, (_, e) in figures.items() if e}})
+    return markdown(lines), data
+
+
 def start_server(server: Server) -> None:
     try:
         server.start()
@@ -1641,6 +2147,9 @@ def keep_logs(servers: list[Server], where: Path) -> None:
 
 def remove_stored(server: Server, a: str, b: str) -> None:
     """Free the tmpfs space of a finished big upload (the store is ours, not the server's data)."""
+    if isinstance(server, HmacfsS3Server):
+        server.remove(a, b)
+        return
     path = server.find_stored(a, b)
     if path is not None:
         path.unlink(missing_ok=True)
@@ -1708,8 +2217,43 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        default="put_big,get_big,put_small,get_small,put_slow,idle",
-        help="comma-separated workloads to run",
+        default="put_big,get_big,put_small,get_small,put_slow,idle,put_concurrent",
+        help="comma-separated workloads to run (put_concurrent runs in the backends table only)",
+    )
+    parser.add_argument(
+        "--big-size", type=int, metavar="MiB",
+        help="size of the big PUT/GET file in MiB (default 1024, quick 256)",
+    )
+    parser.add_argument(
+        "--s3-only", action="store_true",
+        help="run only the storage backends table (hmacfs on the filesystem against hmacfs "
+        "on S3, a Swift the bench starts): no peers, no resume cost",
+    )
+    parser.add_argument(
+        "--no-s3", action="store_true", help="leave out the storage backends table"
+    )
+    parser.add_argument(
+        "--swift-python",
+        help="an interpreter that can import swift (default $HMACFS_SWIFT_PYTHON, "
+        "else .venv-swift/bin/python)",
+    )
+    parser.add_argument(
+        "--s3-small-puts", type=int,
+        help="number of 4 KiB PUTs in the backends table, for both backends (default 500, "
+        "quick 200: Swift all-in-one takes a few per second)",
+    )
+    parser.add_argument(
+        "--s3-timeout", type=float, default=600.0,
+        help="hard budget per workload run in the backends table, seconds (default 600, "
+        "or --timeout if larger)",
+    )
+    parser.add_argument(
+        "--concurrent-uploads", type=int, default=50,
+        help="uploads of 16 MiB in flight at once in put_concurrent (default 50)",
+    )
+    parser.add_argument(
+        "--concurrent-seconds", type=float,
+        help="how long each of those uploads takes to send (default 5, quick 3)",
     )
     parser.add_argument(
         "--timeout", type=float, default=180.0, help="hard budget per workload run, seconds"
@@ -1719,8 +2263,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=str(REPO / "bench-out" / "results.json"))
     options = parser.parse_args(argv)
+    if options.s3_only and options.no_s3:
+        parser.error("--s3-only and --no-s3 exclude each other")
+    if not 1 <= options.concurrent_uploads <= 1000:
+        parser.error("--concurrent-uploads: 1 to 1000")
+    if options.big_size is not None and options.big_size < 1:
+        parser.error("--big-size: at least 1 (MiB)")
 
-    servers_wanted, skipped = parse_servers(options)
+    servers_wanted, skipped = ([], []) if options.s3_only else parse_servers(options)
     for line in skipped:
         print(line, flush=True)
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
@@ -1763,16 +2313,20 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     resume_results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     resume_cost: dict[str, Any] = {}
+    backend_results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    backends: dict[str, Any] = {}
     scaling_cores: dict[str, Any] = {}
     load_before: dict[str, Any] = {}
     try:
         bench = Bench(options, tmp)
         only = bench.only
-        unknown = only - {w for w, *_ in ROWS}
+        unknown = only - {w for w, *_ in ROWS} - set(BACKEND_WORKLOADS)
         if unknown:
             raise SystemExit(f"unknown workload(s) in --only: {', '.join(sorted(unknown))}")
         st = os.statvfs(tmp)
         need_bytes = bench.big_size * 4 + GiB
+        if not options.no_s3:
+            need_bytes += bench.big_size + 2 * bench.concurrent_count * CONCURRENT_SIZE
         if st.f_bavail * st.f_frsize < need_bytes:
             raise SystemExit(
                 f"{tmp_root} has {st.f_bavail * st.f_frsize / GiB:.1f} GiB free, "
@@ -1881,6 +2435,13 @@ def main(argv: list[str] | None = None) -> int:
                     start_server(s)
             for s in servers:
                 run_workload(bench, results, s, "put_slow", lambda d, s=s: bench.put_slow(s, 0, d))
+        for s in with_alt:
+            s.stop()
+        if not options.no_s3 and only & set(BACKEND_WORKLOADS) - {"idle"}:
+            print("storage backends: hmacfs on the filesystem and on S3 (Swift on 127.0.0.1)")
+            backends = measure_backends(bench, tmp, secret, options, backend_results)
+            if "skipped" in backends:
+                print(f"S3 rows: skipped, {backends['skipped']}")
     finally:
         for s in with_alt:
             s.stop()
@@ -1895,11 +2456,32 @@ def main(argv: list[str] | None = None) -> int:
         f"host:    {os.cpu_count()} CPUs, {platform.release()}, store on {tmp_root}; "
         f"{tool_version([find_tool('wrk'), '-v'])}"
     )
-    print(table)
-    print(
-        "h/X = hmacfs / X, median of the runs; a FAIL cell means the workload errored or lost "
-        "data (no figure)."
-    )
+    if servers_wanted:
+        print(table)
+        print(
+            "h/X = hmacfs / X, median of the runs; a FAIL cell means the workload errored or "
+            "lost data (no figure)."
+        )
+    backends_table, backend_rows = "", []
+    if backends and "skipped" not in backends and "error" not in backends:
+        backends_table, backend_rows = render_backends_table(bench, backend_results)
+        print(
+            f"\nstorage backends, hmacfs NumCores={options.hmacfs_cores} "
+            "(the same config but StorageBackend; S3 = Swift s3api on 127.0.0.1, its data "
+            f"on {tmp_root}; Swift's CPU is its own process tree, not in hmacfs's):"
+        )
+        print(backends_table)
+        memo = next((r for r in backend_rows if r["metric"] == "rss_per_upload_mib"), None)
+        if memo and memo["s3"] is not None:
+            print(
+                f"memory per in-flight S3 upload: {memo['s3'] * KiB:,.0f} KiB RSS "
+                f"(peak during {bench.concurrent_count} concurrent 16 MiB uploads minus idle, "
+                f"/ {bench.concurrent_count})"
+            )
+    elif "skipped" in backends:
+        print(f"S3 rows: skipped, {backends['skipped']}")
+    elif "error" in backends:
+        print(f"S3 rows: FAIL, {backends['error']}")
     for (peer, workload), why in NOT_COMPARABLE.items():
         if peer in servers_wanted and workload in bench.only:
             print(f"† {workload}: {why}; no ratio.")
@@ -1979,6 +2561,9 @@ def main(argv: list[str] | None = None) -> int:
             "get_seconds": bench.get_seconds,
             "slow_count": bench.slow_count,
             "slow_seconds": bench.slow_seconds,
+            "s3_small_puts": bench.s3_small_count,
+            "concurrent_uploads": bench.concurrent_count,
+            "concurrent_seconds": bench.concurrent_seconds,
             "servers": servers_wanted,
             "hmacfs_cores": options.hmacfs_cores,
             "hmacfs_alt_cores": scaling_cores.get("alt"),
@@ -1998,10 +2583,13 @@ def main(argv: list[str] | None = None) -> int:
         "single_process": single_rows,
         "table": table,
         "single_process_table": single_table,
+        "backends": {**backends, "rows": backend_rows, "runs": backend_results,
+                     "table": backends_table},
     }
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     failed = any(r.get(f"{n}_error") for r in rows for n in servers_wanted)
+    failed = failed or "error" in backends or any(r["errors"] for r in backend_rows)
     return 1 if failed else 0
 
 

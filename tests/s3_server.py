@@ -45,8 +45,10 @@ def require_swift() -> Path:
 class S3Server:
     """``start()`` / ``stop()`` one Swift all-in-one; its endpoint and credentials once started."""
 
-    def __init__(self) -> None:
+    def __init__(self, secret: str | None = None) -> None:
+        """``secret``: the S3 secret key the server accepts (swift_saio.sh's default otherwise)."""
         self.python = require_swift()
+        self.secret = secret
         # on disk (/tmp here), not /dev/shm: the big-object tests would hold their bytes in RAM
         self.dir = Path(tempfile.mkdtemp(prefix="hmacfs-s3-"))
         self.workdir = self.dir / "saio"
@@ -75,6 +77,8 @@ class S3Server:
 
     def start(self, timeout: float = 90.0) -> S3Server:
         env = dict(os.environ, SAIO_PYTHON=str(self.python), SAIO_LOG_LEVEL="WARNING")
+        if self.secret is not None:
+            env["SAIO_SECRET"] = self.secret
         with open(self.dir / "saio.stderr", "w") as stderr:
             self.process = subprocess.Popen(
                 ["bash", str(SCRIPT), "run", str(self.workdir)],

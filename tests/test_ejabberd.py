@@ -25,6 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,6 +42,10 @@ from tests.test_prosody import (
     PASSWORD,
     USER,
     ComponentDaemon,
+    FilesystemStorage,
+    RoundTripCase,
+    S3Storage,
+    Storage,
     UploadRoundTrip,
     discover,
     http,
@@ -202,14 +207,19 @@ shaper_rules:
         return "\n".join(texts)
 
 
-class EjabberdExternalSecretTests(SynchronousTestCase):
+class EjabberdExternalRoundTrips(RoundTripCase):
     """ejabberd's mod_http_upload (external_secret) signs, hmacfs stores and serves."""
+
+    #: where the daemon stores (a subclass runs the same tests on S3)
+    make_storage: Callable[[], Storage] = FilesystemStorage
 
     def setUp(self) -> None:
         require_ejabberd()
         require_slixmpp()
-        self.daemon = Daemon()
+        self.storage = self.make_storage()
+        self.daemon = Daemon(extra=self.storage.config)
         self.addCleanup(self.daemon.stop)
+        self.storage.attach(self.daemon)
         self.ejabberd = Ejabberd(
             packaged_upload_module(self.daemon.base(), SECRET.decode(), MAX_SIZE)
             + "  mod_disco: {}\n"
@@ -225,7 +235,7 @@ class EjabberdExternalSecretTests(SynchronousTestCase):
         return run_client(self.ejabberd, scenario)
 
     def test_upload_roundtrip(self) -> None:
-        """A slot ejabberd signed (three segments, its escaping): 201, same bytes back, then 409."""
+        """A slot ejabberd signed (three segments, its escaping): 201, same bytes back (and in the store), then 409."""
         slot = self.slot("holiday photo ü.bin", 3 * MIB, "application/octet-stream")
         put = urlsplit(slot["put"])
         self.assertTrue(put.query.startswith("v="), slot["put"])
@@ -233,9 +243,13 @@ class EjabberdExternalSecretTests(SynchronousTestCase):
         self.assertEqual(len(segments), 3, put.path)
         # ejabberd replaces the space and keeps the letter (escaped in the URL).
         self.assertEqual(segments[2], "holiday_photo_%C3%BC.bin")
-        UploadRoundTrip().check(self, slot, "application/octet-stream", self.daemon.base())
-        stored = list(self.daemon.store.glob("*/*/holiday_photo_ü.bin"))
-        self.assertEqual(len(stored), 1, list(self.daemon.store.rglob("*")))
+        UploadRoundTrip().check(self, slot, "application/octet-stream", self.daemon.base(), self.storage)
+        stored = self.storage.names("*/*/holiday_photo_ü.bin")
+        self.assertEqual(len(stored), 1, self.storage.describe())
+
+
+class EjabberdExternalSecretTests(EjabberdExternalRoundTrips, SynchronousTestCase):
+    """ejabberd signs, hmacfs stores on its filesystem."""
 
     def test_size_is_bound(self) -> None:
         """ejabberd's MAC covers the size: a PUT of another length is refused and stores nothing."""
@@ -248,10 +262,18 @@ class EjabberdExternalSecretTests(SynchronousTestCase):
         self.assertEqual(status, 201)
 
 
+class S3EjabberdExternalSecretTests(EjabberdExternalRoundTrips, SynchronousTestCase):
+    """The same round trip with the daemon on the S3 backend (Swift's s3api)."""
+
+    make_storage = S3Storage
+
+
 class EjabberdComponentTests(SynchronousTestCase):
     """hmacfs as an XEP-0114 component of ejabberd (ejabberd_service), as README shows."""
 
     max_size = 10 * MIB
+    #: where the daemon stores (a subclass runs the same test on S3)
+    make_storage: Callable[[], Storage] = FilesystemStorage
 
     def setUp(self) -> None:
         require_ejabberd()
@@ -261,15 +283,18 @@ class EjabberdComponentTests(SynchronousTestCase):
             f"modules:\n  mod_disco:\n    extra_domains: [\"{UPLOAD_JID}\"]\n"
         )
         self.addCleanup(self.ejabberd.remove)
+        self.storage = self.make_storage()
         self.daemon = ComponentDaemon(
             max_upload_size="10MiB",
             extra=(
                 f'ComponentJID = "{UPLOAD_JID}"\n'
                 f'ComponentSecret = "{COMPONENT_SECRET}"\n'
                 f'ComponentServer = "127.0.0.1:{self.ejabberd.component_port}"\n'
+                + self.storage.config
             ),
         )
         self.addCleanup(self.daemon.stop)
+        self.storage.attach(self.daemon)
         logged_in = f"logged in to the XMPP server as component {UPLOAD_JID}"
         log = self.daemon.dir / "hmacfs.log"
         if not wait_for(lambda: log.exists() and logged_in in log.read_text(errors="replace"), 30):
@@ -296,9 +321,15 @@ class EjabberdComponentTests(SynchronousTestCase):
         result = run_client(self.ejabberd, scenario)
         self.assertEqual(result["service"], UPLOAD_JID)
         self.assertIn("v3=", result["slot"]["put"])
-        UploadRoundTrip().check(self, result["slot"], "application/pdf", self.daemon.base())
+        UploadRoundTrip().check(self, result["slot"], "application/pdf", self.daemon.base(), self.storage)
         error = result["too_large"]
         self.assertIsNotNone(error, "a too-large request got a slot")
         self.assertEqual(error["error"]["condition"], "not-acceptable")
         size = error.xml.find(f".//{{{NS_UPLOAD}}}file-too-large/{{{NS_UPLOAD}}}max-file-size")
         self.assertEqual(size.text, str(self.max_size))
+
+
+class S3EjabberdComponentTests(EjabberdComponentTests):
+    """The component's round trip with the daemon on the S3 backend (Swift's s3api)."""
+
+    make_storage = S3Storage

@@ -64,7 +64,7 @@ class Daemon:
         self.config = self.dir / "config.toml"
         self._settings = (
             f'Secret = "{SECRET.decode()}"\nStoreDir = "{self.store}"\n'
-            + 'UploadSubDir = "upload"\nLogLevel = "info"\n'
+            + f'UploadSubDir = "upload"\nLogLevel = "{self.log_level}"\n'
             + f'LogFile = "{self.dir / "hmacfs.log"}"\n'
             + f"MaxUploadSize = \"{max_upload_size}\"\nMinFreeBytes = 0\nEnableGetRetries = false\n"
             + extra
@@ -94,6 +94,8 @@ class Daemon:
                     raise
                 self.port = free_port()
 
+    #: LogLevel (a subclass may log more)
+    log_level = "info"
     #: Where twistd runs; a subclass testing an installed copy moves it out of the source tree.
     cwd = ROOT
     #: The daemon's environment (None: this process's); such a subclass drops PYTHONPATH.

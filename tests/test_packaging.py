@@ -309,6 +309,72 @@ class ConfigTomlTests(SynchronousTestCase):
         self.assertIn("SecretFile", err.getvalue())
 
 
+B2_EXAMPLE = ROOT / "examples" / "s3-backblaze-b2.toml"
+S3_SECRET_FILE = "/etc/hmac-file-server/s3-secret"
+
+
+class S3ExampleTests(SynchronousTestCase):
+    """examples/s3-backblaze-b2.toml: a valid S3 configuration for a real provider (no network)."""
+
+    def render(self, directory: Path) -> Path:
+        """The example with its machine paths moved under ``directory``, secret files made."""
+        for sub in ("run", "log", "etc"):
+            (directory / sub).mkdir()
+        secret, s3_secret = directory / "etc" / "secret", directory / "etc" / "s3-secret"
+        secret.write_text("example-test-secret-0123456789abcdef\n")
+        s3_secret.write_text("K003exampleApplicationKey0123456789\n")
+        for path in (secret, s3_secret):
+            path.chmod(0o640)
+        text = replace_literals(
+            B2_EXAMPLE.read_text(),
+            {
+                SOCKET_PATH: str(directory / "run" / "hmacfs.sock"),
+                STORE_DIR: str(directory / "store"),
+                LOG_FILE: str(directory / "log" / "hmacfs.log"),
+                S3_SECRET_FILE: str(s3_secret),
+                SECRET_FILE: str(secret),
+            },
+        )
+        target = directory / "config.toml"
+        target.write_text(text)
+        return target
+
+    def test_loads_as_s3_on_b2(self) -> None:
+        """
+        The real loader accepts it without a warning: the S3 backend on B2's endpoint for
+        its region, path style, the prefix, the key read from S3SecretKeyFile.
+        """
+        config, warnings = load_config(self.render(short_tempdir(self)))
+        self.assertEqual(warnings, [])
+        self.assertEqual(config.storage_backend, "s3")
+        self.assertEqual(config.s3_endpoint, "https://s3.eu-central-003.backblazeb2.com")
+        self.assertEqual(config.s3_region, "eu-central-003")
+        self.assertEqual(
+            config.s3_endpoint, f"https://s3.{config.s3_region}.backblazeb2.com",
+            "B2's endpoint names the bucket's region",
+        )
+        self.assertEqual(config.s3_bucket, "example-xmpp-uploads")
+        self.assertEqual(config.s3_prefix, "xmpp-uploads/")
+        self.assertEqual(config.s3_addressing(), "path")
+        self.assertEqual(config.s3_access_key, "003a1b2c3d4e5f60000000001")
+        self.assertEqual(config.s3_secret_key, "K003exampleApplicationKey0123456789")
+
+    def test_only_known_keys(self) -> None:
+        """Every key the example sets is one hmacfs knows (a typo would only warn at start)."""
+        data = tomllib.loads(B2_EXAMPLE.read_text())
+        self.assertEqual(sorted(set(data) - set(KNOWN_KEYS)), [])
+
+    def test_check_config_never_prints_the_key(self) -> None:
+        """`hmacfs check-config` accepts it (exit 0) and shows the key file's path, not the key."""
+        path = self.render(short_tempdir(self))
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            code = cli_main(["check-config", str(path)])
+        self.assertEqual((code, err.getvalue()), (0, ""))
+        self.assertIn('"StorageBackend": "s3"', out.getvalue())
+        self.assertNotIn("K003exampleApplicationKey", out.getvalue())
+
+
 class ConsistencyTests(SynchronousTestCase):
     """The packaged files describe one deployment: paths and limits agree."""
 

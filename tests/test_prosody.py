@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -30,13 +31,17 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import unquote, urlsplit
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from hmacfs.testing import SECRET, free_port, in_ci
-from tests.test_integration import Daemon
+from tests.s3_bucket import BlockingBucket
+from tests.s3_server import S3Server, shared_s3
+from tests.test_integration import TWISTD, VENV_BIN, Daemon
 
 PROSODY = shutil.which("prosody") or "/usr/bin/prosody"
 PROSODYCTL = shutil.which("prosodyctl") or "/usr/bin/prosodyctl"
@@ -238,10 +243,103 @@ async def request_slot(client: Any, service: str, name: str, size: int, content_
     }
 
 
+class Storage(Protocol):
+    """Where the daemon under test keeps uploads, as a test reads them back."""
+
+    #: config lines for the daemon ("" = its default, the filesystem)
+    config: str
+
+    def attach(self, daemon: Daemon) -> None:
+        """The daemon now runs with ``config``."""
+
+    def stored(self, name: str) -> bytes:
+        """The bytes stored for upload ``name`` (its path under the upload URL)."""
+
+    def names(self, pattern: str) -> list[str]:
+        """The uploads whose name matches ``pattern`` (glob, ``*`` within one segment)."""
+
+    def describe(self) -> str:
+        """Everything stored, for a failure message."""
+
+
+class FilesystemStorage:
+    """The default backend: each upload a file under the daemon's StoreDir."""
+
+    config = ""
+
+    def attach(self, daemon: Daemon) -> None:
+        self.root = daemon.store
+
+    def stored(self, name: str) -> bytes:
+        return (self.root / name).read_bytes()
+
+    def names(self, pattern: str) -> list[str]:
+        return [str(path.relative_to(self.root)) for path in self.root.glob(pattern)]
+
+    def describe(self) -> str:
+        return repr(list(self.root.rglob("*")))
+
+
+class S3Storage:
+    """
+    ``StorageBackend = "s3"``: each upload an object in a fresh bucket (under a prefix) on
+    the test S3 server.  ``stored`` finds the key in a listing of the bucket first, so an
+    upload that went anywhere else fails even if hmacfs could serve it back.
+    """
+
+    prefix = "xmpp/"
+
+    def __init__(self, server: S3Server | None = None) -> None:
+        self.bucket = BlockingBucket(server or shared_s3(), prefix=self.prefix).create()
+        self.config = self.bucket.daemon_config()
+
+    def attach(self, daemon: Daemon) -> None:
+        pass
+
+    def stored(self, name: str) -> bytes:
+        key = self.prefix + name
+        listing = self.bucket.uploads()
+        if key not in listing:
+            raise AssertionError(f"{key!r} is not in bucket {self.bucket.name}: {listing}")
+        data = self.bucket.get(key)
+        if len(data) != listing[key]:
+            raise AssertionError(f"{key!r}: listed with {listing[key]} bytes, read {len(data)}")
+        return data
+
+    def names(self, pattern: str) -> list[str]:
+        wanted = pattern.split("/")
+        found = []
+        for key in self.bucket.uploads():
+            name = key[len(self.prefix) :]
+            segments = name.split("/")
+            if len(segments) == len(wanted) and all(map(fnmatchcase, segments, wanted)):
+                found.append(name)
+        return found
+
+    def describe(self) -> str:
+        return repr(self.bucket.objects())
+
+
+def upload_name(get_url: str, base: str) -> str:
+    """The upload's path under the upload URL (what the store names it by), unescaped."""
+    path = urlsplit(get_url).path
+    prefix = urlsplit(base).path + "/"
+    assert path.startswith(prefix), (get_url, base)
+    return unquote(path[len(prefix) :])
+
+
 class UploadRoundTrip:
     """The client's half of an upload: PUT with the slot's headers, GET, PUT again."""
 
-    def check(self, test: SynchronousTestCase, slot: dict[str, Any], content_type: str, base: str) -> None:
+    def check(
+        self,
+        test: SynchronousTestCase,
+        slot: dict[str, Any],
+        content_type: str,
+        base: str,
+        storage: Storage | None = None,
+    ) -> None:
+        """With ``storage``, the stored upload must also hold exactly the bytes sent."""
         payload = os.urandom(3 * MIB)
         test.assertTrue(slot["get"].startswith(base + "/"), slot["get"])
         headers = {"Content-Type": content_type, **slot["headers"]}
@@ -254,16 +352,32 @@ class UploadRoundTrip:
         test.assertEqual(status, 409)
         status, body = http("GET", slot["get"])
         test.assertEqual(hashlib.sha256(body).hexdigest(), hashlib.sha256(payload).hexdigest())
+        if storage is not None:
+            stored = storage.stored(upload_name(slot["get"], base))
+            test.assertEqual(hashlib.sha256(stored).hexdigest(), hashlib.sha256(payload).hexdigest())
 
 
-class ExternalModuleTests(SynchronousTestCase):
+# The round-trip tests are mixins (no TestCase base at run time, so trial does not collect
+# them alone): each suite runs them once on the filesystem and once on S3.
+if TYPE_CHECKING:
+    RoundTripCase = SynchronousTestCase
+else:
+    RoundTripCase = object
+
+
+class ExternalModuleRoundTrips(RoundTripCase):
     """Prosody's mod_http_upload_external signs, hmacfs stores."""
+
+    #: where the daemon stores (a subclass runs the same tests on S3)
+    make_storage: Callable[[], Storage] = FilesystemStorage
 
     def setUp(self) -> None:
         require_prosody()
         require_slixmpp()
-        self.daemon = Daemon()
+        self.storage = self.make_storage()
+        self.daemon = Daemon(extra=self.storage.config)
         self.addCleanup(self.daemon.stop)
+        self.storage.attach(self.daemon)
 
     def prosody_with_module(self, protocol: str) -> Prosody:
         prosody = Prosody(
@@ -289,12 +403,16 @@ Component {lua(UPLOAD_JID)} "http_upload_external"
         slot = run_client(prosody, scenario)
         marker = "?v=" if protocol == "v1" else "?v2="
         self.assertIn(marker, slot["put"])
-        UploadRoundTrip().check(self, slot, content_type, self.daemon.base())
+        UploadRoundTrip().check(self, slot, content_type, self.daemon.base(), self.storage)
 
     def test_v1_then_v2(self) -> None:
-        """Protocol v1, then v2 (type bound): 201, same SHA-256 back, 409 on a second PUT."""
+        """Protocol v1, then v2 (type bound): 201, same SHA-256 back (and in the store), 409 on a second PUT."""
         self.roundtrip("v1", "application/octet-stream")
         self.roundtrip("v2", "image/png")
+
+
+class ExternalModuleTests(ExternalModuleRoundTrips, SynchronousTestCase):
+    """Prosody's mod_http_upload_external signs, hmacfs stores on its filesystem."""
 
     def test_v2_type_is_bound(self) -> None:
         """With v2 a PUT whose Content-Type differs from the slot request is refused (403)."""
@@ -308,6 +426,12 @@ Component {lua(UPLOAD_JID)} "http_upload_external"
         self.assertEqual(status, 403)
 
 
+class S3ExternalModuleTests(ExternalModuleRoundTrips, SynchronousTestCase):
+    """The same round trips with the daemon on the S3 backend (Swift's s3api)."""
+
+    make_storage = S3Storage
+
+
 class ComponentDaemon(Daemon):
     """The daemon with PublicURL pointing at its own loopback port."""
 
@@ -315,10 +439,14 @@ class ComponentDaemon(Daemon):
         return super().listen_config() + f'PublicURL = "http://127.0.0.1:{self.port}"\n'
 
 
-class ComponentTests(SynchronousTestCase):
+class ComponentRoundTrips(RoundTripCase):
     """hmacfs logs in to Prosody as an XEP-0114 component and hands out slots itself."""
 
     max_size = 10 * MIB
+    make_storage: Callable[[], Storage] = FilesystemStorage
+    daemon_class: type[ComponentDaemon] = ComponentDaemon
+    #: more config lines for the daemon
+    daemon_extra = ""
 
     def setUp(self) -> None:
         require_prosody()
@@ -330,16 +458,20 @@ Component {lua(UPLOAD_JID)}
 """
         )
         self.addCleanup(self.prosody.remove)
-        self.daemon = ComponentDaemon(
+        self.storage = self.make_storage()
+        self.daemon = self.daemon_class(
             max_upload_size="10MiB",
             extra=(
                 f'ComponentJID = "{UPLOAD_JID}"\n'
                 f'ComponentSecret = "{COMPONENT_SECRET}"\n'
                 f'ComponentServer = "127.0.0.1:{self.prosody.component_port}"\n'
                 'SlotExpiry = "2m"\n'
+                + self.storage.config
+                + self.daemon_extra
             ),
         )
         self.addCleanup(self.daemon.stop)
+        self.storage.attach(self.daemon)
         self.wait_logged_in(1)
 
     def logins(self) -> int:
@@ -400,14 +532,19 @@ Component {lua(UPLOAD_JID)}
         self.assertIn("v3=", result["slot"]["put"])
         self.assertIn("expires=", result["slot"]["put"])
         base = self.daemon.base()
-        UploadRoundTrip().check(self, result["slot"], "application/pdf", base)
-        UploadRoundTrip().check(self, result["legacy"], "application/octet-stream", base)
+        UploadRoundTrip().check(self, result["slot"], "application/pdf", base, self.storage)
+        UploadRoundTrip().check(self, result["legacy"], "application/octet-stream", base, self.storage)
 
         error = result["too_large"]
         self.assertIsNotNone(error, "a too-large request got a slot")
         self.assertEqual(error["error"]["condition"], "not-acceptable")
         size = error.xml.find(f".//{{{NS_UPLOAD}}}file-too-large/{{{NS_UPLOAD}}}max-file-size")
         self.assertEqual(size.text, str(self.max_size))
+
+
+
+class ComponentTests(ComponentRoundTrips, SynchronousTestCase):
+    """hmacfs as Prosody's component, storing on its filesystem."""
 
     def test_reconnects_after_prosody_restart(self) -> None:
         """When Prosody restarts, the component logs in again by itself and serves slots."""
@@ -422,6 +559,131 @@ Component {lua(UPLOAD_JID)}
         slot = run_client(self.prosody, scenario)
         status, _ = http("PUT", slot["put"], b"hello", {"Content-Type": "text/plain"})
         self.assertEqual(status, 201)
+
+
+class DebugComponentDaemon(ComponentDaemon):
+    """The component daemon logging everything it can (LogLevel debug)."""
+
+    log_level = "debug"
+
+
+#: the S3 secret of the S3 component tests' own Swift: long and random, so that finding it
+#: in a log line or a metric means it leaked (swift_saio.sh's default is a common word)
+S3_SECRET = "s3-secret-" + secrets.token_hex(16)
+_secret_server: S3Server | None = None
+
+
+def secret_s3() -> S3Server:
+    """A second test S3 server, with ``S3_SECRET``, started once per process."""
+    global _secret_server
+    if _secret_server is None:
+        import atexit
+
+        server = S3Server(secret=S3_SECRET)
+        try:
+            _secret_server = server.start()
+        except BaseException:
+            server.cleanup()
+            raise
+        atexit.register(server.cleanup)
+    return _secret_server
+
+
+class S3ComponentTests(ComponentRoundTrips, SynchronousTestCase):
+    """
+    The component's round trips with the daemon on the S3 backend (Swift's s3api), two
+    workers, debug logging and metrics on: and the S3 secret shown nowhere.
+    """
+
+    daemon_class = DebugComponentDaemon
+
+    def setUp(self) -> None:
+        self.metrics_port = free_port()
+        self.daemon_extra = (
+            'NumCores = 2\nMetricsEnabled = true\n'
+            f'MetricsPort = "127.0.0.1:{self.metrics_port}"\n'
+        )
+        super().setUp()
+
+    def make_storage(self) -> Storage:
+        self.s3 = S3Storage(secret_s3())
+        return self.s3
+
+    def test_s3_secret_never_shown(self) -> None:
+        """
+        After S3 traffic of every kind (a create, a 409, downloads, a miss) the S3 secret is
+        in no line of the daemon's log or output, not in /metrics, not in ``check-config``,
+        nor in the error of a daemon refused for a wrong secret; /metrics counts the S3
+        requests by operation and outcome, each label from its bounded set.
+        """
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from hmacfs.storage.s3.observer import OPERATIONS, OUTCOMES
+
+        async def scenario(client: Any) -> dict[str, Any]:
+            return await request_slot(client, UPLOAD_JID, "secret check.bin", 3 * MIB, "text/plain")
+
+        slot = run_client(self.prosody, scenario)
+        base = self.daemon.base()
+        UploadRoundTrip().check(self, slot, "text/plain", base, self.storage)
+        status, _ = http("GET", base + "/no/such-upload.bin")
+        self.assertEqual(status, 404)
+
+        status, body = http("GET", f"http://127.0.0.1:{self.metrics_port}/metrics")
+        self.assertEqual(status, 200)
+        metrics = body.decode()
+        self.assertNotIn(S3_SECRET, metrics)
+        requests: dict[tuple[str, str], float] = {}
+        moved: dict[str, float] = {}
+        for family in text_string_to_metric_families(metrics):
+            for sample in family.samples:
+                if sample.name in ("hmacfs_s3_sent_bytes_total", "hmacfs_s3_received_bytes_total"):
+                    self.assertEqual(sample.labels, {}, sample)
+                    moved[sample.name] = sample.value
+                elif sample.name == "hmacfs_s3_requests_total":
+                    self.assertEqual(set(sample.labels), {"operation", "outcome"}, sample)
+                    self.assertIn(sample.labels["operation"], OPERATIONS, sample)
+                    self.assertIn(sample.labels["outcome"], OUTCOMES, sample)
+                    requests[sample.labels["operation"], sample.labels["outcome"]] = sample.value
+                elif sample.name.startswith("hmacfs_s3_request_seconds"):
+                    self.assertEqual(set(sample.labels) - {"le"}, {"operation"}, sample)
+                    self.assertIn(sample.labels["operation"], OPERATIONS, sample)
+        self.assertGreaterEqual(requests.get(("PutObject", "ok"), 0), 1, requests)
+        self.assertGreaterEqual(requests.get(("GetObject", "ok"), 0), 2, requests)
+        # one upload of 3 MiB went to S3, and came back from it twice
+        self.assertGreaterEqual(moved.get("hmacfs_s3_sent_bytes_total", 0), 3 * MIB, moved)
+        self.assertGreaterEqual(moved.get("hmacfs_s3_received_bytes_total", 0), 6 * MIB, moved)
+
+        cli = subprocess.run(
+            [str(VENV_BIN / "hmacfs"), "check-config", str(self.daemon.config)],
+            capture_output=True, timeout=60,
+        )
+        self.assertEqual(cli.returncode, 0, cli.stderr)
+        self.assertIn(b"S3AccessKey", cli.stdout + cli.stderr)
+        self.assertNotIn(S3_SECRET.encode(), cli.stdout + cli.stderr)
+
+        self.daemon.terminate()
+        # LogFile, and twistd's own log (stdout here), which has the lines from before
+        # LogFile is opened: the start-up's storage line among them
+        logs = b"".join((self.daemon.dir / name).read_bytes() for name in ("hmacfs.log", "twistd.out"))
+        self.assertIn(f"storage: S3 bucket {self.s3.bucket.name}".encode(), logs)
+        self.assertIn(b"PUT /upload/", logs)
+        self.assertNotIn(S3_SECRET.encode(), logs)
+
+        # Refused credentials: the daemon stops at start, naming the key, not the secret.
+        wrong = "wrong-" + S3_SECRET
+        config = self.daemon.dir / "wrong.toml"
+        config.write_text(self.daemon.config.read_text().replace(S3_SECRET, wrong))
+        refused = subprocess.run(
+            [TWISTD, "--nodaemon", "--pidfile=", "hmacfs", "--config", str(config)],
+            capture_output=True, timeout=60, cwd=self.daemon.cwd,
+        )
+        output = refused.stdout + refused.stderr + (self.daemon.dir / "hmacfs.log").read_bytes()
+        self.assertNotEqual(refused.returncode, 0, output)
+        self.assertIn(b"S3AccessKey", output)
+        self.assertNotIn(S3_SECRET.encode(), output)
+
+
 
 
 def _legacy_request(filename: str, size: int) -> Any:

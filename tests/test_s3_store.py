@@ -78,6 +78,34 @@ class S3UploadTests(S3Case):
         self.assertEqual(page.uploads, [])
 
     @inlineCallbacks
+    def test_resumable_upload_in_one_request_is_one_put_object(self) -> Any:
+        """Up to S3PartSize, in one request: one PutObject, no multipart upload; the record
+        a session-token HEAD needs exists while it runs and is gone after."""
+        calls: list[str] = []
+
+        class Observer:
+            def request_finished(self, operation: str, *rest: Any) -> None:
+                calls.append(operation)
+
+        client = S3Client(
+            settings_for(self.server, self.bucket, part_size=5 * MIB), reactor, observer=Observer()
+        )
+        self.addCleanup(client.close)
+        store = S3Store(client)
+        data = pattern(3 * MIB, seed=9)
+        upload = yield store.admit(("one", "r.bin"), "text/plain", len(data), record={"t": 1})
+        self.assertEqual((yield store.upload_status(("one", "r.bin"))), (0, {"t": 1}))
+        upload.expect(len(data))
+        for offset in range(0, len(data), 1 * MIB):
+            yield upload.write([data[offset : offset + MIB]])
+        yield upload.commit(None)
+        self.assertNotIn("CreateMultipartUpload", calls)
+        self.assertNotIn("UploadPart", calls)
+        self.assertIsNone((yield store.upload_status(("one", "r.bin"))))
+        got = yield Deferred.fromCoroutine(self.read(store, ("one", "r.bin")))
+        self.assertEqual(got, data)
+
+    @inlineCallbacks
     def test_multipart_cut_from_the_stream(self) -> Any:
         store = self.make_store(part_size=5 * MIB)
         data = pattern(12 * MIB + 12345, seed=1)

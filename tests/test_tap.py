@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceMaker
@@ -507,3 +508,41 @@ class MultiprocessMetricsTests(SynchronousTestCase):
         self.assertEqual(os.environ[MULTIPROC_ENV], "/elsewhere")
         self.assertIs(values.ValueClass, before)
         self.assertFalse(enabled.directory.exists())
+
+
+class CanPreforkTests(SynchronousTestCase):
+    """Only twistd in the foreground, without a chroot, forks the zygote in makeService."""
+
+    def config(self) -> str:
+        store = Path(self.mktemp()).resolve()
+        store.mkdir(parents=True)
+        path = store.parent / "config.toml"
+        path.write_text(f'Secret = "0123456789abcdef0123"\nStoreDir = "{store}"\nNumCores = 2\n')
+        return str(path)
+
+    def twistd_options(self, *flags: str) -> Any:
+        from twisted.scripts.twistd import ServerOptions
+
+        options = ServerOptions()
+        options.parseOptions([*flags, "hmacfs", "--config", self.config()])
+        return options.subOptions
+
+    def test_options_alone_never_fork(self) -> None:
+        """Options parsed on their own (tests, tools) have no twistd around them."""
+        from hmacfs.service.tap import Options, can_prefork
+
+        options = Options()
+        options.parseOptions(["--config", self.config()])
+        self.assertFalse(can_prefork(options))
+
+    def test_foreground_twistd(self) -> None:
+        from hmacfs.service.tap import can_prefork
+
+        self.assertTrue(can_prefork(self.twistd_options("--nodaemon")))
+
+    def test_daemon_mode_or_chroot(self) -> None:
+        """Daemon mode forks twistd's process away after makeService; a chroot comes after it too."""
+        from hmacfs.service.tap import can_prefork
+
+        self.assertFalse(can_prefork(self.twistd_options()))
+        self.assertFalse(can_prefork(self.twistd_options("--nodaemon", "--chroot", "/")))

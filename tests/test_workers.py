@@ -17,22 +17,39 @@ from hmacfs.testing import free_port, v1_mac, wait_for
 from tests.test_integration import Daemon, require_curl
 
 
-def children(pid: int) -> list[int]:
-    """The worker processes of a supervisor (its direct children running hmacfs.service.worker)."""
-    found = []
+def processes() -> dict[int, tuple[int, str]]:
+    """Every process: pid -> (parent pid, name as in /proc/PID/comm)."""
+    found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                cmdline = handle.read()
-        except OSError:
+                head, tail = handle.read().rsplit(")", 1)
+            found[int(entry)] = (int(tail.split()[1]), head.split("(", 1)[1])
+        except (OSError, IndexError, ValueError):
             continue
-        if int(fields[1]) == pid and b"hmacfs.service.worker" in cmdline:
-            found.append(int(entry))
-    return sorted(found)
+    return found
+
+
+def descendants(pid: int, table: dict[int, tuple[int, str]] | None = None) -> list[int]:
+    """All processes below ``pid`` (its children, theirs, ...)."""
+    table = processes() if table is None else table
+    below = [child for child, (parent, _name) in table.items() if parent == pid]
+    return below + [grandchild for child in below for grandchild in descendants(child, table)]
+
+
+def children(pid: int) -> list[int]:
+    """The worker processes of a supervisor: the processes below it named hmacfs-worker-N
+    (the zygote forks them, and names them so)."""
+    table = processes()
+    return sorted(p for p in descendants(pid, table) if table[p][1].startswith("hmacfs-worker"))
+
+
+def zygotes(pid: int) -> list[int]:
+    """The supervisor's zygote (hmacfs.service.zygote): the one process that forks workers."""
+    table = processes()
+    return sorted(p for p in descendants(pid, table) if table[p][1] == "hmacfs-zygote")
 
 
 def gone(pid: int) -> Callable[[], bool]:
@@ -75,6 +92,85 @@ class WorkerTests(SynchronousTestCase):
         daemon.wait_listening()
         self.assertEqual([self.put(daemon) for _ in range(6)], [201] * 6)
         self.assertIn("restarting", daemon.log_tail())
+
+    def test_every_fork_single_threaded(self) -> None:
+        """
+        The zygote is forked from twistd's process before its reactor (it runs
+        twistd's code: the same command line, no exec) and every worker, the
+        replacement of a killed one too, is forked by the zygote while it has
+        one thread: each fork is logged with the thread count the process had,
+        and the zygote never runs a second thread.
+        """
+        daemon = self.start()
+        supervisor = daemon.process.pid
+        [zygote] = zygotes(supervisor)
+        self.assertEqual(processes()[zygote][0], supervisor)
+        with open(f"/proc/{zygote}/cmdline", "rb") as a, open(f"/proc/{supervisor}/cmdline", "rb") as b:
+            self.assertEqual(a.read(), b.read())
+        before = children(supervisor)
+        os.kill(before[0], signal.SIGKILL)
+        self.assertTrue(
+            wait_for(lambda: len(children(supervisor)) == 2 and children(supervisor) != before),
+            daemon.log_tail(),
+        )
+        log = (daemon.dir / "hmacfs.log").read_text()
+        self.assertEqual(
+            re.findall(r"the zygote \(pid (\d+)\) was forked from this process with (\d+) thread", log),
+            [(str(zygote), "1")],
+        )
+        self.assertTrue(
+            wait_for(lambda: len(re.findall(r"forked by the zygote with",
+                                            (daemon.dir / "hmacfs.log").read_text())) == 3),
+            daemon.log_tail(),
+        )
+        log = (daemon.dir / "hmacfs.log").read_text()
+        self.assertEqual(re.findall(r"forked by the zygote with (\d+) thread", log), ["1", "1", "1"])
+        self.assertEqual(len(os.listdir(f"/proc/{zygote}/task")), 1)
+        self.assertNotIn("a process of its own", log + daemon.log_tail())
+
+    def test_killed_workers_reforked_by_the_zygote(self) -> None:
+        """Each worker killed with SIGKILL, one after the other, is replaced by a fork of the same zygote."""
+        daemon = self.start()
+        supervisor = daemon.process.pid
+        [zygote] = zygotes(supervisor)
+        original = children(supervisor)
+        for victim in original:
+            os.kill(victim, signal.SIGKILL)
+            self.assertTrue(wait_for(gone(victim), 10), victim)
+            self.assertTrue(wait_for(lambda: len(children(supervisor)) == 2, 20), daemon.log_tail())
+        replaced = children(supervisor)
+        self.assertEqual(set(replaced) & set(original), set())
+        self.assertEqual([processes()[pid][0] for pid in replaced], [zygote, zygote])
+        self.assertEqual(zygotes(supervisor), [zygote])
+        daemon.wait_listening()
+        self.assertEqual([self.put(daemon) for _ in range(6)], [201] * 6)
+        self.assertEqual(daemon.log_tail().count("killed by signal 9 (SIGKILL)"), 2)
+
+    def test_dead_zygote_replaced(self) -> None:
+        """
+        A zygote killed with SIGKILL takes its workers with it (they drain and
+        exit); the supervisor starts a new zygote (python -m hmacfs.service.zygote)
+        whose workers serve.
+        """
+        daemon = self.start()
+        supervisor = daemon.process.pid
+        [zygote] = zygotes(supervisor)
+        old_workers = children(supervisor)
+        os.kill(zygote, signal.SIGKILL)
+        for pid in old_workers:
+            self.assertTrue(wait_for(gone(pid), 20), pid)
+
+        def replaced() -> bool:
+            found = zygotes(supervisor)
+            return len(found) == 1 and found != [zygote] and len(children(supervisor)) == 2
+
+        self.assertTrue(wait_for(replaced, 30), daemon.log_tail())
+        [new] = zygotes(supervisor)
+        with open(f"/proc/{new}/cmdline", "rb") as handle:
+            self.assertIn(b"hmacfs.service.zygote", handle.read())
+        daemon.wait_listening()
+        self.assertEqual([self.put(daemon) for _ in range(6)], [201] * 6)
+        self.assertIn("the zygote process ended", daemon.log_tail())
 
     def test_metrics_summed_over_workers(self) -> None:
         """The metrics listener reports the sum over all workers."""

@@ -31,6 +31,7 @@ from hmacfs.service.reload import ReloadService
 from hmacfs.service.site import ServerParts, build_server
 from hmacfs.service.storage import build_store
 from hmacfs.service.workers import WorkerSupervisor
+from hmacfs.service.zygote import ForkedZygote
 from hmacfs.signing.rotation import SecretRing
 from hmacfs.state.bans import BanSettings
 from hmacfs.storage.filesystem import Store
@@ -136,6 +137,7 @@ def assemble_single(config: Config, reactor: Any, config_path: str | None = None
 def make_supervisor(
     config: Config, reactor: Any, config_path: str,
     multiprocess: MultiprocessMetrics | None = None,
+    zygote: ForkedZygote | None = None,
 ) -> SupervisorTree:
     """
     NumCores > 1: workers serve; this process supervises, sweeps and serves /metrics.
@@ -144,7 +146,8 @@ def make_supervisor(
     ``multiprocess`` is that mode, entered by the daemon's start
     (L{hmacfs.service.tap.daemon_service}) before anything here creates a metric;
     a caller that did not is given it here.  Either way it is undone when the
-    tree stops.
+    tree stops.  ``zygote`` is the one the daemon's start forked, if it could
+    (else the supervisor starts one).
     """
     top = SequentialMultiService()
     LoggingService(config, reactor).setServiceParent(top)
@@ -164,6 +167,7 @@ def make_supervisor(
         config_path=config_path,
         drain_timeout=config.drain_timeout,
         secret_state=ring.state,
+        zygote=zygote,
     )
     reload = ReloadService(reactor=reactor, config=config, config_path=config_path, ring=ring)
     reload.appliers.append(lambda new: supervisor.signal_workers(signal.SIGHUP))
@@ -209,6 +213,7 @@ def assemble(
     config_path: str | None = None,
     *,
     multiprocess: MultiprocessMetrics | None = None,
+    zygote: ForkedZygote | None = None,
 ) -> ServerTree | SupervisorTree:
     """Assemble the hmacfs services for ``config`` (nothing starts here).
 
@@ -222,7 +227,7 @@ def assemble(
         reactor = default_reactor
     tree: ServerTree | SupervisorTree
     if config_path is not None and supervises(config, config_path):
-        tree = make_supervisor(config, reactor, config_path, multiprocess)
+        tree = make_supervisor(config, reactor, config_path, multiprocess, zygote)
     else:
         tree = assemble_single(config, reactor, config_path)
     tree.component = add_component(tree.service, config, reactor, tree.ring)

@@ -111,7 +111,18 @@ def build_store(
 
     conditional = check_storage(config)
     observer = _PrometheusS3Observer(metrics) if metrics is not None else None
-    client = S3Client(s3_settings(config), reactor, observer=observer)
+    settings = s3_settings(config)
+    client = S3Client(settings, reactor, observer=observer)
+    # Which bucket this process serves from (never the secret: S3Settings leaves it out of repr).
+    log.info(
+        "storage: S3 bucket {bucket} at {endpoint}, prefix {prefix!r}, access key {access_key}, "
+        "{writes}",
+        bucket=settings.bucket,
+        endpoint=settings.endpoint_url,
+        prefix=settings.prefix,
+        access_key=settings.access_key,
+        writes="conditional writes" if conditional else "HEAD before each create",
+    )
     return S3Store(
         client,
         conditional=bool(conditional),

@@ -67,11 +67,18 @@ class Options(usage.Options):
         self.config_obj = config
 
 
-def daemon_service(config: Config, config_path: str, reactor: Any = None) -> MultiService:
+def daemon_service(
+    config: Config, config_path: str, reactor: Any = None, *, prefork: bool = False
+) -> MultiService:
     """
     The daemon's process: tune the allocator, enter prometheus-client's
     multiprocess mode when this process will run workers and count metrics
     (before any metric exists; undone when the tree stops), then assemble.
+
+    With workers and ``prefork`` (twistd in the foreground: L{can_prefork}),
+    fork the zygote here, after the imports and before anything installs the
+    reactor, so that the workers share this process's pages
+    (L{hmacfs.service.zygote}); otherwise the supervisor starts one.
     """
     from hmacfs.service.assembly import assemble, supervises
     from hmacfs.service.process import MultiprocessMetrics, tune_allocator
@@ -80,12 +87,37 @@ def daemon_service(config: Config, config_path: str, reactor: Any = None) -> Mul
     multiprocess = None
     if config.metrics_enabled and supervises(config, config_path):
         multiprocess = MultiprocessMetrics.enable()
-    return assemble(config, reactor, config_path, multiprocess=multiprocess).service
+    zygote = None
+    if prefork and reactor is None and supervises(config, config_path):
+        from hmacfs.service.zygote import ForkRefused, fork_zygote
+
+        try:
+            zygote = fork_zygote(config_path)
+        except ForkRefused as refusal:
+            log.warn("the zygote will be a process of its own: {why}", why=str(refusal))
+    return assemble(config, reactor, config_path, multiprocess=multiprocess, zygote=zygote).service
+
+
+def can_prefork(options: Options) -> bool:
+    """
+    Whether twistd's process may fork the zygote in ``makeService``: twistd
+    parsed these options (tests that build Options alone never fork) and
+    stays in the foreground without a chroot (daemon mode forks this process
+    away, and a chroot comes after ``makeService``).  Its later uid, gid,
+    directory and umask the zygote takes over from the supervisor's hello.
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None:
+        return False
+    try:
+        return bool(parent["nodaemon"]) and parent["chroot"] is None
+    except KeyError:
+        return False
 
 
 def makeService(options: Options) -> MultiService:
     """twistd entry point."""
-    return daemon_service(options.config_obj, options["config"])
+    return daemon_service(options.config_obj, options["config"], prefork=can_prefork(options))
 
 
-__all__ = ["Options", "daemon_service", "makeService"]
+__all__ = ["Options", "can_prefork", "daemon_service", "makeService"]

@@ -3,8 +3,8 @@
 What runs inside one worker process: the inherited listening socket, the
 supervisor's messages on stdin, and the serving tree around them.
 
-``hmacfs.service.worker`` is the process's main module; it imports this
-only after it has set up its signals.
+L{hmacfs.service.worker} runs them in a process the zygote forked (which
+imported this module before the fork, to share its pages).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import ctypes
 import json
 import os
 import signal
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -25,8 +24,6 @@ from twisted.internet.stdio import StandardIO
 from hmacfs.config import Config
 from hmacfs.service.assembly import ServerTree, assemble_server
 from hmacfs.service.reload import ReloadService
-
-FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "unix": socket.AF_UNIX}
 
 
 class AdoptedPortService(Service):

@@ -265,8 +265,11 @@ class S3FileUpload:
         pending: int,
         record: dict[str, object] | None,
         metadata: dict[str, str],
+        resumable: bool = True,
     ) -> None:
         self._store = store
+        #: whether the upload has a record under ``.hmacfs/uploads/`` (to update and drop)
+        self._resumable = resumable
         self._client = store.client
         self.segments = segments
         self.key = _key(segments)
@@ -324,7 +327,12 @@ class S3FileUpload:
         try:
             sha256_hex = digest() if digest is not None else None
         except BaseException:
+            # A one-PutObject upload whose every byte already went out is in the bucket
+            # by now (S3 takes an object with its last byte): it goes too.
+            sent_all = self.upload_id is None and self._sink is not None and not self._sink_left
             await self._abort()
+            if sent_all:
+                await self._client.delete_object(self.key)
             raise
         if chunks:
             await self._write(chunks)
@@ -360,7 +368,9 @@ class S3FileUpload:
         if end <= self.written:
             raise StorageError(400, "more bytes than the request announced")
         client = self._client
-        if self.upload_id is None:  # one PutObject, the whole file in this request
+        if self.upload_id is None and not self.parts and not self._pending and (
+            end == self.size and self.size <= self._store.part_size
+        ):  # one PutObject: the whole file, no bigger than a part, in this request
             await self._no_file_yet()
             self._sink = client.put_object(
                 self.key, self.size, content_type=self.content_type,
@@ -368,6 +378,17 @@ class S3FileUpload:
             )
             self._sink_kind, self._sink_left = "final", self.size - self.written
             return
+        if self.upload_id is None:
+            # Parts from here on: the multipart upload is created by the first request
+            # that needs one, and the record learns its id so any node can resume it.
+            self.upload_id = await client.create_multipart_upload(
+                self.key, content_type=self.content_type, metadata=self._metadata
+            )
+            if self._resumable:
+                await self._store._put_record(
+                    self.pkey, self.key, self.size, self.content_type, self.upload_id,
+                    self.record, self._metadata,
+                )
         part_end = min(self._boundary + self._store.part_size, self.size)
         if end >= part_end:
             length = part_end - self._boundary
@@ -467,7 +488,7 @@ class S3FileUpload:
             await self._abort()
             raise
         self._done = True
-        if self.upload_id is not None:
+        if self.upload_id is not None or self._resumable:
             await self._store._forget_upload(self.pkey, None)
         stored = await self._store.lookup(self.segments)
         if stored is None:
@@ -492,8 +513,8 @@ class S3FileUpload:
         if self._done:
             return
         self._done = True
-        if self.upload_id is None:
-            return  # a PutObject cut short leaves nothing
+        if self.upload_id is None and not self._resumable:
+            return  # a PutObject cut short leaves nothing, and there is no record
         await self._store._forget_upload(self.pkey, self.key, upload_id=self.upload_id)
 
     def release(self) -> Deferred[int]:
@@ -748,24 +769,30 @@ class S3Store:
         sha = record.get("sha256") if record else None
         if isinstance(sha, str):
             metadata["sha256"] = sha
-        if not resumable and not sha:
-            return S3FileUpload(
-                self, segments, content_type, size, upload_id=None, parts=[], pending=0,
-                record=record, metadata=metadata,
-            )
-        upload_id = await self.client.create_multipart_upload(
-            key, content_type=content_type, metadata=metadata
+        if resumable:
+            # The record, so that a session-token HEAD on any node sees the upload (at 0).
+            await self._put_record(pkey, key, size, content_type, None, record, metadata)
+        return S3FileUpload(
+            self, segments, content_type, size, upload_id=None, parts=[], pending=0,
+            record=record, metadata=metadata, resumable=resumable,
         )
+
+    async def _put_record(
+        self,
+        pkey: str,
+        key: str,
+        size: int,
+        content_type: str,
+        upload_id: str | None,
+        record: dict[str, object] | None,
+        metadata: dict[str, str],
+    ) -> None:
         await self._put_small(
             UPLOADS + pkey,
             json.dumps({
                 "path": key, "size": size, "content_type": content_type,
                 "upload_id": upload_id, "record": record, "metadata": metadata,
             }).encode("utf-8"),
-        )
-        return S3FileUpload(
-            self, segments, content_type, size, upload_id=upload_id, parts=[], pending=0,
-            record=record, metadata=metadata,
         )
 
     async def _state(self, segments: tuple[str, ...]) -> tuple[dict[str, Any], list[Part], int, float] | None:
@@ -782,7 +809,7 @@ class S3Store:
         parts: list[Part] = []
         marker: int | None = None
         try:
-            while True:
+            while state.get("upload_id"):
                 page = await self.client.list_parts(
                     state["path"], state["upload_id"], part_number_marker=marker
                 )
@@ -823,7 +850,7 @@ class S3Store:
         state, parts, pending, _ = progress
         return S3FileUpload(
             self, segments, str(state["content_type"]), int(state["size"]),
-            upload_id=str(state["upload_id"]), parts=parts, pending=pending,
+            upload_id=state.get("upload_id") or None, parts=parts, pending=pending,
             record=state.get("record"), metadata=dict(state.get("metadata") or {}),
         )
 
