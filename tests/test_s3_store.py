@@ -202,7 +202,6 @@ class S3UploadTests(S3Case):
         upload = yield store.admit(("fresh",), "text/plain", 6 * MIB, record={"k": 1})
         operations = [call[0] for call in recorder.calls]
         self.assertNotIn("DeleteObject", operations)
-        self.assertEqual(operations.count("CreateMultipartUpload"), 1)
         yield upload.write([b"x" * (5 * MIB + 1)])
         yield upload.release()
         del recorder.calls[:]
@@ -211,7 +210,7 @@ class S3UploadTests(S3Case):
         self.assertIn("AbortMultipartUpload", operations)
         self.assertEqual(operations.count("DeleteObject"), 2)
         page = yield self.client.list_multipart_uploads()
-        self.assertEqual(len(page.uploads), 1)
+        self.assertEqual(page.uploads, [])
         yield again.abort()
 
     @inlineCallbacks
