@@ -241,11 +241,13 @@ class SingleNodeTests(S3DaemonCase):
 
     def test_three_mib_range_and_head(self) -> None:
         """
-        3 MiB (one PutObject): back identical; a Range GET is 206 with those bytes; HEAD has
+        3 MiB with curl (one PutObject): back identical; a Range GET is 206 with those bytes; HEAD has
         the length and the type and no body.
         """
         source, slot = self.roundtrip(3 * MiB)
         data = source.read_bytes()
+        # up to S3PartSize and whole in one request: one PutObject (its ETag a plain MD5)
+        self.assertEqual(self.bucket.etag(slot), f'"{hashlib.md5(data).hexdigest()}"')
         url = f"{self.daemon.base()}/{quote(slot)}"
         part = self.daemon.curl("-r", "1000000-2000099", "-D", "-", "-o", str(self.work / "r"), url)
         self.assertIn(" 206 ", part.stdout.decode().splitlines()[0])
