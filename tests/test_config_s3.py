@@ -38,6 +38,8 @@ S3 = {
     "S3Bucket": "hmacfs-uploads",
     "S3AccessKey": "test:tester",
     "S3SecretKey": S3_SECRET,
+    # one process: several need RedisAddr (WorkerLockTests)
+    "NumCores": 1,
 }
 
 
@@ -70,6 +72,19 @@ class S3TestCase(SynchronousTestCase):
         self.assertNotIn(S3_SECRET, text)
         self.assertNotIn(S3_SECRET[:12], text)
         self.assertNotIn(S3_SECRET[-12:], text)
+
+
+class WorkerLockTests(S3TestCase):
+    def test_several_workers_without_redis_warn(self) -> None:
+        """Workers on S3 share a writer lock only through Redis: without it, a warning."""
+        _, warnings = self.parse_s3(NumCores=2)
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("NumCores", warnings[0])
+        self.assertIn("RedisAddr", warnings[0])
+        _, warnings = self.parse_s3(NumCores=2, RedisAddr="127.0.0.1:6379")
+        self.assertEqual(warnings, [])
+        _, warnings = self.parse(NumCores=2)  # the filesystem's flock spans workers
+        self.assertEqual(warnings, [])
 
 
 class BackendTests(S3TestCase):

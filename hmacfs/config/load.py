@@ -162,6 +162,15 @@ def _resolve_storage(data: Mapping[str, object], values: dict[str, object], ctx:
             f"S3Endpoint {endpoint!r} is not https: uploads and downloads cross the network "
             "unencrypted (requests are signed, so the secret key itself is never sent)"
         )
+    if int(values["num_cores"]) > 1 and not values["redis_addr"]:  # type: ignore[call-overload]
+        # The filesystem's writer lock is a flock every worker sees; on S3 the only one
+        # that spans processes is Redis's.
+        ctx.warnings.append(
+            f'StorageBackend = "s3" with {values["num_cores"]} worker processes (NumCores) '
+            "and no RedisAddr: the workers share no writer lock, so two connections to one "
+            "upload on different workers could both write it; set RedisAddr (several nodes "
+            "need it anyway) or NumCores = 1"
+        )
     if values["s3_addressing_style"] == "virtual":
         if endpoint_is_ip(endpoint):
             raise ConfigError(
