@@ -39,10 +39,8 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from hmacfs.errors import Refusal
 from hmacfs.logs import log_router
 from hmacfs.periodic import PeriodicService
-from hmacfs.signing.paths import PathError, parse_slot_path
 from hmacfs.storage.fs_dirs import PrivateDir
 from hmacfs.storage.fsio import write_file
 from hmacfs.storage.interface import FileEntry, IStore
@@ -226,23 +224,6 @@ class Tombstones:
             except (OSError, ValueError):
                 continue
         return removed
-
-
-def tombstone_check(tombstones: Tombstones, prefix: str) -> Callable[[Any], Refusal | None]:
-    """Admission check: refuse uploads to a path that retention deleted."""
-
-    def check(request: Any) -> Refusal | None:
-        if request.method not in (b"PUT", b"POST", b"PATCH"):
-            return None
-        try:
-            slot = parse_slot_path(request.path, prefix)
-        except PathError:
-            return None  # the upload policy answers that
-        if tombstones.blocks(slot.segments):
-            return Refusal(403, "this file was deleted by the retention policy; request a new slot")
-        return None
-
-    return check
 
 
 class Sweeper:
