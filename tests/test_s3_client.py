@@ -32,6 +32,7 @@ from hmacfs.storage.s3.settings import MIB, S3Settings
 from hmacfs.testing import free_port
 
 from .s3_server import S3Server, shared_s3
+from .test_packaging import make_certificate
 from .test_s3_units import Collector, Recorder
 
 reactor: Any = _reactor
@@ -492,42 +493,6 @@ class S3ClientTests(TestCase):
         self.assertLess(peak - baseline, 48 * MIB)
 
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A CA-less self-signed certificate for DNS:localhost (PEM cert, PEM key)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 class TLSTests(TestCase):
     """TLS to S3 is verified: an unknown CA is refused, the one in ca_file is trusted."""
 
@@ -538,7 +503,7 @@ class TLSTests(TestCase):
 
         directory = Path(self.mktemp())
         directory.mkdir()
-        self.cert, key = self_signed(directory)
+        self.cert, key = make_certificate(directory, "localhost")
         pem = self.cert.read_bytes() + key.read_bytes()
         options = PrivateCertificate.loadPEM(pem).options()
 
