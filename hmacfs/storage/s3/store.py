@@ -341,15 +341,16 @@ class S3FileUpload:
     async def _write(self, chunks: Sequence[bytes]) -> int:
         taken = 0
         for chunk in chunks:
-            view = memoryview(chunk)
-            while view:
+            offset, size = 0, len(chunk)
+            while offset < size:
                 if self._sink is None:
                     await self._open_sink()
                 assert self._sink is not None
-                piece = view[: self._sink_left]
-                view = view[len(piece) :]
-                await self._sink.write(bytes(piece))
-                count = len(piece)
+                count = min(size - offset, self._sink_left)
+                # A chunk is copied only where a part boundary cuts it.
+                piece = chunk if count == size else chunk[offset : offset + count]
+                offset += count
+                await self._sink.write(piece)
                 taken += count
                 self.written += count
                 self._sink_left -= count
