@@ -265,6 +265,27 @@ class StoreContractMixin:
         self.assertIsNone((yield store.upload_status(("bad",))))
 
     @inlineCallbacks
+    def test_digest_refusing_after_every_byte_went_out(self) -> Any:
+        """Every byte already written, then a digest that raises: nothing is published
+        (an object store that had the whole object takes it back)."""
+        for resumable in (False, True):
+            store = self.make_store()
+            segments = (f"late-{resumable}",)
+            upload = yield store.admit(segments, "text/plain", 3, resumable=resumable,
+                                       record={"k": "v"} if resumable else None)
+            upload.expect(3)
+            yield upload.write([b"abc"])
+
+            def digest() -> str:
+                raise StorageError(400, "checksum mismatch")
+
+            error = yield self.failUnlessFailure(upload.write_and_commit([], (), digest), StorageError)
+            self.assertEqual(error.status, 400)
+            self.assertFalse((yield store.exists(segments)), resumable)
+            self.assertIsNone((yield store.lookup(segments)), resumable)
+            self.assertIsNone((yield store.upload_status(segments)), resumable)
+
+    @inlineCallbacks
     def test_admit_and_resume_refuse_a_tombstoned_path(self) -> Any:
         """A path a tombstone blocks: 403 from ``admit`` and ``resume``, nothing created."""
         store = self.make_store()

@@ -329,10 +329,19 @@ class S3FileUpload:
         except BaseException:
             # A one-PutObject upload whose every byte already went out is in the bucket
             # by now (S3 takes an object with its last byte): it goes too.
-            sent_all = self.upload_id is None and self._sink is not None and not self._sink_left
+            sink = self._sink
+            if self.upload_id is None and sink is not None and not self._sink_left:
+                # Let S3 answer first: a delete sent while it still takes the object in
+                # could come before the object is there.
+                self._sink = None
+                try:
+                    await sink.finish()
+                except S3Error:
+                    pass  # not stored (a 412 included): nothing to take back
+                else:
+                    await self._client.delete_object(self.key)
+                    self._store._known.pop(self.key, None)
             await self._abort()
-            if sent_all:
-                await self._client.delete_object(self.key)
             raise
         if chunks:
             await self._write(chunks)
