@@ -60,6 +60,13 @@ except ForkRefused as refusal:
 results["forks"] = zygote._forks
 stop.set()
 thread.join()
+# join() returns when Python is done with the thread; the kernel's task can linger a
+# moment longer (it is still a thread, and forking would still be refused): wait for it.
+import time
+from hmacfs.service.zygote import thread_count
+deadline = time.monotonic() + 5
+while thread_count() != 1 and time.monotonic() < deadline:
+    time.sleep(0.005)
 results["joined"] = refused()
 import twisted.internet.reactor
 results["reactor"] = refused()
