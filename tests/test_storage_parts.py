@@ -466,3 +466,21 @@ class InterfaceTests(DirTestCase):
                 list(inspect.signature(declared).parameters),
                 name,
             )
+
+
+class ReadSmallTests(SynchronousTestCase):
+    """``fsio.read_small``: the whole file through bare reads, whatever its size."""
+
+    def test_whole_file(self) -> None:
+        where = self.mktemp()
+        os.mkdir(where)
+        fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, fd)
+        for size in (0, 1, 65536, 200_003):
+            body = os.urandom(size)
+            with open(os.path.join(where, f"f{size}"), "wb") as f:
+                f.write(body)
+            self.assertEqual(fsio.read_small(f"f{size}", fd), body)
+        self.assertRaises(FileNotFoundError, fsio.read_small, "missing", fd)
+        os.symlink("f1", os.path.join(where, "link"))
+        self.assertRaises(OSError, fsio.read_small, "link", fd)

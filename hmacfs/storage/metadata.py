@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hmacfs.storage.fs_dirs import Dirs
-from hmacfs.storage.fsio import READ_FLAGS, etag, log, write_file
+from hmacfs.storage.fsio import etag, log, read_small, write_file
 from hmacfs.storage.interface import StorageError, StoredFile
 from hmacfs.storage.layout import meta_name, path_key
 
@@ -27,9 +27,7 @@ DEFAULT_CONTENT_TYPE = "application/octet-stream"
 def read_meta(name: str, dir_fd: int, path: str) -> dict[str, object]:
     """The metadata stored as ``name`` in ``dir_fd``; {} if missing or unreadable."""
     try:
-        fd = os.open(name, READ_FLAGS, dir_fd=dir_fd)
-        with os.fdopen(fd, "rb") as f:
-            meta = json.load(f)
+        meta = json.loads(read_small(name, dir_fd))
     except FileNotFoundError:
         return {}
     except (OSError, ValueError):
