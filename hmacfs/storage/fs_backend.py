@@ -548,17 +548,16 @@ class FilesystemBackend:
     ) -> IUpload:
         if self.tombstones.blocks(segments):
             raise StorageError(403, TOMBSTONED)
-        if self.store.exists(segments):
-            raise StorageError(409, "file already exists")
-        reservation = self.store.reserve(size or 0)
+        # ``open_partial`` refuses an existing target (409) itself, before the space
+        # check: a separate ``exists`` first would be one more call on every PUT.
+        partial = self.store.open_partial(
+            segments, content_type, size, record=record, resumable=resumable
+        )
         try:
-            partial = self.store.open_partial(
-                segments, content_type, size, record=record, resumable=resumable
-            )
+            partial.reservation = self.store.reserve(size or 0)
         except BaseException:
-            reservation.release()
+            partial.abort()
             raise
-        partial.reservation = reservation
         return FilesystemUpload(partial, self._run)
 
     def resume(self, segments: Sequence[str], remaining: int | None) -> Deferred[IUpload | None]:
