@@ -106,7 +106,7 @@ def read_small(name: str, dir_fd: int) -> bytes:
     """
     fd = os.open(name, READ_FLAGS, dir_fd=dir_fd)
     try:
-        parts = []
+        parts: list[bytes] = []
         while True:
             part = os.read(fd, 65536)
             if not part:
