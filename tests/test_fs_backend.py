@@ -329,6 +329,25 @@ class FilesystemBackendTests(StoreContractMixin, TestCase):
         root = Path(self.mktemp())
         return FilesystemBackend(Store(root), lambda f, *a: maybeDeferred(f, *a))
 
+    def test_full_disk_admission(self) -> None:
+        """Admission on a full disk: an existing file is still 409; a new one is 507 and leaves nothing."""
+        root = Path(self.mktemp())
+        self.successResultOf(self._stored(self.make_store_at(root), ("f",), b"x"))
+        full = self.make_store_at(root, min_free_bytes=2**62)
+        existing = self.failureResultOf(full.admit(("f",), "text/plain", 1), StorageError)
+        self.assertEqual(existing.value.status, 409)
+        for resumable in (False, True):
+            new = self.failureResultOf(
+                full.admit(("a", "new"), "text/plain", 1, record={"k": "v"}, resumable=resumable),
+                StorageError,
+            )
+            self.assertEqual(new.value.status, 507)
+            self.assertEqual(os.listdir(root / ".hmacfs" / "partial"), [])
+            self.assertIsNone(self.successResultOf(full.upload_status(("a", "new"))))
+
+    def make_store_at(self, root: Path, **kw: Any) -> FilesystemBackend:
+        return FilesystemBackend(Store(root, **kw), lambda f, *a: maybeDeferred(f, *a))
+
     def test_the_paused_stream_waits(self) -> None:
         root = Path(self.mktemp())
         backend = FilesystemBackend(Store(root), lambda f, *a: maybeDeferred(f, *a))

@@ -299,6 +299,18 @@ class ReactorThreadTests(TestCase):
         finally:
             self.recorder.recording = False
 
+    @inlineCallbacks
+    def recorded_request(self, method: str, name: str) -> Any:
+        """One request for the file ``name``, recorded: (status, headers, body)."""
+        answers: list[Any] = []
+
+        @inlineCallbacks
+        def scenario() -> Any:
+            answers.append((yield self.client(request, self.port, method, self.get_path(name))))
+
+        yield self.recorded(scenario)
+        return answers[0]
+
     def assert_off_reactor(self, *expected_on_pool: str) -> None:
         """No call on the reactor thread; the pool made (at least) ``expected_on_pool``."""
         pool = {call.function for call in self.recorder.on_pool()}
@@ -342,15 +354,9 @@ class ReactorThreadTests(TestCase):
     def test_head(self) -> Any:
         """HEAD looks the file up on the pool and never opens it."""
         yield self.put("h.txt", b"hello")
-        answers: list[Any] = []
-
-        @inlineCallbacks
-        def scenario() -> Any:
-            answers.append((yield self.client(request, self.port, "HEAD", self.get_path("h.txt"))))
-
-        yield self.recorded(scenario)
-        self.assertEqual(answers[0][0], 200)
-        self.assertEqual(answers[0][1]["content-length"], "5")
+        status, headers, _ = yield self.recorded_request("HEAD", "h.txt")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-length"], "5")
         self.assert_off_reactor("stat")
         opened = [call for call in self.recorder.calls if call.function == "open"
                   and call.target.endswith("h.txt")]
@@ -418,15 +424,9 @@ class ReactorThreadTests(TestCase):
         """The first GET of a small file: one pool job, metadata read with bare reads."""
         data = os.urandom(4096)
         yield self.put("g.bin", data)
-        answers: list[Any] = []
-
-        @inlineCallbacks
-        def scenario() -> Any:
-            answers.append((yield self.client(request, self.port, "GET", self.get_path("g.bin"))))
-
-        yield self.recorded(scenario)
-        self.assertEqual(answers[0][0], 200)
-        self.assertEqual(answers[0][2], data)
+        status, _, body = yield self.recorded_request("GET", "g.bin")
+        self.assertEqual(status, 200)
+        self.assertEqual(body, data)
         self.assertEqual(len(self.jobs), 1, self.jobs)
         self.assert_off_reactor("open", "read", "pread")
         calls = [call.function for call in self.recorder.calls]
