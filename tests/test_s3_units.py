@@ -307,3 +307,47 @@ class StorageErrorTests(SynchronousTestCase):
             self.assertEqual(dict(answer.headers), {b"Retry-After": b"5"})
         conflict = storage_error(PreconditionFailed(412, "PreconditionFailed", "", "PutObject"))
         self.assertEqual((conflict.status, conflict.headers), (409, ()))
+
+class HandClient:
+    """An S3Client stand-in whose requests each wait for the test to answer them."""
+
+    def __init__(self) -> None:
+        self.settings = S3Settings(endpoint="http://127.0.0.1:9", bucket="b", access_key="a", secret_key="s")
+        self.pending: dict[str, Deferred[Any]] = {}
+
+    def get_object(self, key: str) -> Deferred[Any]:
+        return self.pending.setdefault("get " + key, Deferred())
+
+    def head_object(self, key: str) -> Deferred[Any]:
+        return self.pending.setdefault("head " + key, Deferred())
+
+
+class SettledTests(SynchronousTestCase):
+    """An operation that asks S3 several things at once fails only when every request has
+    settled: none outlives it (a request left in flight held a connection attempt and its
+    timeout past the failure, and once left the reactor unclean in CI)."""
+
+    def test_admit_waits_for_the_other_request(self) -> None:
+        from hmacfs.storage.interface import StorageError
+        from hmacfs.storage.s3.store import S3Store
+
+        client = HandClient()
+        store = S3Store(client, conditional=True)  # type: ignore[arg-type]
+        answer = store.admit(("f",), "text/plain", 1)
+        (tombstone,) = [d for k, d in client.pending.items() if k.startswith("get ")]
+        (head,) = [d for k, d in client.pending.items() if k.startswith("head ")]
+        tombstone.errback(S3Unavailable(0, "Error", "connection refused"))
+        self.assertNoResult(answer)
+        head.errback(S3Unavailable(0, "Error", "connection refused"))
+        self.assertEqual(self.failureResultOf(answer, StorageError).value.status, 503)
+
+    def test_the_first_failure_is_the_one_raised(self) -> None:
+        from hmacfs.storage.s3.errors import S3Error
+        from hmacfs.storage.s3.store import _settled
+
+        first: Deferred[Any] = Deferred()
+        second: Deferred[Any] = Deferred()
+        answer = Deferred.fromCoroutine(_settled([first, second]))
+        second.errback(S3Error(500, "InternalError", "", "HeadObject"))
+        first.errback(S3Unavailable(0, "Error", "refused"))
+        self.failureResultOf(answer, S3Unavailable)

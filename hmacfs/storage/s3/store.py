@@ -38,7 +38,7 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IConsumer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -99,15 +99,20 @@ def path_key(segments: Sequence[str]) -> str:
     return hashlib.sha256("/".join(segments).encode("utf-8")).hexdigest()
 
 
+async def _settled(asked: Sequence[Deferred[Any]]) -> list[Any]:
+    """Every request's answer, waiting for all of them to settle: on the first failure
+    the others are still in flight, and an operation must not return (or fail) while
+    requests it started live on; the first failure is raised, the others consumed."""
+    results = await DeferredList(list(asked), consumeErrors=True)
+    for ok, value in results:
+        if not ok:
+            value.raiseException()
+    return [value for _, value in results]
+
+
 async def _both(first: Any, second: Any) -> tuple[Any, Any]:
-    """Two coroutines at once (one round trip of latency); the first failure is raised,
-    and the other's failure, if any, is consumed rather than left unhandled."""
-    try:
-        a, b = await gatherResults(
-            [Deferred.fromCoroutine(first), Deferred.fromCoroutine(second)], consumeErrors=True
-        )
-    except FirstError as error:
-        raise error.subFailure.value from None
+    """Two coroutines at once (one round trip of latency), see `_settled`."""
+    a, b = await _settled([Deferred.fromCoroutine(first), Deferred.fromCoroutine(second)])
     return a, b
 
 
@@ -1003,10 +1008,7 @@ class S3Store:
         ]
         if not asked:
             return []
-        try:
-            return list(await gatherResults(asked, consumeErrors=True))
-        except FirstError as error:
-            raise error.subFailure.value from None
+        return await _settled(asked)
 
     def clear_takeover(self, segments: Sequence[str]) -> Deferred[None]:
         return self.client.delete_object(TAKEOVER + path_key(segments)).addErrback(_as_storage_error)
