@@ -109,6 +109,9 @@ class HandStore:
     def resume(self, segments: Any, remaining: int | None) -> Deferred[Any]:
         return self._held("resume", tuple(segments), remaining)
 
+    def store_whole(self, segments: Any, content_type: str, chunks: Any, *args: Any) -> Deferred[Any]:
+        return self._held("store_whole", tuple(segments), b"".join(chunks))
+
     def exists(self, segments: Any) -> Deferred[Any]:
         return self._held("exists", tuple(segments))
 
@@ -223,6 +226,54 @@ class HandStoreAdmissionTests(SynchronousTestCase):
         response = self.refused_by(OSError(errno.EIO, "I/O error"))
         self.assertEqual(status_of(response), 503)
         self.assertIn(b"Retry-After", response)
+
+    def one_step(self, name: str, body: bytes, *, expect: bool = False) -> tuple[Any, Any, Deferred[Any]]:
+        """A PUT whose whole body came with its headers: the store is asked once."""
+        self.store.calls = []
+        protocol, transport = self.send(name, body, with_body=True, expect=expect)
+        self.assertEqual(self.store.names(), ["store_whole"])
+        _name, (segments, data), stored = self.store.calls[0]
+        self.assertEqual((segments, data), ((UUID, name), body))
+        return protocol, transport, stored
+
+    def test_body_in_hand_is_one_store_step(self) -> None:
+        """No admission at the headers: one ``store_whole`` with the body, then 201."""
+        body = b"all of it"
+        protocol, transport, stored = self.one_step("whole.txt", body)
+        self.assertEqual(transport.value(), b"")  # nothing is answered before the store
+        stored.callback(StoredFile(Path("/x"), len(body), 0.0, "text/plain", "e", None))
+        self.assertEqual(status_of(transport.value()), 201)
+        self.assertNotIn(b"Connection: close", transport.value())
+
+    def test_body_in_hand_refusals(self) -> None:
+        """
+        The refusals an admission gives come from the one step with their headers; the body
+        was read already, so the connection stays open; a held upload is 409 with Retry-After.
+        """
+        cases = [
+            (StorageError(409, "file already exists"), 409, b"file already exists"),
+            (StorageError(403, TOMBSTONED), 403, TOMBSTONED.encode()),
+            (StorageError(507, "insufficient storage"), 507, b"insufficient storage"),
+            (StorageError(503, "storage unavailable", ((b"Retry-After", b"5"),)), 503, b"Retry-After: 5"),
+            (StorageError(409, "upload already in progress"), 409, b"Retry-After"),
+        ]
+        for error, status, shown in cases:
+            _protocol, transport, stored = self.one_step("refused.txt", b"x" * 100)
+            stored.errback(error)
+            response = transport.value()
+            self.assertEqual(status_of(response), status, response)
+            self.assertIn(shown, response)
+            self.assertNotIn(b"Connection: close", response)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_no_continue_for_a_body_in_hand(self) -> None:
+        """Expect: 100-continue on a body that came whole with its headers: no 100 (RFC 9110
+        lets the server omit it once the content arrived), and the final answer as usual."""
+        body = b"already here"
+        _protocol, transport, stored = self.one_step("cont.txt", body, expect=True)
+        stored.callback(StoredFile(Path("/x"), len(body), 0.0, "text/plain", "e", None))
+        self.assertNotIn(b"100 Continue", transport.value())
+        self.assertEqual(status_of(transport.value()), 201)
 
     def test_ranged_put_asks_before_the_body(self) -> None:
         """A resumed PUT: tombstone, existence and the upload's status, in turn, all early."""

@@ -114,7 +114,9 @@ class StoreContractMixin:
         for read_ahead in (0, len(data)):
             source = yield store.open_file(("o", "f.bin"), read_ahead)
             self.assertIsInstance(source, IByteSource)
-            self.assertEqual((source.stored.size, source.byte_range), (len(data), ByteRange(0, len(data))))
+            self.assertEqual(
+                (source.stored.size, source.byte_range), (len(data), ByteRange(0, len(data)))
+            )
             source.select(ByteRange(7, 200_000))
             consumer = Collector()
             try:
@@ -259,7 +261,9 @@ class StoreContractMixin:
         def digest() -> str:
             raise StorageError(400, "checksum mismatch")
 
-        error = yield self.failUnlessFailure(upload.write_and_commit([b"abc"], (), digest), StorageError)
+        error = yield self.failUnlessFailure(
+            upload.write_and_commit([b"abc"], (), digest), StorageError
+        )
         self.assertEqual(error.status, 400)
         self.assertFalse((yield store.exists(("bad",))))
         self.assertIsNone((yield store.upload_status(("bad",))))
@@ -271,19 +275,72 @@ class StoreContractMixin:
         for resumable in (False, True):
             store = self.make_store()
             segments = (f"late-{resumable}",)
-            upload = yield store.admit(segments, "text/plain", 3, resumable=resumable,
-                                       record={"k": "v"} if resumable else None)
+            upload = yield store.admit(
+                segments,
+                "text/plain",
+                3,
+                resumable=resumable,
+                record={"k": "v"} if resumable else None,
+            )
             upload.expect(3)
             yield upload.write([b"abc"])
 
             def digest() -> str:
                 raise StorageError(400, "checksum mismatch")
 
-            error = yield self.failUnlessFailure(upload.write_and_commit([], (), digest), StorageError)
+            error = yield self.failUnlessFailure(
+                upload.write_and_commit([], (), digest), StorageError
+            )
             self.assertEqual(error.status, 400)
             self.assertFalse((yield store.exists(segments)), resumable)
             self.assertIsNone((yield store.lookup(segments)), resumable)
             self.assertIsNone((yield store.upload_status(segments)), resumable)
+
+    @inlineCallbacks
+    def test_store_whole(self) -> Any:
+        """A whole upload in one step: stored with its digest; then the same path is 409
+        and the first file is untouched."""
+        store = self.make_store()
+        hasher = hashlib.sha256()
+        stored = yield store.store_whole(
+            ("w", "f.txt"), "text/plain", [b"abc", b"def"], (hasher,), hasher.hexdigest
+        )
+        self.assertEqual((stored.size, stored.sha256), (6, hashlib.sha256(b"abcdef").hexdigest()))
+        found = yield store.lookup(("w", "f.txt"))
+        self.assertEqual((found.size, found.content_type), (6, "text/plain"))
+        error = yield self.failUnlessFailure(
+            store.store_whole(("w", "f.txt"), "text/plain", [b"other"]), StorageError
+        )
+        self.assertEqual(error.status, 409)
+        source = yield store.open_file(("w", "f.txt"), 100)
+        consumer = Collector()
+        try:
+            yield source.stream(consumer)
+        finally:
+            source.close()
+        self.assertEqual(b"".join(consumer.data), b"abcdef")
+        self.assertIsNone((yield store.upload_status(("w", "f.txt"))))
+
+    @inlineCallbacks
+    def test_store_whole_refusals_leave_nothing(self) -> Any:
+        """A tombstone (403) or a digest that raises (its error): nothing is created."""
+        store = self.make_store()
+        yield store.add_tombstone(("w", "gone"), 4_000_000_000)
+        error = yield self.failUnlessFailure(
+            store.store_whole(("w", "gone"), "text/plain", [b"x"]), StorageError
+        )
+        self.assertEqual((error.status, error.reason), (403, TOMBSTONED))
+
+        def digest() -> str:
+            raise StorageError(400, "checksum mismatch")
+
+        error = yield self.failUnlessFailure(
+            store.store_whole(("w", "bad"), "text/plain", [b"abc"], (), digest), StorageError
+        )
+        self.assertEqual(error.status, 400)
+        for segments in (("w", "gone"), ("w", "bad")):
+            self.assertIsNone((yield store.lookup(segments)))
+            self.assertIsNone((yield store.upload_status(segments)))
 
     @inlineCallbacks
     def test_admit_and_resume_refuse_a_tombstoned_path(self) -> Any:
@@ -448,3 +505,49 @@ class OpenFileJobsTests(TestCase):
         self.assertEqual(self.runner.jobs, ["pread", "close"])
         held[1].callback(None)
         self.assertIsNone(source.fd)
+
+
+class OneStepUploadTests(TestCase):
+    """``OneStepUpload``: one store step when the body ends at once, the usual steps if not."""
+
+    def setUp(self) -> None:
+        self.runner = CountingRunner()
+        self.backend = FilesystemBackend(Store(Path(self.mktemp())), self.runner)
+        self.refusals: list[Any] = []
+
+    def upload(self, name: str, size: int) -> Any:
+        from hmacfs.upload.leases import OneStepUpload
+
+        def refused(failure: Any) -> Any:
+            self.refusals.append(failure.value)
+            return failure
+
+        upload = OneStepUpload(self.backend, ("o", name), "text/plain", size, refused)
+        upload.expect(size)
+        return upload
+
+    def test_one_job(self) -> None:
+        upload = self.upload("one", 3)
+        stored = self.successResultOf(upload.write_and_commit([b"abc"]))
+        self.assertEqual((stored.size, upload.written), (3, 3))
+        self.assertEqual(self.runner.jobs, ["_store_whole"])
+
+    def test_pieces_admit_first(self) -> None:
+        """A body that did not end at once: admitted at its first write, then as usual."""
+        upload = self.upload("two", 6)
+        self.assertEqual(self.successResultOf(upload.write([b"abc"])), 3)
+        self.successResultOf(upload.write_and_commit([b"def"]))
+        self.assertEqual(self.runner.jobs, ["_admit", "write", "_write_and_commit"])
+        self.assertEqual((Path(self.backend.store.root) / "o" / "two").read_bytes(), b"abcdef")
+
+    def test_abort_before_the_step_costs_nothing(self) -> None:
+        upload = self.upload("none", 3)
+        self.successResultOf(upload.abort())
+        self.assertEqual(self.successResultOf(upload.release()), 0)
+        self.assertEqual(self.runner.jobs, [])
+
+    def test_refusal_goes_through_refused(self) -> None:
+        self.successResultOf(self.upload("dup", 1).write_and_commit([b"x"]))
+        failure = self.failureResultOf(self.upload("dup", 1).write_and_commit([b"y"]), StorageError)
+        self.assertEqual([error.status for error in self.refusals], [409])
+        self.assertIs(failure.value, self.refusals[0])

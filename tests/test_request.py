@@ -226,10 +226,11 @@ class ArbiterTests(ChannelTestsMixin, SynchronousTestCase):
         self.assertEqual(transport.producerState, "paused")
         # A read already under way delivers the pipelined requests.
         protocol.dataReceived(pipelined)
-        state.answer(True)
-        self.runner.run_next()  # the store's admission (IStore.admit) decides
+        state.answer(True)  # the lease, and so the admission, decides
         self.assertEqual(transport.producerState, "paused")
         self.assertEqual(protocol.pause_reasons, {TWISTED})
+        self.assertEqual(len(self.runner.jobs), 1)  # the upload's one store step, queued
+        self.assertEqual(transport.value().count(b"HTTP/1.1 "), 0)
         self.runner.run_all()
         self.assertEqual(status_of(transport.value()), 201)
         # requestDone resumed the socket and replayed the pipelined GET.

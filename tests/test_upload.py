@@ -332,7 +332,7 @@ class FlowControlTests(UploadTestsMixin, SynchronousTestCase):
         body = b"c" * 3000
         protocol, transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/late.bin", len(body)) + body)
-        self.admit()  # admitted: the write and commit job is queued
+        self.assertEqual(len(self.runner.jobs), 1)  # admit, write and commit: one job, queued
         [request] = protocol.requests
         answered: list[object] = []
         request.upload_state.receiver.done.addBoth(answered.append)
@@ -476,9 +476,9 @@ class WriteFailureTests(UploadTestsMixin, SynchronousTestCase):
 
 class OneDiskJobTests(UploadTestsMixin, SynchronousTestCase):
     """
-    A body that arrives whole costs two disk jobs: the admission (``IStore.admit``:
-    tombstone, existence, space and the partial file in one) and then its write and
-    commit in a single job.
+    A body that arrives whole with its headers (no session token) costs one disk job:
+    the admission (tombstone, existence, space, the partial file), the write and the
+    commit together (``IStore.store_whole``).  A body that comes later is admitted first.
     """
 
     def setUp(self) -> None:
@@ -487,14 +487,13 @@ class OneDiskJobTests(UploadTestsMixin, SynchronousTestCase):
 
     def test_small_upload_is_one_thread_hop(self) -> None:
         """
-        Headers and a 4 KiB body in one read: the admission job (the body held, unwritten),
-        then one job that writes and commits, then 201 and the exact bytes.
+        Headers and a 4 KiB body in one read: one job that admits, writes and commits,
+        then 201 and the exact bytes.
         """
         body = os.urandom(4096)
         protocol, transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/one.bin", len(body)) + body)
-        self.assertEqual(partials(self.store), [])  # nothing on disk before the admission job
-        self.admit()
+        self.assertEqual(partials(self.store), [])  # nothing on disk before the job
         self.assertEqual(len(self.runner.jobs), 1)
         self.assertEqual(self.runner.run_all(), 1)
         self.assertEqual(self.status(transport), 201)
@@ -516,14 +515,21 @@ class OneDiskJobTests(UploadTestsMixin, SynchronousTestCase):
     def test_one_request_upload_writes_no_record(self) -> None:
         """
         A body that came with the headers, without X-Session-Token, is stored within the
-        request: while its disk job waits there is a partial file but no sidecar record.
+        request: its one disk job writes a partial file but no sidecar record.
         """
         body = os.urandom(4096)
         protocol, transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/norec.bin", len(body)) + body)
-        self.admit()
-        self.assertEqual([name.rsplit(".", 1)[1] for name in partials(self.store)], ["part"])
-        self.runner.run_all()
+        seen: list[list[str]] = []
+        real_link = storage.os.link
+
+        def link(src, dst, **kw) -> None:
+            seen.append([name.rsplit(".", 1)[1] for name in partials(self.store)])
+            real_link(src, dst, **kw)
+
+        self.patch(storage.os, "link", link)
+        self.assertEqual(self.runner.run_all(), 1)
+        self.assertEqual(seen, [["part"]])
         self.assertEqual(self.status(transport), 201)
         self.assertEqual((self.store / UUID / "norec.bin").read_bytes(), body)
         self.assertEqual(partials(self.store), [])
@@ -581,7 +587,6 @@ class OneDiskJobTests(UploadTestsMixin, SynchronousTestCase):
         body = os.urandom(4096)
         protocol, transport = self.harness.connect()
         protocol.dataReceived(put_head(f"{UUID}/order.bin", len(body)) + body)
-        self.admit()
         self.assertEqual(self.runner.run_all(), 1)
         self.assertEqual(self.status(transport), 201)
         linked = [i for i, (kind, _) in enumerate(events) if kind == "link"]

@@ -531,6 +531,8 @@ class StreamingChannel(GuardedChannel):
         self._maybe_continue(req, self._version)
 
     def _maybe_continue(self, req: StreamingRequest, version: bytes) -> None:
+        if req.upload_state.body_in_hand:
+            return  # the body is here already: RFC 9110 lets us omit the 100
         expect = req.requestHeaders.getRawHeaders(b"Expect")
         if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
             self._send100Continue()

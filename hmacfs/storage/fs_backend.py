@@ -545,7 +545,7 @@ class FilesystemBackend:
         size: int | None,
         record: dict[str, object] | None,
         resumable: bool,
-    ) -> IUpload:
+    ) -> FilesystemUpload:
         if self.tombstones.blocks(segments):
             raise StorageError(403, TOMBSTONED)
         # ``open_partial`` refuses an existing target (409) itself, before the space
@@ -559,6 +559,32 @@ class FilesystemBackend:
             partial.abort()
             raise
         return FilesystemUpload(partial, self._run)
+
+    def store_whole(
+        self,
+        segments: Sequence[str],
+        content_type: str,
+        chunks: Sequence[bytes],
+        hashers: Sequence[Hasher] = (),
+        digest: Callable[[], str | None] | None = None,
+    ) -> Deferred[StoredFile]:
+        return self._run(self._store_whole, tuple(segments), content_type, chunks, hashers, digest)
+
+    def _store_whole(
+        self,
+        segments: tuple[str, ...],
+        content_type: str,
+        chunks: Sequence[bytes],
+        hashers: Sequence[Hasher],
+        digest: Callable[[], str | None] | None,
+    ) -> StoredFile:
+        size = sum(len(chunk) for chunk in chunks)
+        upload = self._admit(segments, content_type, size, None, False)
+        try:
+            return upload._write_and_commit(chunks, hashers, digest)
+        except BaseException:
+            upload.partial.abort()  # idempotent; a failed commit left nothing already
+            raise
 
     def resume(self, segments: Sequence[str], remaining: int | None) -> Deferred[IUpload | None]:
         return self._run(self._resume, tuple(segments), remaining)

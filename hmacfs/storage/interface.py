@@ -381,6 +381,22 @@ class IStore(Protocol):
         token): the backend may skip what only a resume needs.
         """
 
+    def store_whole(
+        self,
+        segments: Sequence[str],
+        content_type: str,
+        chunks: Sequence[bytes],
+        hashers: Sequence[Hasher] = (),
+        digest: Callable[[], str | None] | None = None,
+    ) -> Deferred[StoredFile]:
+        """
+        ``admit`` (``resumable=False``), ``write_and_commit`` and, on any failure, ``abort``,
+        as one step: a whole upload whose body is in hand and that nobody may resume.  The
+        filesystem's is one pool job, so a small PUT costs one hop, not two.  It fails as
+        ``admit`` would (nothing created) or as ``write_and_commit`` would, and in either
+        case nothing of the upload is left.
+        """
+
     def resume(self, segments: Sequence[str], remaining: int | None) -> Deferred[IUpload | None]:
         """
         Reopen an interrupted upload to append to it, or None if there is none.

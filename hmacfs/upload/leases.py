@@ -12,15 +12,15 @@ the way lets go of what was taken.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
 from hmacfs.http.channel import Answer, StreamingRequest
 from hmacfs.signing.paths import SlotPath
-from hmacfs.storage.interface import IStore, IUpload, StorageError
+from hmacfs.storage.interface import Hasher, IStore, IUpload, StorageError, StoredFile
 from hmacfs.upload.admission import UploadLimits
 from hmacfs.upload.receiver import UploadFailed, UploadFinish, UploadReceiver
 from hmacfs.upload.resume import Lease, UploadEnd, UploadRecord, Uploads, offset_header
@@ -73,7 +73,12 @@ class UploadStarter:
 
         def locked(lease: Lease) -> Deferred[UploadReceiver]:
             d = self.open(
-                slot, record, fresh=fresh, takeover=takeover, first=first, length=length,
+                slot,
+                record,
+                fresh=fresh,
+                takeover=takeover,
+                first=first,
+                length=length,
                 resumable=resumable,
             )
             return d.addCallbacks(opened, not_opened, callbackArgs=(lease,), errbackArgs=(lease,))
@@ -136,13 +141,21 @@ class UploadStarter:
                 return self.uploads.busy_elsewhere(slot.segments, takeover=takeover)
             raise UploadFailed(error.status, error.reason, error.headers)
 
+        if fresh and not resumable:
+            # The whole body is in hand: admitted with its write and commit, one store step.
+            return succeed(
+                OneStepUpload(self.store, slot.segments, record.content_type, record.size, refused)
+            )
         if fresh:
             # One store step: tombstone, existence, the space the whole upload needs
             # (promised to it now, counted by every later admission until it ends:
             # concurrent uploads cannot each count the same free bytes), the file.
             return self.store.admit(
-                slot.segments, record.content_type, record.size,
-                record=record.to_dict() if resumable else None, resumable=resumable,
+                slot.segments,
+                record.content_type,
+                record.size,
+                record=record.to_dict() if resumable else None,
+                resumable=resumable,
             ).addErrback(refused)
         # What the rest of the upload needs, not only this request's part of it.
         d = self.store.resume(slot.segments, record.size - first).addErrback(refused)
@@ -207,3 +220,107 @@ def _release_then(upload: IUpload, refusal: Callable[[int], UploadFailed]) -> De
         raise refusal(offset)
 
     return upload.release().addCallback(refuse)
+
+
+class OneStepUpload:
+    """
+    ``IUpload`` of a fresh upload that one request brings whole (``resumable=False``): the
+    store's admission waits for the body, so that ``write_and_commit`` is one store step
+    (``IStore.store_whole``: one pool job on the filesystem) instead of an ``admit`` at the
+    headers and a second step at the end.  Nothing differs for the client but when a 409,
+    403 or 507 is decided: the body is in hand either way.  Any other call admits the
+    upload first and goes to the store's ``IUpload`` from then on.
+    """
+
+    __slots__ = (
+        "store",
+        "segments",
+        "content_type",
+        "size",
+        "record",
+        "_refused",
+        "_upload",
+        "_written",
+        "_expected",
+    )
+
+    def __init__(
+        self,
+        store: IStore,
+        segments: tuple[str, ...],
+        content_type: str,
+        size: int | None,
+        refused: Callable[[Failure], Any],
+    ) -> None:
+        self.store = store
+        self.segments = segments
+        self.content_type = content_type
+        self.size = size
+        #: no sidecar record: nobody may resume this upload
+        self.record: dict[str, object] | None = None
+        self._refused = refused
+        self._upload: IUpload | None = None
+        self._written = 0
+        self._expected: int | None = None
+
+    @property
+    def written(self) -> int:
+        return self._upload.written if self._upload is not None else self._written
+
+    @property
+    def offset(self) -> int:
+        return self._upload.offset if self._upload is not None else self._written
+
+    def expect(self, count: int) -> None:
+        self._expected = count
+
+    def write_and_commit(
+        self,
+        chunks: Sequence[bytes],
+        hashers: Sequence[Hasher] = (),
+        digest: Callable[[], str | None] | None = None,
+    ) -> Deferred[StoredFile]:
+        if self._upload is not None:
+            return self._upload.write_and_commit(chunks, hashers, digest)
+
+        def stored(result: StoredFile) -> StoredFile:
+            self._written = result.size
+            return result
+
+        d = self.store.store_whole(self.segments, self.content_type, chunks, hashers, digest)
+        return d.addCallbacks(stored, self._refused)
+
+    def _admitted(self) -> Deferred[IUpload]:
+        if self._upload is not None:
+            return succeed(self._upload)
+
+        def admitted(upload: IUpload) -> IUpload:
+            self._upload = upload
+            if self._expected is not None:
+                upload.expect(self._expected)
+            return upload
+
+        d = self.store.admit(self.segments, self.content_type, self.size, resumable=False)
+        return d.addCallbacks(admitted, self._refused)
+
+    def write(self, chunks: Sequence[bytes], hashers: Sequence[Hasher] = ()) -> Deferred[int]:
+        return self._admitted().addCallback(lambda upload: upload.write(chunks, hashers))
+
+    def checkpoint(self) -> Deferred[int]:
+        return self._admitted().addCallback(lambda upload: upload.checkpoint())
+
+    def truncate(self, length: int) -> Deferred[None]:
+        return self._admitted().addCallback(lambda upload: upload.truncate(length))
+
+    def hash_prefix(self, hasher: Hasher, length: int) -> Deferred[None]:
+        return self._admitted().addCallback(lambda upload: upload.hash_prefix(hasher, length))
+
+    def commit(self, sha256_hex: str | None) -> Deferred[StoredFile]:
+        return self._admitted().addCallback(lambda upload: upload.commit(sha256_hex))
+
+    def abort(self) -> Deferred[None]:
+        # Not admitted: nothing to drop (a failed ``store_whole`` left nothing either).
+        return self._upload.abort() if self._upload is not None else succeed(None)
+
+    def release(self) -> Deferred[int]:
+        return self._upload.release() if self._upload is not None else succeed(self._written)

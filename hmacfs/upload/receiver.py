@@ -213,6 +213,12 @@ class UploadFinish:
 
     def write_failure(self, failure: Failure) -> tuple[UploadFailed, bool]:
         """The answer to a failed write (logged here), and whether the disk is full."""
+        if failure.check(Refusal) and not failure.check(StorageError):
+            # Already an answer: a one-step upload's admission refused (409, 403, 507).
+            error = failure.value
+            if not isinstance(error, UploadFailed):
+                error = UploadFailed(error.status, error.reason, error.headers)
+            return error, error.status == 507
         full = _is_full(failure)
         if full:
             # Expected in operation, not a bug: one line, no traceback.
@@ -224,7 +230,8 @@ class UploadFinish:
                 path=self.path,
                 reason=failure.value.reason,
             )
-            return UploadFailed(failure.value.status, failure.value.reason), False
+            error = failure.value
+            return UploadFailed(error.status, error.reason, error.headers), False
         log.failure("writing upload {path} failed", failure, path=self.path)
         return UploadFailed(500, "could not write the file"), False
 

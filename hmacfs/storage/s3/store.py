@@ -848,6 +848,36 @@ class S3Store:
             mtime = max(mtime, _epoch(incomplete))
         return state, contiguous, pending, mtime
 
+    def store_whole(
+        self,
+        segments: Sequence[str],
+        content_type: str,
+        chunks: Sequence[bytes],
+        hashers: Sequence[Hasher] = (),
+        digest: Callable[[], str | None] | None = None,
+    ) -> Deferred[StoredFile]:
+        return self._run(self._store_whole(tuple(segments), content_type, chunks, hashers, digest))
+
+    async def _store_whole(
+        self,
+        segments: tuple[str, ...],
+        content_type: str,
+        chunks: Sequence[bytes],
+        hashers: Sequence[Hasher],
+        digest: Callable[[], str | None] | None,
+    ) -> StoredFile:
+        size = sum(len(chunk) for chunk in chunks)
+        upload = await self._admit(segments, content_type, size, None, False)
+        upload.expect(size)
+        try:
+            return await upload.write_and_commit(chunks, hashers, digest)
+        except BaseException:
+            try:
+                await upload.abort()
+            except StorageError:
+                pass  # the answer is the first failure; a PutObject cut short leaves nothing
+            raise
+
     def resume(self, segments: Sequence[str], remaining: int | None) -> Deferred[IUpload | None]:
         return self._run(self._resume(tuple(segments)))
 
