@@ -391,6 +391,49 @@ class FreeSpaceTests(StoreTestsMixin, SynchronousTestCase):
         e = self.assertRaises(StorageError, store.reserve, 501)
         self.assertEqual((e.status, e.reason), (507, "insufficient storage"))
 
+    def test_reading_reused_far_from_full(self) -> None:
+        """
+        Far from full, admissions within FREE_SPACE_TTL share one statvfs, less what was
+        written since; an older reading, or one whose margin the need would eat, is read again.
+        """
+        store = self.make_store(min_free_bytes=1000)
+        calls: list[str] = []
+        free = [10 * storage.FREE_SPACE_MARGIN]
+        clock = [100.0]
+
+        def fake_statvfs(path):
+            calls.append(path)
+            return SimpleNamespace(f_bavail=free[0], f_frsize=1)
+
+        self.patch(storage.os, "statvfs", fake_statvfs)
+        self.patch(storage, "_monotonic", lambda: clock[0])
+        store.reserve(10).release()
+        first = store.reserve(4096)
+        first.consume(4096)  # written: the estimate drops by it
+        first.release()
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(store._free_for(0), free[0] - 4096)
+        clock[0] += storage.FREE_SPACE_TTL
+        store.reserve(10).release()
+        self.assertEqual(len(calls), 2)  # too old
+        free[0] = storage.FREE_SPACE_MARGIN + 1000 + 10
+        clock[0] += storage.FREE_SPACE_TTL
+        store.reserve(10).release()
+        self.assertEqual(len(calls), 3)
+        store.reserve(10).release()  # leaves exactly the margin: reused
+        self.assertEqual(len(calls), 3)
+        store.reserve(11).release()  # the margin would not hold for 11: read again
+        self.assertEqual(len(calls), 4)
+        # Near full, every admission reads the disk again, however young the reading.
+        clock[0] += storage.FREE_SPACE_TTL
+        free[0] = 1005
+        store.reserve(1).release()
+        store.reserve(1).release()
+        self.assertEqual(len(calls), 6)
+        free[0] = 1000
+        e = self.assertRaises(StorageError, store.reserve, 1)
+        self.assertEqual((e.status, len(calls)), (507, 7))
+
     def test_reserve_real(self) -> None:
         """On the real filesystem, a huge reserve gives 507 and none passes for 0 bytes."""
         store = self.make_store(min_free_bytes=2**62)

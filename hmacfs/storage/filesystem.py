@@ -38,6 +38,12 @@ from hmacfs.storage.partial import PartialUpload
 from hmacfs.storage.reservations import Reservation, ReservationLedger
 from hmacfs.storage.sweep import sweep_partials
 
+#: how long a ``statvfs`` reading may stand for later admissions (``Store._free_for``)
+FREE_SPACE_TTL = 1.0
+#: ... and by how much the space it showed must clear what an admission needs
+FREE_SPACE_MARGIN = 256 * 1024 * 1024
+_monotonic = time.monotonic
+
 # What callers import from here (the upload protocols, the resources, the assembly).
 __all__ = [
     "DEFAULT_CONTENT_TYPE",
@@ -82,6 +88,8 @@ class Store:
         self.meta_dir = self._private.meta_path
         self._meta = MetadataCache()
         self._ledger = ReservationLedger(min_free_bytes)
+        #: the last ``statvfs`` reading: (free bytes, monotonic time, ``ledger.written`` then)
+        self._free_reading: tuple[int, float, int] | None = None
 
     def open_private_file(self, name: str) -> int:
         """Open (creating) ``.hmacfs/<name>`` without following a link; the caller closes it."""
@@ -172,7 +180,30 @@ class Store:
 
     def reserve(self, incoming: int) -> Reservation:
         """``IBlockingStore.reserve``: ``statvfs`` says what is free; per process (``reservations``)."""
-        return self._ledger.reserve(self.free_bytes(), incoming)
+        return self._ledger.reserve(self._free_for(incoming), incoming)
+
+    def _free_for(self, incoming: int) -> int:
+        """
+        The free space to admit ``incoming`` bytes against: a ``statvfs`` reading younger
+        than ``FREE_SPACE_TTL``, less what this process wrote since, while that clears the
+        need by ``FREE_SPACE_MARGIN``; otherwise a new reading.  Far from full, a PUT then
+        costs no ``statvfs`` (one call and one GIL hand-off on the disk pool each); near full,
+        every admission reads the disk again.  Another process would have to write the whole
+        margin within the TTL to be missed, and then the write fails with 507 and is removed.
+        """
+        ledger = self._ledger
+        now = _monotonic()
+        reading = self._free_reading
+        if reading is not None:
+            free, at, written = reading
+            estimate = free - (ledger.written - written)
+            spare = estimate - ledger.reserved - max(0, incoming) - ledger.min_free_bytes
+            if now - at < FREE_SPACE_TTL and spare >= FREE_SPACE_MARGIN:
+                return estimate
+        written = ledger.written
+        free = self.free_bytes()
+        self._free_reading = (free, now, written)
+        return free
 
     # -- uploads in progress
 

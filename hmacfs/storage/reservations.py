@@ -18,12 +18,14 @@ class ReservationLedger:
     an upload may use space down to exactly ``min_free_bytes``, not one byte more.
     """
 
-    __slots__ = ("min_free_bytes", "reserved", "_lock")
+    __slots__ = ("min_free_bytes", "reserved", "written", "_lock")
 
     def __init__(self, min_free_bytes: int = 0) -> None:
         self.min_free_bytes = min_free_bytes
         #: bytes promised to uploads in flight and not written yet
         self.reserved = 0
+        #: bytes this process's uploads have written so far (``Reservation.consume``)
+        self.written = 0
         self._lock = threading.Lock()
 
     def reserve(self, free: int, incoming: int) -> Reservation:
@@ -44,6 +46,8 @@ class ReservationLedger:
             taken = reservation.remaining if count is None else min(count, reservation.remaining)
             reservation.remaining -= taken
             self.reserved -= taken
+            if count is not None:
+                self.written += count
 
 
 class Reservation:
