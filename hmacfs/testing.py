@@ -87,6 +87,22 @@ class SiteHarness:
         return protocol, transport
 
 
+def stored_metadata(store_dir: Path, segments: tuple[str, ...]) -> dict[str, object]:
+    """A finished file's metadata as the store keeps it: its attribute, else its sidecar."""
+    import json
+
+    from hmacfs.storage.layout import meta_name, path_key
+    from hmacfs.storage.metadata import XATTR
+
+    try:
+        raw = os.getxattr(Path(store_dir).joinpath(*segments), XATTR, follow_symlinks=False)
+    except OSError:
+        raw = (Path(store_dir) / ".hmacfs" / "meta" / meta_name(path_key(segments))).read_bytes()
+    meta = json.loads(raw)
+    assert isinstance(meta, dict)
+    return meta
+
+
 def v1_mac(path: str, size: int, secret: bytes = SECRET) -> str:
     return hmac.new(secret, path.encode() + b" " + str(size).encode(), hashlib.sha256).hexdigest()
 

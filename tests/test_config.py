@@ -492,6 +492,7 @@ class DefaultsTests(ConfigTestCase):
             "buffer_size": 65536,
             "max_upload_size": 0,
             "min_free_bytes": 100 * 1024**2,
+            "metadata_xattr": True,
             "trusted_proxies": (
                 ipaddress.ip_network("127.0.0.1/32"),
                 ipaddress.ip_network("::1/128"),
@@ -524,7 +525,7 @@ class DefaultsTests(ConfigTestCase):
     def test_known_keys(self) -> None:
         """KNOWN_KEYS lists every current key once, and none of the obsolete ones."""
         self.assertEqual(len(KNOWN_KEYS), len(set(KNOWN_KEYS)))
-        self.assertEqual(len(KNOWN_KEYS), 66)
+        self.assertEqual(len(KNOWN_KEYS), 67)
         self.assertEqual(set(KNOWN_KEYS) & set(OBSOLETE_KEYS), set())
         self.assertIn("TrustedProxies", KNOWN_KEYS)
 
@@ -584,6 +585,7 @@ BAD_VALUES: dict[str, tuple[object, str]] = {
     "BufferSize": ("1KiB", "'1KiB'"),
     "MaxUploadSize": (-1, "-1"),
     "MinFreeBytes": (1.5, "1.5"),
+    "MetadataXattr": ("yes", "'yes'"),
     "TrustedProxies": (["10.0.0.300"], "'10.0.0.300'"),
     "ClockSkew": ("-1", "'-1'"),
     "DrainTimeout": ([30], "[30]"),

@@ -24,7 +24,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from hmacfs.state.store import EmbeddedState
 from hmacfs.storage.filesystem import Store, path_key
 from hmacfs.storage.fs_backend import FilesystemBackend
-from hmacfs.testing import ManualRunner, SiteHarness, header_value, make_config, status_of, v1_mac
+from hmacfs.testing import (
+    ManualRunner,
+    SiteHarness,
+    header_value,
+    make_config,
+    status_of,
+    stored_metadata,
+    v1_mac,
+)
 from hmacfs.upload.resume import (
     PartialSweeper,
     UploadRecord,
@@ -358,8 +366,8 @@ class ChecksumAcrossResumeTests(ResumeMixin, SynchronousTestCase):
         protocol, transport = self.resume("c.bin", 100_000)
         protocol.dataReceived(self.body[100_000:])
         self.assertEqual(status_of(transport.value()), 201)
-        meta = (self.store_dir / ".hmacfs" / "meta" / f"{path_key((UUID, 'c.bin'))}.json").read_text()
-        self.assertIn(self.digest(), meta)
+        meta = stored_metadata(self.store_dir, (UUID, "c.bin"))
+        self.assertEqual(meta["sha256"], self.digest())
 
     def test_corrupted_earlier_bytes_are_caught(self) -> None:
         """

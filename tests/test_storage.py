@@ -10,11 +10,13 @@ import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from hmacfs.storage import commit as storage_commit
 from hmacfs.storage import filesystem as storage
 from hmacfs.storage import fs_dirs, fsio, metadata
 from hmacfs.storage.filesystem import DEFAULT_CONTENT_TYPE, StorageError, Store, path_key
@@ -23,12 +25,18 @@ SEGS = ("0123abcd", "photo.jpg")
 
 
 class StoreTestsMixin:
-    """Helpers: a fresh store in a real temporary directory."""
+    """
+    Helpers: a fresh store in a real temporary directory, keeping metadata in sidecar
+    files (what these tests look at; ``XattrMetadataTests`` covers the attribute).
+    """
+
+    metadata_xattr = False
 
     def make_store(self, **kwargs: object) -> Store:
         root = Path(self.mktemp())  # type: ignore[attr-defined]
         root.mkdir()
         kwargs.setdefault("now", lambda: 1700000000.5)
+        kwargs.setdefault("metadata_xattr", self.metadata_xattr)
         return Store(root, **kwargs)  # type: ignore[arg-type]
 
     def upload(self, store: Store, segs, body: bytes, ctype: str = "image/jpeg", sha=None):
@@ -737,7 +745,7 @@ class MetaCacheTests(SynchronousTestCase):
         a file without metadata yet is not cached with the default type."""
         root = Path(self.mktemp()).resolve()
         root.mkdir()
-        store = Store(root)
+        store = Store(root, metadata_xattr=False)
         partial = store.open_partial(("c", "f"), "image/png", 3)
         partial.write([b"abc"])
         partial.commit(None)
@@ -760,6 +768,135 @@ class MetaCacheTests(SynchronousTestCase):
         meta = store.meta_path(("c", "bare"))
         meta.write_text('{"content_type": "audio/ogg"}')
         self.assertEqual(store.stat(("c", "bare")).content_type, "audio/ogg")
+
+
+class XattrMetadataTests(StoreTestsMixin, SynchronousTestCase):
+    """Metadata in the file's ``user.hmacfs`` attribute (MetadataXattr, the default)."""
+
+    metadata_xattr = True
+
+    def setUp(self) -> None:
+        probe = self.make_store()
+        if not probe.xattrs:  # pragma: no cover - every filesystem the tests run on has them
+            self.fail(f"{probe.root}: no user extended attributes")
+
+    def test_commit_sets_the_attribute_and_no_sidecar(self) -> None:
+        """The documented metadata, on the file itself; nothing in .hmacfs/meta or partial."""
+        store = self.make_store()
+        stored = self.upload(store, SEGS, b"abc", "image/jpeg", "ab" * 32)
+        target = store.root / "0123abcd" / "photo.jpg"
+        meta = json.loads(os.getxattr(target, metadata.XATTR))
+        self.assertEqual(
+            meta,
+            {
+                "path": "0123abcd/photo.jpg",
+                "content_type": "image/jpeg",
+                "size": 3,
+                "sha256": "ab" * 32,
+                "created": 1700000000.5,
+            },
+        )
+        self.assertEqual(self.private_files(store), [])
+        self.assertEqual(stored, store.stat(SEGS))
+
+    def test_attribute_is_set_before_the_data_fsync(self) -> None:
+        """The data fsync makes the attribute durable with the bytes: it comes first."""
+        store = self.make_store()
+        events: list[str] = []
+        real_setxattr, real_fsync = metadata.os.setxattr, storage.os.fsync
+        self.patch(metadata.os, "setxattr", lambda *a, **k: events.append("setxattr") or real_setxattr(*a, **k))
+        self.patch(storage.os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+        self.upload(store, SEGS, b"abc")
+        self.assertEqual(events[:2], ["setxattr", "fsync"])
+        self.assertNotIn("setxattr", events[2:])
+
+    def test_stat_reads_the_attribute_once(self) -> None:
+        """A GET of a file with the attribute: read once, then no call beyond the lstat."""
+        store = self.make_store()
+        self.upload(store, SEGS, b"abc", "audio/ogg")
+        reads: list[object] = []
+        real = metadata.os.getxattr
+        self.patch(metadata.os, "getxattr", lambda *a, **k: reads.append(a) or real(*a, **k))
+        stats: list[object] = []
+        real_stat = metadata.os.stat
+        self.patch(metadata.os, "stat", lambda *a, **k: stats.append(a) or real_stat(*a, **k))
+        for _ in range(3):
+            self.assertEqual(store.stat(SEGS).content_type, "audio/ogg")
+        # The lstat of the file itself, no sidecar stat.
+        self.assertEqual((len(reads), stats), (1, [("photo.jpg",)] * 3))
+
+    def test_sidecar_files_still_served(self) -> None:
+        """A file stored with a sidecar (before, or with MetadataXattr = false) keeps its type;
+        its attribute, where it has one, wins over a stale sidecar."""
+        root = Path(self.mktemp())
+        root.mkdir()
+        old = Store(root, metadata_xattr=False)
+        partial = old.open_partial(("s", "old"), "image/gif", 1)
+        partial.write([b"g"])
+        partial.commit(None)
+        new = Store(root)
+        self.assertEqual(new.stat(("s", "old")).content_type, "image/gif")
+        partial = new.open_partial(("s", "new"), "image/webp", 1)
+        partial.write([b"w"])
+        partial.commit(None)
+        new.meta_path(("s", "new")).write_text('{"content_type": "text/stale"}')
+        self.assertEqual(Store(root).stat(("s", "new")).content_type, "image/webp")
+        self.assertEqual(old.stat(("s", "new")).content_type, "image/webp")
+
+    def test_refused_attribute_falls_back_to_a_sidecar(self) -> None:
+        """An attribute the filesystem refuses (too big for its attribute space): a sidecar."""
+        store = self.make_store()
+
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.E2BIG, "Argument list too long")
+
+        self.patch(metadata.os, "setxattr", refuse)
+        self.upload(store, SEGS, b"abc", "image/png")
+        self.assertEqual(self.private_files(store), [f"{path_key(SEGS)}.json"])
+        self.assertEqual(store.stat(SEGS).content_type, "image/png")
+
+    def test_failure_after_link_leaves_nothing(self) -> None:
+        """A commit that fails after the link removes the target (and with it the attribute)."""
+        store = self.make_store()
+        partial = store.open_partial(SEGS, "text/plain", 3)
+        partial.write([b"abc"])
+
+        real_unlink = os.unlink
+        calls: list[object] = []
+
+        def unlink_fails_once(*args: object, **kwargs: Any) -> None:
+            calls.append(args)
+            if len(calls) == 1:  # the partial's name, right after the link
+                raise OSError(errno.EIO, "simulated")
+            real_unlink(*args, **kwargs)  # type: ignore[arg-type]
+
+        self.patch(storage_commit.os, "unlink", unlink_fails_once)
+        self.assertRaises(OSError, partial.commit, None)
+        self.assertFalse(os.path.lexists(store.target_path(SEGS)))
+        self.assertEqual(self.private_files(store), [])
+
+    def test_cache_follows_the_attribute(self) -> None:
+        """The attribute changed (its ctime moves): read again."""
+        store = self.make_store()
+        self.upload(store, SEGS, b"abc", "image/png")
+        self.assertEqual(store.stat(SEGS).content_type, "image/png")
+        target = store.target_path(SEGS)
+        os.setxattr(target, metadata.XATTR, b'{"content_type": "image/avif"}')
+        self.assertEqual(store.stat(SEGS).content_type, "image/avif")
+
+    def test_no_attributes_means_sidecars(self) -> None:
+        """A filesystem without user attributes (the probe fails): sidecars, as before."""
+
+        def unsupported(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+        self.patch(metadata.os, "setxattr", unsupported)
+        store = self.make_store()
+        self.assertFalse(store.xattrs)
+        self.upload(store, SEGS, b"abc", "image/png")
+        self.assertEqual(self.private_files(store), [f"{path_key(SEGS)}.json"])
+        self.assertEqual(store.stat(SEGS).content_type, "image/png")
+        self.assertFalse([n for n in os.listdir(store.root / ".hmacfs") if n.startswith(".xattr-probe")])
 
 
 class ReservationTests(StoreTestsMixin, SynchronousTestCase):

@@ -386,7 +386,7 @@ class MetadataTests(DirTestCase):
         private = fs_dirs.PrivateDirs(str(root))
         for name in ("a", "b", "c"):
             st = os.lstat(root / name)
-            stored = cache.stored_file(private.get, (name,), st, str(root / name))
+            stored = cache.stored_file(private.get, (name,), st, str(root / name), store.xattrs)
             self.assertEqual(stored.content_type, f"text/{name}")
         self.assertEqual(len(cache._entries), 2)
         self.assertEqual(sorted(key[0] for key in cache._entries), [("b",), ("c",)])

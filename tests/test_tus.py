@@ -28,6 +28,7 @@ from hmacfs.testing import (
     header_value,
     make_config,
     status_of,
+    stored_metadata,
     v1_mac,
 )
 from hmacfs.upload import tus
@@ -212,10 +213,7 @@ class CreationTests(TusMixin, SynchronousTestCase):
         )
         answer = self.send("PATCH", url, TUS, OCTETS, "Upload-Offset: 0", body=self.body)
         self.assertEqual(status_of(answer), 204)
-        self.assertEqual(
-            (self.store_dir / ".hmacfs" / "meta" / f"{path_key((UUID, 'typed.png'))}.json").read_text().count("image/png"),
-            1,
-        )
+        self.assertEqual(stored_metadata(self.store_dir, (UUID, "typed.png"))["content_type"], "image/png")
 
 
 class PatchTests(TusMixin, SynchronousTestCase):

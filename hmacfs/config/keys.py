@@ -121,6 +121,7 @@ KEYS: tuple[Key, ...] = (
     Key("BufferSize", "buffer_size", 65536, size(4 * 1024, 16 * 1024**2)),
     Key("MaxUploadSize", "max_upload_size", 0, size()),
     Key("MinFreeBytes", "min_free_bytes", "100MiB", size()),
+    Key("MetadataXattr", "metadata_xattr", True, boolean),
     Key("TrustedProxies", "trusted_proxies", ["127.0.0.1/32", "::1/128"], networks),
     Key("ClockSkew", "clock_skew", "30s", duration()),
     Key("DrainTimeout", "drain_timeout", "30s", duration()),
@@ -229,6 +230,8 @@ class Config:
     buffer_size: int
     max_upload_size: int
     min_free_bytes: int
+    #: finished files' metadata in their user.hmacfs attribute (where the filesystem has them)
+    metadata_xattr: bool
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     clock_skew: float
     drain_timeout: float

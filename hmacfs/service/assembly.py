@@ -173,7 +173,11 @@ def make_supervisor(
     reload.appliers.append(lambda new: supervisor.signal_workers(signal.SIGHUP))
     reload.rotation_listeners.append(supervisor.broadcast_secrets)
     reload.setServiceParent(top)
-    store = Store(config.store_dir, min_free_bytes=config.min_free_bytes)
+    store = Store(
+        config.store_dir,
+        min_free_bytes=config.min_free_bytes,
+        metadata_xattr=config.metadata_xattr,
+    )
     lock = None
     if config.redis_addr:
         # The sweep lock shared with other nodes (the workers hold their own connections).

@@ -113,7 +113,11 @@ def build_server(
 ) -> ServerParts:
     """The upload Site for a configuration and the parts behind it; ``.site`` is what
     embedding applications mount."""
-    store = Store(config.store_dir, min_free_bytes=config.min_free_bytes)
+    store = Store(
+        config.store_dir,
+        min_free_bytes=config.min_free_bytes,
+        metadata_xattr=config.metadata_xattr,
+    )
     tombstones = Tombstones(store.root)
     # Built once: the filesystem's every call on the disk pool, never on the reactor
     # thread; or the S3 bucket (StorageBackend).

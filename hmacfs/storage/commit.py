@@ -3,11 +3,13 @@
 The commit protocol: how a finished partial file becomes a stored file, atomically and
 durably, never overwriting one.
 
-Order: fsync data, write metadata to a temporary name, link the partial to the target
-(atomic, never overwrites), move the metadata into place, unlink the partial and its
-record, fsync directories, and only then close (and so unlock) the partial file, so nobody
-can reopen it in between.  Metadata reaches its final name only after the link succeeded,
-so a losing upload never touches the existing file's metadata.  On any failure nothing of
+Order: set the metadata attribute on the partial file (where the store keeps metadata in
+attributes), fsync data, write sidecar metadata to a temporary name (where it does not),
+link the partial to the target (atomic, never overwrites), move the sidecar into place,
+unlink the partial and its record, fsync directories, and only then close (and so unlock)
+the partial file, so nobody can reopen it in between.  Metadata reaches its final name
+only after the link succeeded (an attribute is on our own file), so a losing upload never
+touches the existing file's metadata.  On any failure nothing of
 this upload remains (not even at the target).  Every name is reached through directory
 descriptors (the target's directories walked again with ``openat``), so a link swapped in
 during the upload is never followed.
@@ -22,7 +24,7 @@ from hmacfs.storage.fs_paths import open_parents
 from hmacfs.storage.fsio import close_all, etag, lexists, log, translate, unlink_quietly
 from hmacfs.storage.interface import StorageError, StoredFile
 from hmacfs.storage.layout import TMP_SUFFIX, meta_name, partial_name, record_name
-from hmacfs.storage.metadata import write_meta
+from hmacfs.storage.metadata import set_meta_xattr, write_meta
 
 if TYPE_CHECKING:
     from hmacfs.storage.partial import PartialUpload
@@ -39,18 +41,33 @@ def publish(upload: PartialUpload, sha256_hex: str | None) -> StoredFile:
     meta_final = meta_name(key)
     meta_tmp = meta_final + TMP_SUFFIX
     meta_dirs = dirs
+    sidecar = not private.meta_xattr
     linked = placed = False
     parents: list[int] = []
     parent = -1
     try:
+        if not sidecar:
+            # On the file itself, before its data fsync (which makes it durable with the
+            # data): no sidecar to write, rename or fsync the directory of.
+            try:
+                set_meta_xattr(upload.fd, **_meta_fields(upload, sha256_hex))
+            except OSError as error:
+                # Too big for the filesystem's attribute space (a very long path), say:
+                # this file gets a sidecar (a full disk fails there too).
+                log.debug("{path}: metadata attribute refused ({error}); sidecar instead",
+                          path=upload.name, error=error)
+                sidecar = True
         os.fsync(upload.fd)
-        try:
+        if sidecar:
+            try:
+                meta_dirs = private.get()
+                write_meta(meta_tmp, meta_dirs.meta, **_meta_fields(upload, sha256_hex))
+            except FileNotFoundError:
+                # .hmacfs/meta was removed under us: recreate it and try once more.
+                meta_dirs = private.get(force=True)
+                write_meta(meta_tmp, meta_dirs.meta, **_meta_fields(upload, sha256_hex))
+        else:
             meta_dirs = private.get()
-            _write_meta(upload, meta_tmp, sha256_hex, meta_dirs.meta)
-        except FileNotFoundError:
-            # .hmacfs/meta was removed under us: recreate it and try once more.
-            meta_dirs = private.get(force=True)
-            _write_meta(upload, meta_tmp, sha256_hex, meta_dirs.meta)
         # A retention sweep may have removed now-empty parents during the upload.
         opened = open_parents(
             meta_dirs.root, segments, create=True, root_prefix=private.root_prefix
@@ -72,8 +89,9 @@ def publish(upload: PartialUpload, sha256_hex: str | None) -> StoredFile:
             log.warn("upload of {path} lost: its partial file was removed", path=upload.name)
             raise StorageError(503, "the upload was removed from the store; retry") from None
         linked = True
-        os.rename(meta_tmp, meta_final, src_dir_fd=meta_dirs.meta, dst_dir_fd=meta_dirs.meta)
-        placed = True
+        if sidecar:
+            os.rename(meta_tmp, meta_final, src_dir_fd=meta_dirs.meta, dst_dir_fd=meta_dirs.meta)
+            placed = True
         os.unlink(name, dir_fd=dirs.partial)
         if upload.has_record:
             unlink_quietly(record, dirs.partial)
@@ -85,13 +103,15 @@ def publish(upload: PartialUpload, sha256_hex: str | None) -> StoredFile:
         for fd in reversed(parents):
             os.fsync(fd)
         os.fsync(meta_dirs.root)
-        os.fsync(meta_dirs.meta)
+        if sidecar:
+            os.fsync(meta_dirs.meta)
     except BaseException as e:
         if placed:
             unlink_quietly(meta_final, meta_dirs.meta)
         if linked:
             unlink_quietly(segments[-1], parent)
-        unlink_quietly(meta_tmp, meta_dirs.meta)
+        if sidecar:
+            unlink_quietly(meta_tmp, meta_dirs.meta)
         unlink_quietly(name, dirs.partial)
         unlink_quietly(record, dirs.partial)
         upload.close()
@@ -115,13 +135,11 @@ def publish(upload: PartialUpload, sha256_hex: str | None) -> StoredFile:
     )
 
 
-def _write_meta(upload: PartialUpload, name: str, sha256_hex: str | None, dir_fd: int) -> None:
-    write_meta(
-        name,
-        dir_fd,
-        path=upload.name,
-        content_type=upload.content_type,
-        size=upload.written,
-        sha256=sha256_hex,
-        created=upload.now(),
-    )
+def _meta_fields(upload: PartialUpload, sha256_hex: str | None) -> dict[str, object]:
+    return {
+        "path": upload.name,
+        "content_type": upload.content_type,
+        "size": upload.written,
+        "sha256": sha256_hex,
+        "created": upload.now(),
+    }

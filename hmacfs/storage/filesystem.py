@@ -33,7 +33,7 @@ from hmacfs.storage.layout import (
     path_key,
     record_name,
 )
-from hmacfs.storage.metadata import DEFAULT_CONTENT_TYPE, MetadataCache
+from hmacfs.storage.metadata import DEFAULT_CONTENT_TYPE, MetadataCache, xattrs_work
 from hmacfs.storage.partial import PartialUpload
 from hmacfs.storage.reservations import Reservation, ReservationLedger
 from hmacfs.storage.sweep import sweep_partials
@@ -75,6 +75,7 @@ class Store:
         *,
         min_free_bytes: int = 0,
         now: Callable[[], float] = time.time,
+        metadata_xattr: bool = True,
     ) -> None:
         # Resolve once: the operator may point StoreDir at a symlink; below it we follow none.
         self.root = Path(os.path.realpath(root))
@@ -87,6 +88,10 @@ class Store:
         self.partial_dir = self._private.partial_path
         self.meta_dir = self._private.meta_path
         self._meta = MetadataCache()
+        #: whether files here take the metadata attribute (read it first where they do);
+        #: ``metadata_xattr`` (MetadataXattr) says whether commits write it
+        self.xattrs = xattrs_work(self._private.get().private)
+        self._private.meta_xattr = self.xattrs and metadata_xattr
         self._ledger = ReservationLedger(min_free_bytes)
         #: the last ``statvfs`` reading: (free bytes, monotonic time, ``ledger.written`` then)
         self._free_reading: tuple[int, float, int] | None = None
@@ -144,7 +149,7 @@ class Store:
             return None
         if st is None or not stat_mod.S_ISREG(st.st_mode):
             return None
-        return self._meta.stored_file(self._dirs, segs, st, target)
+        return self._meta.stored_file(self._dirs, segs, st, target, self.xattrs)
 
     def delete(self, segments: Sequence[str]) -> bool:
         """Remove a finished file and its metadata; False if there was no regular file."""

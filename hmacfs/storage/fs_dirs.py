@@ -57,6 +57,10 @@ class PrivateDirs:
     warning.  A link or a file in their place is refused (503) and logged once per change.
     """
 
+    #: whether finished files keep their metadata in an attribute (``metadata``), not a
+    #: sidecar under ``meta``: set by the ``Store`` once its probe found attributes work
+    meta_xattr: bool = False
+
     def __init__(self, root: str) -> None:
         self.root = root
         #: the root with a trailing separator (what log messages and path checks prefix)
