@@ -402,6 +402,41 @@ class FilesystemBackendTests(StoreContractMixin, TestCase):
             self.assertEqual(os.listdir(root / ".hmacfs" / "partial"), [])
             self.assertIsNone(self.successResultOf(full.upload_status(("a", "new"))))
 
+    def test_store_whole_full_disk_existing_file_is_409(self) -> None:
+        """``store_whole`` leaves the existence check to the link, but a full disk over an
+        existing file is still 409 (as ``admit`` answers), and nothing is left."""
+        root = Path(self.mktemp())
+        self.successResultOf(self._stored(self.make_store_at(root), ("f",), b"x"))
+        full = self.make_store_at(root, min_free_bytes=2**62)
+        existing = self.failureResultOf(full.store_whole(("f",), "text/plain", [b"y"]), StorageError)
+        self.assertEqual(existing.value.status, 409)
+        new = self.failureResultOf(full.store_whole(("n",), "text/plain", [b"y"]), StorageError)
+        self.assertEqual(new.value.status, 507)
+        self.assertEqual(os.listdir(root / ".hmacfs" / "partial"), [])
+        self.assertEqual((root / "f").read_bytes(), b"x")
+
+    def test_store_whole_parent_removed_before_the_link(self) -> None:
+        """The directory kept open from the admission went (a retention sweep removed it,
+        empty): the commit walks the path again, recreating it, and links there."""
+        from hmacfs.storage import commit
+
+        root = Path(self.mktemp())
+        backend = self.make_store_at(root)
+        real_link = os.link
+        calls: list[object] = []
+
+        def link_after_rmdir(src: Any, dst: Any, **kw: Any) -> None:
+            calls.append(dst)
+            if len(calls) == 1:
+                os.rmdir(root / "d")  # what the sweep would do, between admission and link
+            real_link(src, dst, **kw)
+
+        self.patch(commit.os, "link", link_after_rmdir)
+        stored = self.successResultOf(backend.store_whole(("d", "f"), "text/plain", [b"abc"]))
+        self.assertEqual((len(calls), stored.size), (2, 3))
+        self.assertEqual((root / "d" / "f").read_bytes(), b"abc")
+        self.assertEqual(os.listdir(root / ".hmacfs" / "partial"), [])
+
     def make_store_at(self, root: Path, **kw: Any) -> FilesystemBackend:
         return FilesystemBackend(Store(root, **kw), lambda f, *a: maybeDeferred(f, *a))
 

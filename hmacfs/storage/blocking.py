@@ -101,6 +101,7 @@ class IBlockingStore(Protocol):
         *,
         record: dict[str, object] | None = None,
         resumable: bool = True,
+        keep_parents: bool = False,
     ) -> IBlockingUpload:
         """
         Start an upload from byte 0: 409 if the file exists or another writer holds the upload.
@@ -114,6 +115,10 @@ class IBlockingStore(Protocol):
         (its whole body is in memory, no session token): no sidecar is stored when the
         upload is new, since an upload without a record is never resumed.  A leftover is
         reused with a record as usual, so no stale record is left beside it.
+
+        ``keep_parents`` is for an upload committed in the same call on the same thread: the
+        target's directories stay open for the commit, and an existing file is refused by
+        the commit's link (409) rather than checked for here.
         """
 
     def resume_partial(self, segments: Sequence[str]) -> IBlockingUpload | None:

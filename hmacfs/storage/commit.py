@@ -27,6 +27,7 @@ from hmacfs.storage.layout import TMP_SUFFIX, meta_name, partial_name, record_na
 from hmacfs.storage.metadata import set_meta_xattr, write_meta
 
 if TYPE_CHECKING:
+    from hmacfs.storage.fs_dirs import PrivateDirs
     from hmacfs.storage.partial import PartialUpload
 
 
@@ -68,18 +69,32 @@ def publish(upload: PartialUpload, sha256_hex: str | None) -> StoredFile:
                 write_meta(meta_tmp, meta_dirs.meta, **_meta_fields(upload, sha256_hex))
         else:
             meta_dirs = private.get()
-        # A retention sweep may have removed now-empty parents during the upload.
-        opened = open_parents(
-            meta_dirs.root, segments, create=True, root_prefix=private.root_prefix
-        )
-        assert opened is not None  # create=True: missing raises
-        parents = opened
+        # A retention sweep may have removed now-empty parents during the upload: walked
+        # again, unless the admission of this same job kept them open (then walked again
+        # only if the link finds its directory gone).
+        kept, upload.parents = upload.parents, None
+        if kept is not None and meta_dirs is not dirs:
+            close_all(kept)  # the root was replaced meanwhile: walk from the new one
+            kept = None
+        parents = kept if kept is not None else _open_parents(meta_dirs.root, segments, private)
         parent = parents[-1] if parents else meta_dirs.root
         try:
-            os.link(
-                name, segments[-1], src_dir_fd=dirs.partial, dst_dir_fd=parent,
-                follow_symlinks=False,
-            )
+            try:
+                os.link(
+                    name, segments[-1], src_dir_fd=dirs.partial, dst_dir_fd=parent,
+                    follow_symlinks=False,
+                )
+            except FileNotFoundError:
+                if kept is None or not lexists(name, dirs.partial):
+                    raise
+                close_all(parents)
+                parents = []
+                parents = _open_parents(meta_dirs.root, segments, private)
+                parent = parents[-1] if parents else meta_dirs.root
+                os.link(
+                    name, segments[-1], src_dir_fd=dirs.partial, dst_dir_fd=parent,
+                    follow_symlinks=False,
+                )
         except FileExistsError:
             log.info("upload of {path} lost to an existing file", path=upload.name)
             raise StorageError(409, "file already exists") from None
@@ -133,6 +148,12 @@ def publish(upload: PartialUpload, sha256_hex: str | None) -> StoredFile:
         etag=etag(st),
         sha256=sha256_hex,
     )
+
+
+def _open_parents(root: int, segments: tuple[str, ...], private: PrivateDirs) -> list[int]:
+    opened = open_parents(root, segments, create=True, root_prefix=private.root_prefix)
+    assert opened is not None  # create=True: missing raises
+    return opened
 
 
 def _meta_fields(upload: PartialUpload, sha256_hex: str | None) -> dict[str, object]:

@@ -220,13 +220,15 @@ class Store:
         *,
         record: dict[str, object] | None = None,
         resumable: bool = True,
+        keep_parents: bool = False,
     ) -> PartialUpload:
-        """``IBlockingStore.open_partial``: a partial file, locked, and its sidecar record beside it."""
+        """``IBlockingStore.open_partial``: a partial file, locked, and its sidecar record beside it.
+        ``keep_parents`` (a commit in the same job follows): see ``partial.start``."""
         segs = check_segments(segments)
         target = Path(target_of(self._root_prefix, segs))
         return partial.start(
             self._private, segs, target, content_type, size,
-            record=record, resumable=resumable, now=self._now,
+            record=record, resumable=resumable, now=self._now, keep_parents=keep_parents,
         )
 
     def resume_partial(self, segments: Sequence[str]) -> PartialUpload | None:

@@ -579,11 +579,24 @@ class FilesystemBackend:
         digest: Callable[[], str | None] | None,
     ) -> StoredFile:
         size = sum(len(chunk) for chunk in chunks)
-        upload = self._admit(segments, content_type, size, None, False)
+        if self.tombstones.blocks(segments):
+            raise StorageError(403, TOMBSTONED)
+        # The target's directories stay open for the commit, whose link refuses an existing
+        # file (409): no separate existence check, no second walk (two calls, each a GIL
+        # hand-off on the pool, on every small PUT).
+        partial = self.store.open_partial(
+            segments, content_type, size, resumable=False, keep_parents=True
+        )
         try:
-            return upload._write_and_commit(chunks, hashers, digest)
+            try:
+                partial.reservation = self.store.reserve(size)
+            except StorageError:
+                if self.store.exists(segments):
+                    raise StorageError(409, "file already exists") from None
+                raise
+            return FilesystemUpload(partial, self._run)._write_and_commit(chunks, hashers, digest)
         except BaseException:
-            upload.partial.abort()  # idempotent; a failed commit left nothing already
+            partial.abort()  # idempotent; a failed commit left nothing already
             raise
 
     def resume(self, segments: Sequence[str], remaining: int | None) -> Deferred[IUpload | None]:

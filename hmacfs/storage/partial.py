@@ -77,6 +77,9 @@ class PartialUpload:
     #: whether a sidecar record was written for this upload (a one-request upload has none)
     has_record: bool = True
     reservation: IReservation | None = None
+    #: the target's directories, kept open from the admission for a commit in the same job
+    #: (``start(keep_parents=True)``; the commit closes them, as does any other end)
+    parents: list[int] | None = None
     _finished: bool = attrs.field(default=False, init=False)
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
 
@@ -203,6 +206,9 @@ class PartialUpload:
         reservation, self.reservation = self.reservation, None
         if reservation is not None:
             reservation.release()
+        parents, self.parents = self.parents, None
+        if parents:
+            close_all(parents)
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
@@ -218,21 +224,28 @@ def start(
     record: dict[str, object] | None,
     resumable: bool,
     now: Callable[[], float],
+    keep_parents: bool = False,
 ) -> PartialUpload:
-    """``Store.open_partial`` for checked segments (see there)."""
+    """``Store.open_partial`` for checked segments (see there).  ``keep_parents``: an upload
+    committed in the same job (``Store.open_whole``) keeps the target's directories open for
+    its commit, and leaves the 409 for an existing file to the commit's link."""
     key = path_key(segs)
     name = partial_name(key)
     sidecar_name = record_name(key)
+    parents: list[int] | None = None
     try:
         dirs = private.get()
         fds = open_parents(dirs.root, segs, create=True, root_prefix=private.root_prefix)
         assert fds is not None  # create=True: missing raises
-        try:
-            exists = lexists(segs[-1], fds[-1] if fds else dirs.root)
-        finally:
-            close_all(fds)
-        if exists:
-            raise StorageError(409, "file already exists")
+        if keep_parents:
+            parents = fds
+        else:
+            try:
+                exists = lexists(segs[-1], fds[-1] if fds else dirs.root)
+            finally:
+                close_all(fds)
+            if exists:
+                raise StorageError(409, "file already exists")
         try:
             opened = open_locked_new(dirs.partial, name, where=private.partial_where)
         except FileNotFoundError:
@@ -256,8 +269,12 @@ def start(
             unlink_quietly(sidecar_name, dirs.partial)
             os.close(fd)
             raise
-    except OSError as e:
-        raise translate(e) from e
+    except BaseException as e:
+        if parents:
+            close_all(parents)
+        if isinstance(e, OSError):
+            raise translate(e) from e
+        raise
     return PartialUpload(
         private=private,
         now=now,
@@ -269,6 +286,7 @@ def start(
         dirs=dirs,
         record=sidecar,
         has_record=sidecar is not None,
+        parents=parents,
     )
 
 
