@@ -739,6 +739,68 @@ class ResumableStoreTests(StoreTestsMixin, SynchronousTestCase):
         busy.abort()
 
 
+class OneJobUploadTests(StoreTestsMixin, SynchronousTestCase):
+    """``open_partial(keep_parents=True)``: an upload committed in the job that admits it."""
+
+    def test_own_name_beside_an_interrupted_upload(self) -> None:
+        """Its partial file has a name of its own: an interrupted upload of the same path
+        (its partial and record) is left as it was, and the finished file wins over it."""
+        store = self.make_store()
+        interrupted = store.open_partial(SEGS, "text/plain", 10, record={"k": "v"})
+        interrupted.write([b"12345"])
+        interrupted.release()
+        before = sorted(os.listdir(store.partial_dir))
+        whole = store.open_partial(SEGS, "text/plain", 3, resumable=False, keep_parents=True)
+        self.assertNotEqual(whole.path, interrupted.path)
+        self.assertEqual(len(os.listdir(store.partial_dir)), len(before) + 1)
+        whole.write([b"abc"])
+        whole.commit(None)
+        self.assertEqual(store.target_path(SEGS).read_bytes(), b"abc")
+        self.assertEqual(sorted(os.listdir(store.partial_dir)), before)
+        self.assertEqual(interrupted.path.read_bytes(), b"12345")
+        e = self.assertRaises(StorageError, store.resume_partial, SEGS)
+        self.assertEqual(e.status, 409)
+
+    def test_abort_removes_only_its_own(self) -> None:
+        store = self.make_store()
+        held = store.open_partial(SEGS, "text/plain", 10, record={"k": "v"})
+        whole = store.open_partial(SEGS, "text/plain", 3, resumable=False, keep_parents=True)
+        whole.write([b"abc"])
+        whole.abort()
+        self.assertEqual(
+            sorted(os.listdir(store.partial_dir)), sorted([held.path.name, store.record_path(SEGS).name])
+        )
+        self.assertFalse(store.target_path(SEGS).exists())
+        held.abort()
+
+    def test_existing_file_is_409_at_the_commit(self) -> None:
+        """No existence check at the admission: the link refuses, the old file untouched."""
+        store = self.make_store()
+        self.upload(store, SEGS, b"old")
+        whole = store.open_partial(SEGS, "text/plain", 3, resumable=False, keep_parents=True)
+        whole.write([b"new"])
+        e = self.assertRaises(StorageError, whole.commit, None)
+        self.assertEqual(e.status, 409)
+        self.assertEqual(store.target_path(SEGS).read_bytes(), b"old")
+        self.assertEqual(self.private_files(store), [f"{path_key(SEGS)}.json"])  # its metadata only
+
+    def test_abandoned_is_swept(self) -> None:
+        """Left behind by a crash (its descriptor gone), it is swept once idle; held, never."""
+        clock = [1_000_000.0]
+        store = self.make_store(now=lambda: clock[0])
+        held = store.open_partial(("a", "held"), "text/plain", 1, resumable=False, keep_parents=True)
+        left = store.open_partial(("a", "left"), "text/plain", 1, resumable=False, keep_parents=True)
+        os.close(left.fd)  # the process died: its lock went with it
+        left.fd = -1
+        for path in (held.path, left.path):
+            os.utime(path, (clock[0] - 100, clock[0] - 100))
+        self.assertEqual(store.sweep_partials(50), 1)
+        self.assertFalse(left.path.exists())
+        self.assertTrue(held.path.exists())
+        held.abort()
+        left.close()
+
+
 class MetaCacheTests(SynchronousTestCase):
     def test_cache_follows_file_identity(self) -> None:
         """Metadata is read once per finished file and re-read when the file is replaced;

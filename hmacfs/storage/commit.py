@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from hmacfs.storage.fs_paths import open_parents
 from hmacfs.storage.fsio import close_all, etag, lexists, log, translate, unlink_quietly
 from hmacfs.storage.interface import StorageError, StoredFile
-from hmacfs.storage.layout import TMP_SUFFIX, meta_name, partial_name, record_name
+from hmacfs.storage.layout import TMP_SUFFIX, meta_name, record_name
 from hmacfs.storage.metadata import set_meta_xattr, write_meta
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ def publish(upload: PartialUpload, sha256_hex: str | None) -> StoredFile:
     dirs = upload.dirs
     segments = upload.segments
     key = upload.key
-    name = partial_name(key)
+    name = upload.file_name
     record = record_name(key)
     meta_final = meta_name(key)
     meta_tmp = meta_final + TMP_SUFFIX
@@ -128,7 +128,8 @@ def publish(upload: PartialUpload, sha256_hex: str | None) -> StoredFile:
         if sidecar:
             unlink_quietly(meta_tmp, meta_dirs.meta)
         unlink_quietly(name, dirs.partial)
-        unlink_quietly(record, dirs.partial)
+        if upload.has_record:
+            unlink_quietly(record, dirs.partial)
         upload.close()
         if isinstance(e, OSError):
             translated = translate(e)

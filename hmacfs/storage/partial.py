@@ -13,7 +13,9 @@ blocks its path because of its age: only a live writer's lock does; the sweep
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import secrets
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +26,7 @@ from hmacfs.storage import commit as _commit
 from hmacfs.storage.fs_dirs import Dirs, PrivateDirs
 from hmacfs.storage.fs_paths import open_parents
 from hmacfs.storage.fsio import (
+    FILE_MODE,
     READ_FLAGS,
     close_all,
     lexists,
@@ -34,7 +37,7 @@ from hmacfs.storage.fsio import (
     write_json,
 )
 from hmacfs.storage.interface import IReservation, StorageError, StoredFile
-from hmacfs.storage.layout import partial_name, path_key, record_name
+from hmacfs.storage.layout import PART_SUFFIX, partial_name, path_key, record_name
 from hmacfs.storage.locks import open_locked, open_locked_new
 from hmacfs.storage.metadata import DEFAULT_CONTENT_TYPE
 
@@ -80,6 +83,8 @@ class PartialUpload:
     #: the target's directories, kept open from the admission for a commit in the same job
     #: (``start(keep_parents=True)``; the commit closes them, as does any other end)
     parents: list[int] | None = None
+    #: the partial file's own name where it is not the path key's (``start(keep_parents)``)
+    own_name: str | None = None
     _finished: bool = attrs.field(default=False, init=False)
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
 
@@ -90,7 +95,12 @@ class PartialUpload:
     @property
     def path(self) -> Path:
         """The partial file (for messages and tests: built when asked, not per upload)."""
-        return self.private.partial_path / partial_name(self.key)
+        return self.private.partial_path / self.file_name
+
+    @property
+    def file_name(self) -> str:
+        """The partial file's name in ``.hmacfs/partial``."""
+        return self.own_name or partial_name(self.key)
 
     @property
     def name(self) -> str:
@@ -147,7 +157,7 @@ class PartialUpload:
         Feed the first ``length`` bytes of the partial file to ``hasher`` (a resumed upload
         whose whole-file checksum must cover the bytes an earlier request wrote).
         """
-        fd = os.open(partial_name(self.key), READ_FLAGS, dir_fd=self.dirs.partial)
+        fd = os.open(self.file_name, READ_FLAGS, dir_fd=self.dirs.partial)
         try:
             remaining = length
             position = 0
@@ -194,10 +204,10 @@ class PartialUpload:
             if self._finished:
                 return
             self._finished = True
-            key = self.key
             try:
-                unlink_quietly(partial_name(key), self.dirs.partial)
-                unlink_quietly(record_name(key), self.dirs.partial)
+                unlink_quietly(self.file_name, self.dirs.partial)
+                if self.has_record:
+                    unlink_quietly(record_name(self.key), self.dirs.partial)
             finally:
                 self.close()
 
@@ -233,6 +243,7 @@ def start(
     name = partial_name(key)
     sidecar_name = record_name(key)
     parents: list[int] | None = None
+    own_name: str | None = None
     try:
         dirs = private.get()
         fds = open_parents(dirs.root, segs, create=True, root_prefix=private.root_prefix)
@@ -246,13 +257,26 @@ def start(
                 close_all(fds)
             if exists:
                 raise StorageError(409, "file already exists")
-        try:
-            opened = open_locked_new(dirs.partial, name, where=private.partial_where)
-        except FileNotFoundError:
-            # The private directory was removed under us: recreate it, try once more.
-            dirs = private.get(force=True)
-            opened = open_locked_new(dirs.partial, name, where=private.partial_where)
-        fd, fresh = opened
+        if keep_parents:
+            # Committed in this same job, never resumed: a name of its own, which nobody
+            # else opens (no lock race to check for, no leftover of the path's to take
+            # over), locked only so that a sweep never takes it for abandoned.
+            own_name = f"{key}.{secrets.token_hex(8)}{PART_SUFFIX}"
+            name = own_name
+            try:
+                fd = _create_own(dirs.partial, name)
+            except FileNotFoundError:
+                dirs = private.get(force=True)
+                fd = _create_own(dirs.partial, name)
+            fresh = True
+        else:
+            try:
+                opened = open_locked_new(dirs.partial, name, where=private.partial_where)
+            except FileNotFoundError:
+                # The private directory was removed under us: recreate it, try once more.
+                dirs = private.get(force=True)
+                opened = open_locked_new(dirs.partial, name, where=private.partial_where)
+            fd, fresh = opened
         sidecar: dict[str, object] | None = None
         try:
             if not fresh:
@@ -287,6 +311,7 @@ def start(
         record=sidecar,
         has_record=sidecar is not None,
         parents=parents,
+        own_name=own_name,
     )
 
 
@@ -365,3 +390,18 @@ def remove(directory: int, segs: tuple[str, ...], *, where: str = "") -> bool:
         os.close(fd)
     log.info("removed upload in progress {path}", path="/".join(segs))
     return True
+
+
+def _create_own(directory: int, name: str) -> int:
+    """A new partial file under a name of its own, locked (see ``start(keep_parents)``)."""
+    fd = os.open(
+        name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE,
+        dir_fd=directory,
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new and unknown to anyone: never held
+    except BaseException:
+        os.close(fd)
+        unlink_quietly(name, directory)
+        raise
+    return fd
