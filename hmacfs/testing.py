@@ -140,10 +140,36 @@ def short_tempdir(test: Any, prefix: str = "hmacfs-") -> Path:
     return directory
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
+    """
+    A loopback TCP port free now, for a server a test starts.  Chosen outside the kernel's
+    ephemeral range: a port the kernel hands out (bind to 0) is also what it gives the next
+    outgoing connection (to Swift, Redis, ...), which could take it before the server binds.
+    """
+    import random
+
+    ephemeral = _ephemeral_ports()
+    for _ in range(200):
+        port = random.randrange(10000, 65536)
+        if port in ephemeral:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def in_ci() -> bool:

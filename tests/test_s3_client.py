@@ -389,6 +389,14 @@ class S3ClientTests(TestCase):
         """A 20 MiB upload with a wrong secret ends in AccessDenied, on a write or on finish()."""
 
         async def run() -> None:
+            from twisted.internet import tcp
+            from twisted.internet.task import deferLater
+
+            def clients() -> int:
+                selectables = reactor.getReaders() + reactor.getWriters()
+                return len({s for s in selectables if isinstance(s, tcp.Client)})
+
+            before = clients()
             bad = self.make_client(secret_key="not-the-secret")
             upload = bad.put_object("k", 20 * MIB)
             chunk = b"z" * 65536
@@ -396,6 +404,13 @@ class S3ClientTests(TestCase):
                 for _ in range(20 * MIB // len(chunk)):
                     await upload.write(chunk)
                 await upload.finish()
+            # The refused upload's connection cannot be reused: it closes, on a later
+            # reactor turn (the test would end with it still in the reactor).
+            for _ in range(100):
+                if clients() <= before:
+                    break
+                await deferLater(reactor, 0.05, lambda: None)
+            self.assertLessEqual(clients(), before)
 
         return ensureDeferred(run())
 
