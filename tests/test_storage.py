@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import os
+import stat as stat_mod
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -129,6 +130,37 @@ class CommitTests(StoreTestsMixin, SynchronousTestCase):
         self.assertEqual(partial.fd, -1)
         partial.abort()  # no-op afterwards
         self.assertEqual(target.read_bytes(), b"old bytes")
+
+    def test_directories_made_durable_once(self) -> None:
+        """
+        A new directory is fsynced into its parent when it is created; a commit fsyncs the
+        target's directory after the link.  A second file in the same directory costs that
+        one directory fsync, not one per level up to the root.
+        """
+        store = self.make_store(metadata_xattr=True)
+        synced: list[tuple[int, int]] = []
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            st = os.fstat(fd)
+            if stat_mod.S_ISDIR(st.st_mode):
+                synced.append((st.st_dev, st.st_ino))
+            real_fsync(fd)
+
+        self.patch(storage.os, "fsync", fsync)
+
+        def ident(path: Path) -> tuple[int, int]:
+            st = os.stat(path)
+            return (st.st_dev, st.st_ino)
+
+        self.upload(store, ("a", "b", "first"), b"1")
+        root, a, b = store.root, store.root / "a", store.root / "a" / "b"
+        created = [ident(root), ident(a)]  # the entries of a (in root) and b (in a)
+        self.assertEqual(synced[:2], created)
+        self.assertEqual(synced[2:], [ident(b)])  # the link, in b
+        synced.clear()
+        self.upload(store, ("a", "b", "second"), b"2")
+        self.assertEqual(synced, [ident(b)])
 
     def test_failure_after_link_leaves_nothing(self) -> None:
         """If commit fails after linking, the target and our metadata are removed again."""
@@ -867,7 +899,12 @@ class XattrMetadataTests(StoreTestsMixin, SynchronousTestCase):
         events: list[str] = []
         real_setxattr, real_fsync = metadata.os.setxattr, storage.os.fsync
         self.patch(metadata.os, "setxattr", lambda *a, **k: events.append("setxattr") or real_setxattr(*a, **k))
-        self.patch(storage.os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+        def fsync(fd: int) -> None:
+            if stat_mod.S_ISREG(os.fstat(fd).st_mode):
+                events.append("fsync")  # the data's (directories are fsynced too)
+            real_fsync(fd)
+
+        self.patch(storage.os, "fsync", fsync)
         self.upload(store, SEGS, b"abc")
         self.assertEqual(events[:2], ["setxattr", "fsync"])
         self.assertNotIn("setxattr", events[2:])

@@ -114,10 +114,9 @@ def publish(upload: PartialUpload, sha256_hex: str | None) -> StoredFile:
         # inode are the stored file's (link changes only its ctime).
         st = os.fstat(upload.fd)
         upload.close()
-        # fsync from the target's directory up to root, so new directories survive too.
-        for fd in reversed(parents):
-            os.fsync(fd)
-        os.fsync(meta_dirs.root)
+        # The target's directory holds the new name.  Every directory above it was made
+        # durable in its own parent when it was created (``open_parents``), so one fsync.
+        os.fsync(parents[-1] if parents else meta_dirs.root)
         if sidecar:
             os.fsync(meta_dirs.meta)
     except BaseException as e:

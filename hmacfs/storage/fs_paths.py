@@ -61,8 +61,9 @@ def open_parents(
 ) -> list[int] | None:
     """
     Open the directories between the root (``root_fd``) and the target, one ``openat``
-    below the other (creating them if asked); the caller closes the descriptors (the last
-    one is the target's parent; none for a file in the root).
+    below the other (creating them if asked, each made durable in its parent with an
+    fsync of the parent); the caller closes the descriptors (the last one is the target's
+    parent; none for a file in the root).
 
     A symlink among them is refused (403): no link below root is followed, even one
     swapped in after a check, so an upload can never land outside it.  A regular file
@@ -84,7 +85,10 @@ def open_parents(
                 try:
                     os.mkdir(seg, DIR_MODE, dir_fd=parent)
                 except FileExistsError:
-                    pass  # made meanwhile by another upload
+                    pass  # made meanwhile by another upload (whose fsync may not be done)
+                # The new entry is made durable now, once: a commit into this directory
+                # later fsyncs only the directory itself, not every one up to the root.
+                os.fsync(parent)
                 try:
                     fd = open_dir(seg, parent)
                 except OSError as e:
