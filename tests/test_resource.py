@@ -66,6 +66,21 @@ class CORSTests(HarnessMixin, SynchronousTestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 404 "), answer)
         self.assertIn(b"Access-Control-Allow-Origin: *", answer)
 
+    def test_preflight_only_headers_only_on_options(self) -> None:
+        """A PUT's 201 and an error carry Allow-Origin and Expose-Headers (all a browser
+        reads there); Allow-Methods, Allow-Headers and Max-Age only answer OPTIONS."""
+        body = b"cors body"
+        put = self.request(put_head(f"{UUID}/cors.txt", len(body)) + body)
+        missing = self.request(f"GET /upload/{UUID}/missing HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        self.assertTrue(put.startswith(b"HTTP/1.1 201 "), put)
+        for answer in (put, missing):
+            self.assertIn(b"Access-Control-Allow-Origin: *", answer)
+            expose = re.search(rb"Access-Control-Expose-Headers: ([^\r]*)", answer).group(1)
+            self.assertIn(b"X-Session-Token", expose)
+            for preflight_only in (b"Access-Control-Allow-Methods", b"Access-Control-Allow-Headers",
+                                   b"Access-Control-Max-Age"):
+                self.assertNotIn(preflight_only, answer)
+
     def test_session_token_generated(self) -> None:
         """Without X-Session-Token the server returns a fresh unpredictable one."""
         first = self.request(f"OPTIONS /upload/{UUID}/a HTTP/1.1\r\n\r\n".encode())

@@ -108,14 +108,25 @@ class DownloadSettings:
     read_ahead: int = 262144
 
 
-def add_cors_headers(request: Any) -> None:
-    """CORS headers for every response, errors included (else scripts see status 0)."""
+_ALLOW_HEADERS = b", ".join(CORS_ALLOW_HEADERS)
+_EXPOSE_HEADERS = b", ".join(CORS_EXPOSE_HEADERS)
+
+
+def add_cors_headers(request: Any, *, preflight: bool = True) -> None:
+    """
+    CORS headers for every response, errors included (else scripts see status 0).  What a
+    browser reads from the answer to a request itself is ``Allow-Origin`` and
+    ``Expose-Headers`` (Fetch standard, "CORS check"); ``Allow-Methods``, ``Allow-Headers``
+    and ``Max-Age`` are read from the preflight only, so other answers leave them out
+    (three headers and 450 bytes less per response).
+    """
     headers = request.responseHeaders
     headers.setRawHeaders(b"Access-Control-Allow-Origin", [b"*"])
-    headers.setRawHeaders(b"Access-Control-Allow-Methods", [ALLOWED_METHODS])
-    headers.setRawHeaders(b"Access-Control-Allow-Headers", [b", ".join(CORS_ALLOW_HEADERS)])
-    headers.setRawHeaders(b"Access-Control-Expose-Headers", [b", ".join(CORS_EXPOSE_HEADERS)])
-    headers.setRawHeaders(b"Access-Control-Max-Age", [CORS_MAX_AGE])
+    headers.setRawHeaders(b"Access-Control-Expose-Headers", [_EXPOSE_HEADERS])
+    if preflight:
+        headers.setRawHeaders(b"Access-Control-Allow-Methods", [ALLOWED_METHODS])
+        headers.setRawHeaders(b"Access-Control-Allow-Headers", [_ALLOW_HEADERS])
+        headers.setRawHeaders(b"Access-Control-Max-Age", [CORS_MAX_AGE])
 
 
 class _TokenSource:
@@ -203,7 +214,7 @@ class UploadResource(Resource):
 
     def render(self, request: Any) -> bytes | int:
         request.responseHeaders.setRawHeaders(b"Server", [b"hmacfs"])
-        add_cors_headers(request)
+        add_cors_headers(request, preflight=request.method == b"OPTIONS")
         request.responseHeaders.setRawHeaders(SESSION_TOKEN, [session_token(request)])
         if tus.is_tus(request):
             request.responseHeaders.setRawHeaders(b"Tus-Resumable", [tus.TUS_VERSION])
