@@ -91,6 +91,7 @@ class HandStore:
     """
 
     local = True
+    whole_uploads_isolated = True
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, tuple[Any, ...], Deferred[Any]]] = []

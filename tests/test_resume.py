@@ -471,16 +471,32 @@ class DeferredAdmissionTests(ResumeMixin, SynchronousTestCase):
         self.assertEqual((self.store_dir / UUID / "b.bin").read_bytes(), self.body)
 
     def test_whole_small_body_while_waiting(self) -> None:
-        """A body complete before the decision is processed once the decision comes."""
+        """A body complete before the decision is processed once the decision comes (with a
+        session token: an upload that may be resumed takes the lease)."""
         small = b"tiny body"
         protocol, transport = self.harness.connect()
         protocol.dataReceived(
-            head("PUT", f"{UUID}/s.bin", len(small), (f"Content-Length: {len(small)}",)) + small
+            head("PUT", f"{UUID}/s.bin", len(small),
+                 (f"Content-Length: {len(small)}", "X-Session-Token: waiting-token-1")) + small
         )
         self.assertEqual(transport.value(), b"")
         self.state.answer(True)
         self.assertEqual(status_of(transport.value()), 201)
         self.assertEqual((self.store_dir / UUID / "s.bin").read_bytes(), small)
+
+    def test_one_step_upload_takes_no_lease(self) -> None:
+        """A whole small body without a token is stored at once: no lock asked of the state
+        backend (no Redis round trip), and nothing left in it."""
+        small = b"tiny body"
+        protocol, transport = self.harness.connect()
+        protocol.dataReceived(
+            head("PUT", f"{UUID}/n.bin", len(small), (f"Content-Length: {len(small)}",)) + small
+        )
+        self.assertEqual(status_of(transport.value()), 201)
+        self.assertEqual(self.state.pending, [])
+        self.assertEqual(self.state.progress_calls, [])
+        self.assertEqual((self.store_dir / UUID / "n.bin").read_bytes(), small)
+        self.assertEqual(self.harness.server.resumable.uploads.active, {})
 
     def test_refused_after_wait(self) -> None:
         """A lock held on another node: 409 with Retry-After, never a 100, connection closed."""

@@ -401,6 +401,8 @@ class FilesystemBackend:
     """``IStore`` for a ``Store`` (a local or shared POSIX directory)."""
 
     local = True
+    #: ``store_whole``'s partial file has a name of its own (``partial.start(keep_parents)``)
+    whole_uploads_isolated = True
 
     def __init__(self, store: Store, run_blocking: RunBlocking, tombstones: Tombstones | None = None) -> None:
         self.store = store

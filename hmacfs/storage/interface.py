@@ -301,6 +301,10 @@ class IStore(Protocol):
     #: whether the byte sources are ``ILocalByteSource`` (a local descriptor that may be
     #: ``sendfile``d, reads on the backend's pool); otherwise they stream themselves
     local: bool
+    #: whether ``store_whole`` leaves every other upload of its path alone (its bytes never
+    #: meet theirs, and a second writer loses at the commit with 409), so that its caller
+    #: needs no lease on the path: no lock, and no round trip to the state backend for one
+    whole_uploads_isolated: bool
 
     # -- finished files
 

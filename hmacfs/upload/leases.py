@@ -71,6 +71,19 @@ class UploadStarter:
         it fails: the client sends the same few bytes again.
         """
 
+        if fresh and not resumable and self.store.whole_uploads_isolated:
+            # One request brings it whole, nobody may resume it, and the store keeps its
+            # bytes apart from any other upload of the path: no lease (nothing could take
+            # it over, a second writer loses at the link), so no lock and no round trip
+            # to the state backend (Redis) for it.
+            upload = OneStepUpload(
+                self.store, slot.segments, record.content_type, record.size,
+                lambda failure: self._refused(failure, slot, takeover=False),
+            )
+            return succeed(
+                self._receiver(request, upload, record, length, chunk, resumable, self._one_step_ended)
+            )
+
         def locked(lease: Lease) -> Deferred[UploadReceiver]:
             d = self.open(
                 slot,
@@ -88,38 +101,65 @@ class UploadStarter:
             return failure
 
         def opened(upload: IUpload, lease: Lease) -> UploadReceiver:
-            # What this request brings (a tus PATCH may bring less than the rest): a store
-            # that keeps whole parts plans them with it.
-            upload.expect(length)
-            finish = UploadFinish(
-                upload,
-                total=record.size,
-                expected_sha256=(
-                    bytes.fromhex(record.sha256)
-                    if record.sha256 and self.limits.checksum_verification
-                    else None
-                ),
-                chunk_checksum=chunk,
-                on_end=lambda end: self._ended(lease, end),
-                keep_on_interrupt=resumable,
-                keep_empty=record.protocol == "tus",
-            )
-            receiver = UploadReceiver(
-                finish,
-                flow=request.channel,
-                high_water=4 * self.limits.buffer_size,
-                progress=self.uploads.progress_callback(record),
-                checkpoint_bytes=self.uploads.checkpoint_bytes,
-                checkpoint_seconds=self.uploads.checkpoint_seconds,
-                clock=self.clock,
+            receiver = self._receiver(
+                request, upload, record, length, chunk, resumable,
+                lambda end: self._ended(lease, end),
             )
             lease.attach(receiver, record)
-            self.active += 1
             if resumed:
                 request.upload_state.resumed = True
             return receiver
 
         return self.uploads.lock(slot.segments, takeover=takeover).addCallback(locked)
+
+    def _receiver(
+        self,
+        request: StreamingRequest,
+        upload: IUpload,
+        record: UploadRecord,
+        length: int,
+        chunk: tuple[str, bytes] | None,
+        resumable: bool,
+        on_end: Callable[[UploadEnd], None],
+    ) -> UploadReceiver:
+        """The receiver of an admitted upload (counted in ``active`` until ``on_end``)."""
+        # What this request brings (a tus PATCH may bring less than the rest): a store
+        # that keeps whole parts plans them with it.
+        upload.expect(length)
+        finish = UploadFinish(
+            upload,
+            total=record.size,
+            expected_sha256=(
+                bytes.fromhex(record.sha256)
+                if record.sha256 and self.limits.checksum_verification
+                else None
+            ),
+            chunk_checksum=chunk,
+            on_end=on_end,
+            keep_on_interrupt=resumable,
+            keep_empty=record.protocol == "tus",
+        )
+        self.active += 1
+        return UploadReceiver(
+            finish,
+            flow=request.channel,
+            high_water=4 * self.limits.buffer_size,
+            progress=self.uploads.progress_callback(record) if resumable else None,
+            checkpoint_bytes=self.uploads.checkpoint_bytes,
+            checkpoint_seconds=self.uploads.checkpoint_seconds,
+            clock=self.clock,
+        )
+
+    def _one_step_ended(self, end: UploadEnd) -> None:
+        self.active -= 1
+
+    def _refused(self, failure: Failure, slot: SlotPath, *, takeover: bool) -> Any:
+        """A store refusal as the client's answer (a held upload: ``busy_elsewhere``)."""
+        failure.trap(StorageError)
+        error = failure.value
+        if error.reason == "upload already in progress":
+            return self.uploads.busy_elsewhere(slot.segments, takeover=takeover)
+        raise UploadFailed(error.status, error.reason, error.headers)
 
     def open(
         self,
@@ -135,11 +175,7 @@ class UploadStarter:
         """A new upload (``fresh``), or the one left at ``first`` bytes by this upload."""
 
         def refused(failure: Failure) -> Any:
-            failure.trap(StorageError)
-            error = failure.value
-            if error.reason == "upload already in progress":
-                return self.uploads.busy_elsewhere(slot.segments, takeover=takeover)
-            raise UploadFailed(error.status, error.reason, error.headers)
+            return self._refused(failure, slot, takeover=takeover)
 
         if fresh and not resumable:
             # The whole body is in hand: admitted with its write and commit, one store step.

@@ -547,6 +547,8 @@ class S3Store:
     """``IStore`` on one bucket (see the module docstring)."""
 
     local = False
+    #: its admission drops what an earlier attempt of the path left: under the path's lease
+    whole_uploads_isolated = False
 
     def __init__(
         self,
