@@ -9,11 +9,13 @@ timeout.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 
+from hmacfs.service import diskpool
 from hmacfs.service.diskpool import DiskThreadPoolService
 
 
@@ -107,3 +109,60 @@ class DiskPoolTests(TestCase):
     def test_bad_size(self) -> None:
         """A pool needs at least one thread."""
         self.assertRaises(ValueError, DiskThreadPoolService, reactor, size=0)
+
+
+class RunShortTests(TestCase):
+    """``run_short``: the reactor thread waits a moment for a job of a few system calls."""
+
+    timeout = 30
+
+    def pool(self) -> DiskThreadPoolService:
+        pool = DiskThreadPoolService(reactor, size=2, name="test-short")
+        pool.startService()
+        self.addCleanup(lambda: pool.running and pool.stopService())
+        return pool
+
+    @defer.inlineCallbacks
+    def test_quick_job_answered_at_once(self) -> Any:
+        """Back within the wait: fired when run_short returns, its value or its error, and
+        run on a pool thread (the reactor thread only waited)."""
+        self.patch(diskpool, "SHORT_WAIT", 10.0)  # a loaded machine is slow to switch threads
+        pool = self.pool()
+        yield pool.run_blocking(int, "0")  # the first thread is running
+        d = pool.run_short(lambda: threading.current_thread().name)
+        self.assertTrue(d.called)
+        self.assertTrue((yield d).startswith("test-short-"))
+        failed = pool.run_short(int, "x")
+        self.assertTrue(failed.called)
+        yield self.assertFailure(failed, ValueError)
+        self.assertEqual((pool.short_waited, pool.short_missed), (2, 0))
+
+    @defer.inlineCallbacks
+    def test_slow_job_delivered_later(self) -> Any:
+        """Slower than SHORT_WAIT: not waited for any longer; delivered as any job."""
+        pool = self.pool()
+        yield pool.run_blocking(int, "0")
+        gate = threading.Event()
+        started = time.monotonic()
+        d = pool.run_short(lambda: gate.wait(10) and 7)
+        self.assertLess(time.monotonic() - started, diskpool.SHORT_WAIT + 0.5)
+        self.assertFalse(d.called)
+        gate.set()
+        self.assertEqual((yield d), 7)
+        self.assertEqual(pool.short_missed, 1)
+
+    @defer.inlineCallbacks
+    def test_waits_pause_after_repeated_timeouts(self) -> Any:
+        """SHORT_TIMEOUTS waits that ran out (a slow disk): for SHORT_PAUSE none is waited
+        for at all, so a slow disk costs the reactor at most that many short stalls."""
+        pool = self.pool()
+        yield pool.run_blocking(int, "0")
+        gate = threading.Event()
+        slow = [pool.run_short(gate.wait, 10) for _ in range(diskpool.SHORT_TIMEOUTS)]
+        self.assertEqual(pool.short_missed, diskpool.SHORT_TIMEOUTS)
+        started = time.monotonic()
+        more = pool.run_short(gate.wait, 10)
+        self.assertLess(time.monotonic() - started, diskpool.SHORT_WAIT)
+        self.assertEqual(pool.short_missed, diskpool.SHORT_TIMEOUTS)  # not even tried
+        gate.set()
+        yield defer.gatherResults(slow + [more])

@@ -268,14 +268,19 @@ class ReactorThreadTests(TestCase):
         self.recorder.install(self.patch)
         #: disk-pool jobs started while recording (each is a GIL hand-off each way)
         self.jobs: list[str] = []
-        real_run = DiskThreadPoolService.run_blocking
+        #: those of them the reactor thread waited a moment for (``run_short``)
+        self.short_jobs: list[str] = []
+        real_submit = DiskThreadPoolService._submit
 
-        def counted(pool: DiskThreadPoolService, function: Any, *args: Any) -> Any:
+        def counted(pool: DiskThreadPoolService, deferred: Any, function: Any, args: Any, waiter: Any) -> Any:
             if self.recorder.recording:
-                self.jobs.append(getattr(function, "__qualname__", repr(function)))
-            return real_run(pool, function, *args)
+                name = getattr(function, "__qualname__", repr(function))
+                self.jobs.append(name)
+                if waiter is not None:
+                    self.short_jobs.append(name)
+            return real_submit(pool, deferred, function, args, waiter)
 
-        self.patch(DiskThreadPoolService, "run_blocking", counted)
+        self.patch(DiskThreadPoolService, "_submit", counted)
         uploads = embed(
             make_config(
                 self.root, enable_get_retries=False, max_upload_size=50 * 1024 * 1024,
@@ -313,6 +318,7 @@ class ReactorThreadTests(TestCase):
         """Run ``scenario`` with the recorder on, and a moment after (closes, cleanups)."""
         self.recorder.calls.clear()
         self.jobs.clear()
+        self.short_jobs.clear()
         self.recorder.recording = True
         try:
             yield scenario()
@@ -431,6 +437,9 @@ class ReactorThreadTests(TestCase):
     @inlineCallbacks
     def test_small_put_budget(self) -> Any:
         """A 4 KiB PUT whose body came with its headers: one pool job (admit, write, commit)."""
+        from hmacfs.service import diskpool
+
+        self.patch(diskpool, "SHORT_WAIT", 10.0)  # counts, not times: never give up waiting
         yield self.put("warm.bin", b"w" * 4096)  # the parent directory exists, as in operation
         data = os.urandom(4096)
         statuses: list[int] = []
@@ -443,6 +452,7 @@ class ReactorThreadTests(TestCase):
         self.assertEqual(statuses, [201])
         self.assertEqual((self.root / UUID / "small.bin").read_bytes(), data)
         self.assertEqual(self.jobs, ["FilesystemBackend._store_whole"])
+        self.assertEqual(self.short_jobs, self.jobs)  # the reactor waited for it, off its thread
         self.assert_off_reactor("open", "writev", "setxattr", "link", "fsync")
         calls = [call.function for call in self.recorder.calls]
         self.assertLessEqual(len(calls), SMALL_PUT_CALLS, calls)

@@ -94,7 +94,7 @@ def assemble_server(
     disk.setServiceParent(top)
     ring = SecretRing(config.secret, reactor, config.secret_grace_period)
     metrics = Metrics() if config.metrics_enabled else None
-    parts = build_server(config, reactor, disk.run_blocking, ring, metrics)
+    parts = build_server(config, reactor, disk.run_blocking, ring, metrics, disk.run_short)
     for service in parts.resumable.services:
         service.setServiceParent(top)
     parts.ban_sync.setServiceParent(top)

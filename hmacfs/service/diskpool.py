@@ -10,6 +10,16 @@ is one ``SimpleQueue.put``, and results come back in batches: a single
 reactor wake-up delivers every result that finished in the meantime (about
 4 µs per job with 64 uploads in flight; ``bench/bench.py`` measures the
 effect).
+
+A job of a few system calls that the caller expects back in microseconds (a
+small upload's admit, write and commit) may be run with ``run_short``: the
+reactor thread waits for it, the GIL released, for at most ``SHORT_WAIT``.
+While the reactor runs Python, every system call of a pool thread hands the
+GIL over and waits to get it back (a futex round trip each way); with the
+reactor waiting, the job runs through.  A job that takes longer completes as
+any other, and when waits keep running out (a slow disk, a busy NFS server),
+none is waited for until ``SHORT_PAUSE`` has passed: the reactor never stalls
+for more than ``SHORT_WAIT`` a job and ``SHORT_TIMEOUTS`` of them a pause.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -28,8 +39,27 @@ __all__ = ["DiskThreadPoolService"]
 
 T = TypeVar("T")
 
-_Job = tuple[Deferred, Callable[..., Any], tuple[Any, ...]]
+_Job = tuple[Deferred, Callable[..., Any], tuple[Any, ...], "_Waiter | None"]
 _STOP = None
+
+#: how long the reactor thread waits for a ``run_short`` job (seconds)
+SHORT_WAIT = 0.001
+#: waits that ran out within ``SHORT_PAUSE`` before ``run_short`` stops waiting ...
+SHORT_TIMEOUTS = 3
+#: ... for this long (seconds)
+SHORT_PAUSE = 1.0
+
+
+class _Waiter:
+    """The hand-over of one ``run_short`` job: its outcome, unless the caller gave up."""
+
+    __slots__ = ("lock", "outcome", "abandoned")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()  # released by the thread that ran the job
+        self.outcome: tuple[bool, Any] | None = None
+        self.abandoned = False
 
 
 class DiskThreadPoolService(Service):
@@ -56,6 +86,13 @@ class DiskThreadPoolService(Service):
         self._wake_pending = False
         self._threads: list[threading.Thread] = []
         self._stopped = False
+        #: ``run_short``'s waits that ran out lately, and since when it counts them
+        self._timeouts = 0
+        self._timeouts_since = 0.0
+        self._no_wait_until = 0.0
+        #: ``run_short`` jobs answered while the reactor waited, and those it gave up on
+        self.short_waited = 0
+        self.short_missed = 0
 
     @property
     def threads(self) -> int:
@@ -67,6 +104,51 @@ class DiskThreadPoolService(Service):
         if self._stopped:
             return fail(RuntimeError("the disk thread pool is stopped"))
         deferred: Deferred[T] = Deferred()
+        self._submit(deferred, function, args, None)
+        return deferred
+
+    def run_short(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+        """
+        ``run_blocking`` for a job expected back in microseconds: the calling (reactor)
+        thread waits for it up to ``SHORT_WAIT``, so that the Deferred has usually fired
+        when this returns (see the module docstring for why, and for the limits).
+        """
+        if self._stopped or not self.running or time.monotonic() < self._no_wait_until:
+            return self.run_blocking(function, *args)
+        deferred: Deferred[T] = Deferred()
+        waiter = _Waiter()
+        self._submit(deferred, function, args, waiter)
+        if not waiter.lock.acquire(timeout=SHORT_WAIT):
+            with self._lock:
+                if waiter.outcome is None:
+                    # Too slow: its thread delivers it as any other result.
+                    waiter.abandoned = True
+                    self._missed()
+                    return deferred
+        self.short_waited += 1
+        assert waiter.outcome is not None
+        ok, value = waiter.outcome
+        if ok:
+            deferred.callback(value)
+        else:
+            deferred.errback(value)
+        return deferred
+
+    def _missed(self) -> None:
+        """A wait ran out (the pool lock held): after ``SHORT_TIMEOUTS``, pause waiting."""
+        self.short_missed += 1
+        now = time.monotonic()
+        if now - self._timeouts_since > SHORT_PAUSE:
+            self._timeouts_since, self._timeouts = now, 0
+        self._timeouts += 1
+        if self._timeouts >= SHORT_TIMEOUTS:
+            self._no_wait_until = now + SHORT_PAUSE
+            self._timeouts = 0
+
+    def _submit(
+        self, deferred: Deferred[Any], function: Callable[..., Any], args: tuple[Any, ...],
+        waiter: _Waiter | None,
+    ) -> None:
         with self._lock:
             self._pending += 1
             # More work waiting than threads ready to take it (one may be about
@@ -74,10 +156,9 @@ class DiskThreadPoolService(Service):
             spawn = (
                 self.running and self._pending > self._idle and len(self._threads) < self.size
             )
-        self._jobs.put((deferred, function, args))
+        self._jobs.put((deferred, function, args, waiter))
         if spawn:
             self._spawn()
-        return deferred
 
     def startService(self) -> None:
         super().startService()
@@ -120,12 +201,23 @@ class DiskThreadPoolService(Service):
                     self._pending -= 1
             if job is _STOP:
                 return
-            deferred, function, args = job
+            deferred, function, args, waiter = job
             try:
                 outcome = (deferred, True, function(*args))
             except BaseException:
                 outcome = (deferred, False, Failure())
             del job, function, args
+            if waiter is not None:
+                with lock:
+                    handed = not waiter.abandoned
+                    if handed:
+                        waiter.outcome = (outcome[1], outcome[2])
+                        self._idle += 1
+                if handed:
+                    waiter.lock.release()  # the reactor thread fires the Deferred
+                    del outcome, waiter, deferred
+                    continue
+            del waiter
             results.append(outcome)
             del outcome
             with lock:

@@ -110,9 +110,11 @@ def build_server(
     run_blocking: Any,
     ring: SecretRing | None = None,
     metrics: Any = None,
+    run_short: Any = None,
 ) -> ServerParts:
     """The upload Site for a configuration and the parts behind it; ``.site`` is what
-    embedding applications mount."""
+    embedding applications mount.  ``run_short``: the disk pool's ``run_short``, for the
+    few jobs a request waits a moment for (default: ``run_blocking``)."""
     store = Store(
         config.store_dir,
         min_free_bytes=config.min_free_bytes,
@@ -121,7 +123,7 @@ def build_server(
     tombstones = Tombstones(store.root)
     # Built once: the filesystem's every call on the disk pool, never on the reactor
     # thread; or the S3 bucket (StorageBackend).
-    backend = build_store(config, reactor, store, run_blocking, metrics, tombstones)
+    backend = build_store(config, reactor, store, run_blocking, metrics, tombstones, run_short)
     if ring is None:
         ring = SecretRing(config.secret, reactor, config.secret_grace_period)
     authenticator = Authenticator(ring.secrets, reactor, config.clock_skew)

@@ -102,10 +102,12 @@ def build_store(
     run_blocking: Callable[..., Deferred],
     metrics: Metrics | None = None,
     tombstones: Tombstones | None = None,
+    run_short: Callable[..., Deferred] | None = None,
 ) -> IStore:
-    """The process's ``IStore``: over ``store`` on the disk pool, or on the S3 bucket."""
+    """The process's ``IStore``: over ``store`` on the disk pool (``run_short`` for its
+    shortest jobs, see ``DiskThreadPoolService.run_short``), or on the S3 bucket."""
     if config.storage_backend != "s3":
-        return FilesystemBackend(store, run_blocking, tombstones)
+        return FilesystemBackend(store, run_blocking, tombstones, run_short)
     from hmacfs.storage.s3.client import S3Client
     from hmacfs.storage.s3.store import S3Store
 

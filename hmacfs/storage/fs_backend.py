@@ -397,6 +397,11 @@ def _sendfile_until_full(out: int, fd: int, offset: int, count: int) -> int:
     return sent
 
 
+#: the largest body whose one-step store is a ``run_short`` job (a few system calls, one
+#: small write, one fsync of it)
+SHORT_JOB_BYTES = 64 * 1024
+
+
 class FilesystemBackend:
     """``IStore`` for a ``Store`` (a local or shared POSIX directory)."""
 
@@ -404,9 +409,18 @@ class FilesystemBackend:
     #: ``store_whole``'s partial file has a name of its own (``partial.start(keep_parents)``)
     whole_uploads_isolated = True
 
-    def __init__(self, store: Store, run_blocking: RunBlocking, tombstones: Tombstones | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        run_blocking: RunBlocking,
+        tombstones: Tombstones | None = None,
+        run_short: RunBlocking | None = None,
+    ) -> None:
         self.store = store
         self._run = run_blocking
+        #: for the jobs of a few system calls a request waits on (``DiskThreadPoolService.
+        #: run_short``: the reactor waits a moment, so the job need not fight it for the GIL)
+        self._run_short = run_short or run_blocking
         self.tombstones = tombstones if tombstones is not None else Tombstones(store.root)
         #: the rest of listings in pages (``list_files``), by token
         self._listings: dict[str, list[FileEntry]] = {}
@@ -570,7 +584,8 @@ class FilesystemBackend:
         hashers: Sequence[Hasher] = (),
         digest: Callable[[], str | None] | None = None,
     ) -> Deferred[StoredFile]:
-        return self._run(self._store_whole, tuple(segments), content_type, chunks, hashers, digest)
+        run = self._run_short if sum(len(c) for c in chunks) <= SHORT_JOB_BYTES else self._run
+        return run(self._store_whole, tuple(segments), content_type, chunks, hashers, digest)
 
     def _store_whole(
         self,
