@@ -1251,3 +1251,33 @@ class RecreateTests(StoreTestsMixin, SynchronousTestCase):
         self.assertEqual(store.sweep_partials(1), 0)
         self.assertTrue(store.partial_dir.is_dir())
         self.assertEqual(len(levels(events, "warn")), 1)
+
+
+class OwnNameTests(SynchronousTestCase):
+    """A one-step upload's own partial name: unique per process, and per forked child."""
+
+    def test_unique_and_renewed_after_fork(self) -> None:
+        from hmacfs.storage import partial
+
+        root = Path(self.mktemp())
+        root.mkdir()
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, fd)
+        names = set()
+        for _ in range(50):
+            opened, name = partial._create_own(fd, "k")
+            os.close(opened)
+            names.add(name)
+        self.assertEqual(len(names), 50)
+        before = partial._own_prefix
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through the pipe
+            os.write(write, partial._own_prefix.encode())
+            os._exit(0)
+        os.close(write)
+        child = os.read(read, 100).decode()
+        os.close(read)
+        os.waitpid(pid, 0)
+        self.assertNotEqual(child, before)
+        self.assertTrue(child.startswith(f"{pid}-"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import os
 import secrets
 import threading
@@ -261,13 +262,12 @@ def start(
             # Committed in this same job, never resumed: a name of its own, which nobody
             # else opens (no lock race to check for, no leftover of the path's to take
             # over), locked only so that a sweep never takes it for abandoned.
-            own_name = f"{key}.{secrets.token_hex(8)}{PART_SUFFIX}"
-            name = own_name
             try:
-                fd = _create_own(dirs.partial, name)
+                fd, own_name = _create_own(dirs.partial, key)
             except FileNotFoundError:
                 dirs = private.get(force=True)
-                fd = _create_own(dirs.partial, name)
+                fd, own_name = _create_own(dirs.partial, key)
+            name = own_name
             fresh = True
         else:
             try:
@@ -392,16 +392,36 @@ def remove(directory: int, segs: tuple[str, ...], *, where: str = "") -> bool:
     return True
 
 
-def _create_own(directory: int, name: str) -> int:
+#: what makes a partial file's own name unique: this process's (pid, random prefix, and a
+#: counter; no random bytes per upload, which would cost a ``getrandom`` call each)
+_own_prefix = f"{os.getpid()}-{secrets.token_hex(4)}"
+_own_serial = itertools.count()
+
+
+def _forked() -> None:
+    global _own_prefix
+    _own_prefix = f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _create_own(directory: int, key: str) -> tuple[int, str]:
     """A new partial file under a name of its own, locked (see ``start(keep_parents)``)."""
-    fd = os.open(
-        name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE,
-        dir_fd=directory,
-    )
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    for attempt in range(3):
+        name = f"{key}.{_own_prefix}-{next(_own_serial)}{PART_SUFFIX}"
+        try:
+            fd = os.open(name, flags, FILE_MODE, dir_fd=directory)
+        except FileExistsError:
+            if attempt == 2:  # pragma: no cover - would take three clashes of unique names
+                raise
+            continue
+        break
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new and unknown to anyone: never held
     except BaseException:
         os.close(fd)
         unlink_quietly(name, directory)
         raise
-    return fd
+    return fd, name
