@@ -207,6 +207,24 @@ class FinishTests(SynchronousTestCase):
             self.assertEqual((answer.status, full), expected, error)
         self.flushLoggedErrors(RuntimeError)
 
+    def test_write_failure_keeps_the_answer_headers(self) -> None:
+        """A refusal already made an answer (a one-step upload's admission: 409 with
+        Retry-After) goes out as it is; a store error keeps its headers too."""
+        from hmacfs.errors import Refusal
+
+        finish = self.finish()
+        retry = ((b"Retry-After", b"5"),)
+        for error in (
+            Refusal(409, "upload already in progress", retry),
+            UploadFailed(409, "file already exists", retry),
+            StorageError(503, "storage unavailable", retry),
+        ):
+            answer, full = finish.write_failure(Failure(error))
+            self.assertEqual((answer.status, answer.reason, answer.headers, full),
+                             (error.status, error.reason, retry, False), error)
+            self.assertIsInstance(answer, UploadFailed)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_on_end_once(self) -> None:
         """``on_end`` hears exactly once, however many endings are reported."""
         finish = self.finish(total=5)

@@ -78,23 +78,21 @@ def publish(upload: PartialUpload, sha256_hex: str | None) -> StoredFile:
             kept = None
         parents = kept if kept is not None else _open_parents(meta_dirs.root, segments, private)
         parent = parents[-1] if parents else meta_dirs.root
+        def link() -> None:
+            os.link(name, segments[-1], src_dir_fd=dirs.partial, dst_dir_fd=parent,
+                    follow_symlinks=False)
+
         try:
             try:
-                os.link(
-                    name, segments[-1], src_dir_fd=dirs.partial, dst_dir_fd=parent,
-                    follow_symlinks=False,
-                )
+                link()
             except FileNotFoundError:
                 if kept is None or not lexists(name, dirs.partial):
                     raise
                 close_all(parents)
-                parents = []
+                parents = []  # closed: nothing for the ``finally`` if the walk fails
                 parents = _open_parents(meta_dirs.root, segments, private)
                 parent = parents[-1] if parents else meta_dirs.root
-                os.link(
-                    name, segments[-1], src_dir_fd=dirs.partial, dst_dir_fd=parent,
-                    follow_symlinks=False,
-                )
+                link()
         except FileExistsError:
             log.info("upload of {path} lost to an existing file", path=upload.name)
             raise StorageError(409, "file already exists") from None

@@ -561,18 +561,23 @@ class FilesystemBackend:
         size: int | None,
         record: dict[str, object] | None,
         resumable: bool,
+        keep_parents: bool = False,
     ) -> FilesystemUpload:
         if self.tombstones.blocks(segments):
             raise StorageError(403, TOMBSTONED)
         # ``open_partial`` refuses an existing target (409) itself, before the space
-        # check: a separate ``exists`` first would be one more call on every PUT.
+        # check: a separate ``exists`` first would be one more call on every PUT.  With
+        # ``keep_parents`` (``_store_whole``) the commit's link refuses it instead.
         partial = self.store.open_partial(
-            segments, content_type, size, record=record, resumable=resumable
+            segments, content_type, size, record=record, resumable=resumable,
+            keep_parents=keep_parents,
         )
         try:
             partial.reservation = self.store.reserve(size or 0)
-        except BaseException:
+        except BaseException as error:
             partial.abort()
+            if keep_parents and isinstance(error, StorageError) and self.store.exists(segments):
+                raise StorageError(409, "file already exists") from None  # 409 before 507
             raise
         return FilesystemUpload(partial, self._run)
 
@@ -596,24 +601,14 @@ class FilesystemBackend:
         digest: Callable[[], str | None] | None,
     ) -> StoredFile:
         size = sum(len(chunk) for chunk in chunks)
-        if self.tombstones.blocks(segments):
-            raise StorageError(403, TOMBSTONED)
         # The target's directories stay open for the commit, whose link refuses an existing
         # file (409): no separate existence check, no second walk (two calls, each a GIL
         # hand-off on the pool, on every small PUT).
-        partial = self.store.open_partial(
-            segments, content_type, size, resumable=False, keep_parents=True
-        )
+        upload = self._admit(segments, content_type, size, None, False, keep_parents=True)
         try:
-            try:
-                partial.reservation = self.store.reserve(size)
-            except StorageError:
-                if self.store.exists(segments):
-                    raise StorageError(409, "file already exists") from None
-                raise
-            return FilesystemUpload(partial, self._run)._write_and_commit(chunks, hashers, digest)
+            return upload._write_and_commit(chunks, hashers, digest)
         except BaseException:
-            partial.abort()  # idempotent; a failed commit left nothing already
+            upload.partial.abort()  # idempotent; a failed commit left nothing already
             raise
 
     def resume(self, segments: Sequence[str], remaining: int | None) -> Deferred[IUpload | None]:

@@ -174,14 +174,10 @@ class MetadataCache:
         sidecar: tuple[int, int] | None = None
         meta = read_meta_xattr(target, path) if xattrs else None
         if meta is None:
-            name = meta_name(path_key(segs))
-            try:
-                meta_fd = dirs().meta
-                meta_st = os.stat(name, dir_fd=meta_fd, follow_symlinks=False)
-            except (OSError, StorageError):
+            sidecar = self._sidecar_identity(dirs, segs)
+            if sidecar is None:
                 return {}  # no metadata (yet): never cached
-            sidecar = (meta_st.st_ino, meta_st.st_mtime_ns)
-            meta = read_meta(name, meta_fd, path)
+            meta = read_meta(meta_name(path_key(segs)), dirs().meta, path)
         if meta:
             if len(self._entries) >= self.size:
                 self._entries.pop(next(iter(self._entries)))

@@ -238,7 +238,7 @@ def start(
     keep_parents: bool = False,
 ) -> PartialUpload:
     """``Store.open_partial`` for checked segments (see there).  ``keep_parents``: an upload
-    committed in the same job (``Store.open_whole``) keeps the target's directories open for
+    committed in the same job (``FilesystemBackend.store_whole``) keeps the target's directories open for
     its commit, and leaves the 409 for an existing file to the commit's link."""
     key = path_key(segs)
     name = partial_name(key)
@@ -251,14 +251,6 @@ def start(
         assert fds is not None  # create=True: missing raises
         if keep_parents:
             parents = fds
-        else:
-            try:
-                exists = lexists(segs[-1], fds[-1] if fds else dirs.root)
-            finally:
-                close_all(fds)
-            if exists:
-                raise StorageError(409, "file already exists")
-        if keep_parents:
             # Committed in this same job, never resumed: a name of its own, which nobody
             # else opens (no lock race to check for, no leftover of the path's to take
             # over), locked only so that a sweep never takes it for abandoned.
@@ -270,6 +262,12 @@ def start(
             name = own_name
             fresh = True
         else:
+            try:
+                exists = lexists(segs[-1], fds[-1] if fds else dirs.root)
+            finally:
+                close_all(fds)
+            if exists:
+                raise StorageError(409, "file already exists")
             try:
                 opened = open_locked_new(dirs.partial, name, where=private.partial_where)
             except FileNotFoundError:
