@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from twisted.internet import defer, reactor, task
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from hmacfs.service import diskpool
@@ -112,7 +113,7 @@ class DiskPoolTests(TestCase):
 
 
 class RunShortTests(TestCase):
-    """``run_short``: the reactor thread waits a moment for a job of a few system calls."""
+    """``run_short``: the jobs of a reactor iteration, one pool job the reactor waits for."""
 
     timeout = 30
 
@@ -122,47 +123,120 @@ class RunShortTests(TestCase):
         self.addCleanup(lambda: pool.running and pool.stopService())
         return pool
 
-    @defer.inlineCallbacks
-    def test_quick_job_answered_at_once(self) -> Any:
-        """Back within the wait: fired when run_short returns, its value or its error, and
-        run on a pool thread (the reactor thread only waited)."""
-        self.patch(diskpool, "SHORT_WAIT", 10.0)  # a loaded machine is slow to switch threads
-        pool = self.pool()
-        yield pool.run_blocking(int, "0")  # the first thread is running
-        d = pool.run_short(lambda: threading.current_thread().name)
-        self.assertTrue(d.called)
-        self.assertTrue((yield d).startswith("test-short-"))
-        failed = pool.run_short(int, "x")
-        self.assertTrue(failed.called)
-        yield self.assertFailure(failed, ValueError)
-        self.assertEqual((pool.short_waited, pool.short_missed), (2, 0))
+    def turn(self) -> Deferred[None]:
+        """The end of this reactor iteration (where a batch is handed over) and a bit."""
+        return task.deferLater(reactor, 0.001, lambda: None)
 
     @defer.inlineCallbacks
-    def test_slow_job_delivered_later(self) -> Any:
-        """Slower than SHORT_WAIT: not waited for any longer; delivered as any job."""
+    def test_jobs_of_an_iteration_are_one_job(self) -> Any:
+        """Asked for in one iteration: not run at once, but together at its end, on one pool
+        thread, in order, each with its own value or error, while the reactor waited."""
+        self.patch(diskpool, "SHORT_WAIT", 10.0)  # a loaded machine is slow to switch threads
+        self.patch(diskpool, "SHORT_WAIT_MAX", 10.0)
+        pool = self.pool()
+        yield pool.run_blocking(int, "0")  # the first thread is running
+        order: list[int] = []
+
+        def job(n: int) -> str:
+            order.append(n)
+            return threading.current_thread().name
+
+        submitted: list[Any] = []
+        real_submit = pool._submit
+
+        def submit(*args: Any) -> None:
+            submitted.append(args[1])
+            real_submit(*args)
+
+        self.patch(pool, "_submit", submit)
+        first, second = pool.run_short(job, 1), pool.run_short(job, 2)
+        failed = pool.run_short(int, "x")
+        self.assertEqual((first.called, second.called, failed.called), (False, False, False))
+        yield self.turn()
+        self.assertEqual(submitted, [diskpool._run_batch])
+        self.assertEqual(order, [1, 2])
+        names = [(yield first), (yield second)]
+        self.assertEqual(names[0], names[1])
+        self.assertTrue(names[0].startswith("test-short-"))
+        yield self.assertFailure(failed, ValueError)
+        self.assertEqual((pool.short_waited, pool.short_batches, pool.short_missed), (3, 1, 0))
+
+    @defer.inlineCallbacks
+    def test_fired_before_the_reactor_goes_on(self) -> Any:
+        """Back within the wait: fired by the hand-over itself, before any other event of the
+        next iteration (a timer due at once runs after it)."""
+        self.patch(diskpool, "SHORT_WAIT", 10.0)
+        self.patch(diskpool, "SHORT_WAIT_MAX", 10.0)
+        pool = self.pool()
+        yield pool.run_blocking(int, "0")
+        seen: list[str] = []
+        d = pool.run_short(lambda: 7)
+        d.addCallback(lambda value: seen.append(f"job {value}"))
+        reactor.callLater(0, lambda: seen.append("timer"))
+        yield self.turn()
+        self.assertEqual(seen, ["job 7", "timer"])
+
+    @defer.inlineCallbacks
+    def test_slow_batch_delivered_later(self) -> Any:
+        """Slower than its wait: not waited for any longer; every job delivered as any job."""
         pool = self.pool()
         yield pool.run_blocking(int, "0")
         gate = threading.Event()
         started = time.monotonic()
-        d = pool.run_short(lambda: gate.wait(10) and 7)
-        self.assertLess(time.monotonic() - started, diskpool.SHORT_WAIT + 0.5)
-        self.assertFalse(d.called)
+        slow = pool.run_short(lambda: gate.wait(10) and 7)
+        quick = pool.run_short(lambda: 8)
+        yield self.turn()
+        self.assertLess(time.monotonic() - started, 2 * diskpool.SHORT_WAIT + 0.5)
+        self.assertEqual((slow.called, quick.called), (False, False))
         gate.set()
-        self.assertEqual((yield d), 7)
+        self.assertEqual([(yield slow), (yield quick)], [7, 8])
+        self.assertEqual((pool.short_missed, pool.short_batches), (1, 0))
+
+    @defer.inlineCallbacks
+    def test_wait_bounded_for_a_big_batch(self) -> Any:
+        """A batch is waited for SHORT_WAIT a job, never longer than SHORT_WAIT_MAX."""
+        self.patch(diskpool, "SHORT_WAIT", 0.05)
+        self.patch(diskpool, "SHORT_WAIT_MAX", 0.2)
+        pool = self.pool()
+        yield pool.run_blocking(int, "0")
+        gate = threading.Event()
+        jobs = [pool.run_short(gate.wait, 10)] + [pool.run_short(int, "1") for _ in range(99)]
+        started = time.monotonic()
+        yield self.turn()
+        waited = time.monotonic() - started
+        self.assertGreaterEqual(waited, 0.2)
+        self.assertLess(waited, 0.2 + 0.5)
+        gate.set()
+        yield defer.gatherResults(jobs)
         self.assertEqual(pool.short_missed, 1)
 
     @defer.inlineCallbacks
     def test_waits_pause_after_repeated_timeouts(self) -> Any:
-        """SHORT_TIMEOUTS waits that ran out (a slow disk): for SHORT_PAUSE none is waited
-        for at all, so a slow disk costs the reactor at most that many short stalls."""
+        """SHORT_TIMEOUTS batches whose wait ran out (a slow disk): for SHORT_PAUSE none is
+        waited for at all, so a slow disk costs the reactor at most that many short stalls."""
         pool = self.pool()
         yield pool.run_blocking(int, "0")
         gate = threading.Event()
-        slow = [pool.run_short(gate.wait, 10) for _ in range(diskpool.SHORT_TIMEOUTS)]
+        slow = []
+        for _ in range(diskpool.SHORT_TIMEOUTS):
+            slow.append(pool.run_short(gate.wait, 10))
+            yield self.turn()
         self.assertEqual(pool.short_missed, diskpool.SHORT_TIMEOUTS)
         started = time.monotonic()
         more = pool.run_short(gate.wait, 10)
-        self.assertLess(time.monotonic() - started, diskpool.SHORT_WAIT)
+        yield self.turn()
+        self.assertLess(time.monotonic() - started, diskpool.SHORT_WAIT + 0.5)
         self.assertEqual(pool.short_missed, diskpool.SHORT_TIMEOUTS)  # not even tried
         gate.set()
         yield defer.gatherResults(slow + [more])
+
+    @defer.inlineCallbacks
+    def test_stop_runs_the_jobs_not_handed_over(self) -> Any:
+        """Stopped before the iteration ended: the batch's jobs run as plain jobs, not lost."""
+        pool = self.pool()
+        yield pool.run_blocking(int, "0")
+        d = pool.run_short(lambda: 9)
+        pool.stopService()
+        self.assertEqual((yield d), 9)
+        yield self.turn()  # the hand-over finds nothing left
+        self.assertEqual(pool.short_batches, 0)

@@ -12,14 +12,19 @@ reactor wake-up delivers every result that finished in the meantime (about
 effect).
 
 A job of a few system calls that the caller expects back in microseconds (a
-small upload's admit, write and commit) may be run with ``run_short``: the
-reactor thread waits for it, the GIL released, for at most ``SHORT_WAIT``.
-While the reactor runs Python, every system call of a pool thread hands the
-GIL over and waits to get it back (a futex round trip each way); with the
-reactor waiting, the job runs through.  A job that takes longer completes as
-any other, and when waits keep running out (a slow disk, a busy NFS server),
-none is waited for until ``SHORT_PAUSE`` has passed: the reactor never stalls
-for more than ``SHORT_WAIT`` a job and ``SHORT_TIMEOUTS`` of them a pause.
+small upload's admit, write and commit; a GET's stat, open and read) may be run
+with ``run_short``.  The short jobs asked for during one reactor iteration go to
+a pool thread together, as one job, when the iteration ends, and the reactor
+thread waits for them, the GIL released, for at most ``SHORT_WAIT`` a job
+(``SHORT_WAIT_MAX`` in all).  Two things are saved: while the reactor runs
+Python, every system call of a pool thread hands the GIL over and waits to get
+it back (a futex round trip each way), and with the reactor waiting the jobs run
+through; and the hand-over to a thread and back (a wake-up each way) is paid
+once per batch, not per job.  Under load a batch holds tens of jobs.  Jobs that
+take longer complete as any other, and when waits keep running out (a slow
+disk, a busy NFS server), none is waited for until ``SHORT_PAUSE`` has passed:
+the reactor never stalls for more than ``SHORT_WAIT_MAX`` a batch and
+``SHORT_TIMEOUTS`` of them a pause.
 """
 
 from __future__ import annotations
@@ -39,19 +44,35 @@ __all__ = ["DiskThreadPoolService"]
 
 T = TypeVar("T")
 
-_Job = tuple[Deferred, Callable[..., Any], tuple[Any, ...], "_Waiter | None"]
+_Job = tuple["Deferred | None", Callable[..., Any], tuple[Any, ...], "_Waiter | None"]
 _STOP = None
 
-#: how long the reactor thread waits for a ``run_short`` job (seconds)
+#: how long the reactor thread waits for each job of a ``run_short`` batch (seconds) ...
 SHORT_WAIT = 0.001
+#: ... and for a whole batch at most
+SHORT_WAIT_MAX = 0.02
 #: waits that ran out within ``SHORT_PAUSE`` before ``run_short`` stops waiting ...
 SHORT_TIMEOUTS = 3
 #: ... for this long (seconds)
 SHORT_PAUSE = 1.0
 
 
+_Short = tuple[Deferred, Callable[..., Any], tuple[Any, ...]]
+
+
+def _run_batch(batch: list[_Short]) -> list[tuple[Deferred, bool, Any]]:
+    """On a pool thread: every job of a ``run_short`` batch, in order, and its outcome."""
+    outcomes: list[tuple[Deferred, bool, Any]] = []
+    for deferred, function, args in batch:
+        try:
+            outcomes.append((deferred, True, function(*args)))
+        except BaseException:
+            outcomes.append((deferred, False, Failure()))
+    return outcomes
+
+
 class _Waiter:
-    """The hand-over of one ``run_short`` job: its outcome, unless the caller gave up."""
+    """The hand-over of one ``run_short`` batch: its outcome, unless the caller gave up."""
 
     __slots__ = ("lock", "outcome", "abandoned")
 
@@ -90,9 +111,13 @@ class DiskThreadPoolService(Service):
         self._timeouts = 0
         self._timeouts_since = 0.0
         self._no_wait_until = 0.0
-        #: ``run_short`` jobs answered while the reactor waited, and those it gave up on
+        #: ``run_short`` jobs answered while the reactor waited, the batches it waited
+        #: for, and the batches it gave up on
         self.short_waited = 0
+        self.short_batches = 0
         self.short_missed = 0
+        #: ``run_short`` jobs asked for in this reactor iteration
+        self._short: list[_Short] = []
 
     @property
     def threads(self) -> int:
@@ -109,30 +134,41 @@ class DiskThreadPoolService(Service):
 
     def run_short(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         """
-        ``run_blocking`` for a job expected back in microseconds: the calling (reactor)
-        thread waits for it up to ``SHORT_WAIT``, so that the Deferred has usually fired
-        when this returns (see the module docstring for why, and for the limits).
+        ``run_blocking`` for a job expected back in microseconds: it goes to a pool
+        thread with the other short jobs of this reactor iteration when the iteration
+        ends, and the reactor thread waits for them a moment (see the module docstring
+        for why, and for the limits).
         """
         if self._stopped or not self.running or time.monotonic() < self._no_wait_until:
             return self.run_blocking(function, *args)
         deferred: Deferred[T] = Deferred()
+        self._short.append((deferred, function, args))
+        if len(self._short) == 1:
+            self.reactor.callLater(0, self._flush_short)
+        return deferred
+
+    def _flush_short(self) -> None:
+        """The iteration's short jobs, as one pool job the reactor thread waits for."""
+        batch, self._short = self._short, []
+        if not batch:
+            return  # handed to the pool as plain jobs by stopService
         waiter = _Waiter()
-        self._submit(deferred, function, args, waiter)
-        if not waiter.lock.acquire(timeout=SHORT_WAIT):
+        self._submit(None, _run_batch, (batch,), waiter)
+        if not waiter.lock.acquire(timeout=min(SHORT_WAIT * len(batch), SHORT_WAIT_MAX)):
             with self._lock:
                 if waiter.outcome is None:
-                    # Too slow: its thread delivers it as any other result.
+                    # Too slow: its thread delivers the outcomes as any other results.
                     waiter.abandoned = True
                     self._missed()
-                    return deferred
-        self.short_waited += 1
+                    return
+        self.short_waited += len(batch)
+        self.short_batches += 1
         assert waiter.outcome is not None
-        ok, value = waiter.outcome
-        if ok:
-            deferred.callback(value)
-        else:
-            deferred.errback(value)
-        return deferred
+        for deferred, ok, value in waiter.outcome[1]:
+            if ok:
+                deferred.callback(value)
+            else:
+                deferred.errback(value)
 
     def _missed(self) -> None:
         """A wait ran out (the pool lock held): after ``SHORT_TIMEOUTS``, pause waiting."""
@@ -146,9 +182,11 @@ class DiskThreadPoolService(Service):
             self._timeouts = 0
 
     def _submit(
-        self, deferred: Deferred[Any], function: Callable[..., Any], args: tuple[Any, ...],
+        self, deferred: Deferred[Any] | None, function: Callable[..., Any], args: tuple[Any, ...],
         waiter: _Waiter | None,
     ) -> None:
+        """Queue a job: one ``run_blocking`` call (``deferred``), or a ``run_short`` batch
+        (no Deferred of its own: ``_run_batch`` returns each of its jobs' outcomes)."""
         with self._lock:
             self._pending += 1
             # More work waiting than threads ready to take it (one may be about
@@ -170,6 +208,9 @@ class DiskThreadPoolService(Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()
         self._stopped = True
+        short, self._short = self._short, []
+        for deferred, function, args in short:  # not flushed yet: finished as plain jobs
+            self._submit(deferred, function, args, None)
         for _ in self._threads:
             self._jobs.put(_STOP)
         # Joins on the reactor thread, as ThreadPool.stop does: the threads only
@@ -218,7 +259,10 @@ class DiskThreadPoolService(Service):
                     del outcome, waiter, deferred
                     continue
             del waiter
-            results.append(outcome)
+            if deferred is None:
+                results.extend(outcome[2])  # a batch given up on: each job's outcome
+            else:
+                results.append((deferred, outcome[1], outcome[2]))
             del outcome
             with lock:
                 self._idle += 1

@@ -419,7 +419,8 @@ class FilesystemBackend:
         self.store = store
         self._run = run_blocking
         #: for the jobs of a few system calls a request waits on (``DiskThreadPoolService.
-        #: run_short``: the reactor waits a moment, so the job need not fight it for the GIL)
+        #: run_short``: batched per reactor iteration, and the reactor waits a moment for
+        #: them, so they need not fight it for the GIL)
         self._run_short = run_short or run_blocking
         self.tombstones = tombstones if tombstones is not None else Tombstones(store.root)
         #: the rest of listings in pages (``list_files``), by token
@@ -433,7 +434,7 @@ class FilesystemBackend:
     # -- finished files
 
     def lookup(self, segments: Sequence[str]) -> Deferred[StoredFile | None]:
-        return self._run(self.store.stat, segments)
+        return self._run_short(self.store.stat, segments)
 
     def exists(self, segments: Sequence[str]) -> Deferred[bool]:
         return self._run(self.store.exists, segments)
@@ -445,7 +446,8 @@ class FilesystemBackend:
         return FileRange(stored, byte_range, open_stored(stored), self._run)
 
     def open_file(self, segments: Sequence[str], read_ahead: int = 0) -> Deferred[IByteSource | None]:
-        return self._run(self._open_file, segments, read_ahead)
+        # A stat, an open and (up to ``read_ahead``) a read: a GET's one job, a short one.
+        return self._run_short(self._open_file, segments, read_ahead)
 
     def _open_file(self, segments: Sequence[str], read_ahead: int) -> IByteSource | None:
         stored = self.store.stat(segments)
