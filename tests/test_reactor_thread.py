@@ -276,7 +276,7 @@ class ReactorThreadTests(TestCase):
         def counted(pool: DiskThreadPoolService, deferred: Any, function: Any, args: Any, waiter: Any) -> Any:
             if self.recorder.recording:
                 # A run_short batch is one pool job: recorded as the jobs it holds.
-                inner = args[0] if function is diskpool._run_batch else [(None, function, ())]
+                inner = args[0].jobs if function is diskpool._run_batch else [(None, function, ())]
                 for _, job, _ in inner:
                     name = getattr(job, "__qualname__", repr(job))
                     self.jobs.append(name)

@@ -15,16 +15,20 @@ A job of a few system calls that the caller expects back in microseconds (a
 small upload's admit, write and commit; a GET's stat, open and read) may be run
 with ``run_short``.  The short jobs asked for during one reactor iteration go to
 a pool thread together, as one job, when the iteration ends, and the reactor
-thread waits for them, the GIL released, for at most ``SHORT_WAIT`` a job
-(``SHORT_WAIT_MAX`` in all).  Two things are saved: while the reactor runs
-Python, every system call of a pool thread hands the GIL over and waits to get
-it back (a futex round trip each way), and with the reactor waiting the jobs run
-through; and the hand-over to a thread and back (a wake-up each way) is paid
-once per batch, not per job.  Under load a batch holds tens of jobs.  Jobs that
-take longer complete as any other, and when waits keep running out (a slow
-disk, a busy NFS server), none is waited for until ``SHORT_PAUSE`` has passed:
-the reactor never stalls for more than ``SHORT_WAIT_MAX`` a batch and
-``SHORT_TIMEOUTS`` of them a pause.
+thread waits for them, the GIL released, as long as they keep up: it gives up
+when the batch falls more than ``SHORT_SLACK`` jobs of ``SHORT_WAIT`` behind (the
+k-th job not done after (k + ``SHORT_SLACK``) × ``SHORT_WAIT``), or after
+``SHORT_WAIT_MAX``.  Two things are saved: while the reactor runs Python, every
+system call of a pool thread hands the GIL over and waits to get it back (a
+futex round trip each way), and with the reactor waiting the jobs run through;
+and the hand-over to a thread and back (a wake-up each way) is paid once per
+batch, not per job.  Under load a batch holds tens of jobs.  When the reactor
+gives up (a job blocked in a slow fsync), the jobs of the batch not started yet
+go to the other pool threads as ordinary jobs, so one slow disk call does not
+hold up the rest, and every outcome is delivered as any other.  When waits keep
+running out (a slow disk, a busy NFS server), none is waited for until
+``SHORT_PAUSE`` has passed: the reactor never stalls for more than
+``SHORT_WAIT_MAX`` a batch, and for ``SHORT_TIMEOUTS`` batches a pause.
 """
 
 from __future__ import annotations
@@ -47,10 +51,12 @@ T = TypeVar("T")
 _Job = tuple["Deferred | None", Callable[..., Any], tuple[Any, ...], "_Waiter | None"]
 _STOP = None
 
-#: how long the reactor thread waits for each job of a ``run_short`` batch (seconds) ...
+#: the time a ``run_short`` job may take while the reactor thread waits (seconds) ...
 SHORT_WAIT = 0.001
 #: ... and for a whole batch at most
 SHORT_WAIT_MAX = 0.02
+#: jobs' worth of SHORT_WAIT a batch may be behind (a thread's wake-up, a moment's preemption)
+SHORT_SLACK = 3
 #: waits that ran out within ``SHORT_PAUSE`` before ``run_short`` stops waiting ...
 SHORT_TIMEOUTS = 3
 #: ... for this long (seconds)
@@ -60,15 +66,33 @@ SHORT_PAUSE = 1.0
 _Short = tuple[Deferred, Callable[..., Any], tuple[Any, ...]]
 
 
-def _run_batch(batch: list[_Short]) -> list[tuple[Deferred, bool, Any]]:
-    """On a pool thread: every job of a ``run_short`` batch, in order, and its outcome."""
-    outcomes: list[tuple[Deferred, bool, Any]] = []
-    for deferred, function, args in batch:
+class _Batch:
+    """The ``run_short`` jobs of one reactor iteration: taken one by one by the pool
+    thread that runs them, or back by the reactor thread when it stops waiting."""
+
+    __slots__ = ("jobs", "outcomes", "done")
+
+    def __init__(self, jobs: list[_Short]) -> None:
+        self.jobs = collections.deque(jobs)
+        self.outcomes: list[tuple[Deferred, bool, Any]] = []
+        #: jobs finished so far (read by the waiting reactor thread: is it progressing?)
+        self.done = 0
+
+
+def _run_batch(batch: _Batch) -> list[tuple[Deferred, bool, Any]]:
+    """On a pool thread: the batch's jobs, in order, until none is left, and their outcomes."""
+    jobs, outcomes = batch.jobs, batch.outcomes
+    while True:
+        try:
+            deferred, function, args = jobs.popleft()  # atomic: the reactor may take the rest
+        except IndexError:
+            return outcomes
         try:
             outcomes.append((deferred, True, function(*args)))
         except BaseException:
             outcomes.append((deferred, False, Failure()))
-    return outcomes
+        del deferred, function, args
+        batch.done += 1
 
 
 class _Waiter:
@@ -149,19 +173,36 @@ class DiskThreadPoolService(Service):
 
     def _flush_short(self) -> None:
         """The iteration's short jobs, as one pool job the reactor thread waits for."""
-        batch, self._short = self._short, []
-        if not batch:
+        jobs, self._short = self._short, []
+        if not jobs:
             return  # handed to the pool as plain jobs by stopService
+        batch = _Batch(jobs)
         waiter = _Waiter()
         self._submit(None, _run_batch, (batch,), waiter)
-        if not waiter.lock.acquire(timeout=min(SHORT_WAIT * len(batch), SHORT_WAIT_MAX)):
+        started = time.monotonic()
+        while not waiter.lock.acquire(timeout=SHORT_WAIT):
+            # On time while the k-th job is done within (k + SHORT_SLACK) * SHORT_WAIT.
+            budget = min((batch.done + SHORT_SLACK) * SHORT_WAIT, SHORT_WAIT_MAX)
+            if time.monotonic() - started < budget:
+                continue
+            rest: list[_Short] = []
             with self._lock:
                 if waiter.outcome is None:
-                    # Too slow: its thread delivers the outcomes as any other results.
+                    # Too slow: its thread delivers what it ran as any other results,
+                    # and the jobs not started yet go to the other threads.
                     waiter.abandoned = True
+                    while batch.jobs:
+                        try:
+                            rest.append(batch.jobs.popleft())
+                        except IndexError:  # the pool thread took the last one meanwhile
+                            break
                     self._missed()
-                    return
-        self.short_waited += len(batch)
+            if waiter.abandoned:
+                for deferred, function, args in rest:
+                    self._submit(deferred, function, args, None)
+                return
+            break  # it finished just now
+        self.short_waited += len(jobs)
         self.short_batches += 1
         assert waiter.outcome is not None
         for deferred, ok, value in waiter.outcome[1]:
