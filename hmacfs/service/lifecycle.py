@@ -66,6 +66,11 @@ class LoggingService(Service):
         return succeed(None)
 
 
+#: after the last upload in flight ended, how long the stop waits for its answer to be
+#: written (seconds): the reactor's shutdown drops what a transport has not sent yet
+ANSWER_GRACE = 0.2
+
+
 class DrainService(Service):
     """On stop, give uploads in flight up to DrainTimeout seconds to finish."""
 
@@ -78,18 +83,25 @@ class DrainService(Service):
         super().stopService()
         done: Deferred[None] = Deferred()
         deadline = self.reactor.seconds() + self.timeout
+        waited = False
 
         def check() -> None:
+            nonlocal waited
             policy = self.site.body_policy
             # the daemon's policy is an UploadPolicy, which counts its uploads in flight
             active: int = policy.active if policy else 0  # type: ignore[attr-defined]
-            if active == 0 or self.reactor.seconds() >= deadline:
+            if active == 0 and waited:
+                # An upload just ended: its 201 is written in the reactor's next turns,
+                # and stopping the reactor now would drop it from the transport's buffer.
+                self.reactor.callLater(ANSWER_GRACE, done.callback, None)
+            elif active == 0 or self.reactor.seconds() >= deadline:
                 try:
                     if active:
                         log.warn("stopping with {active} uploads still in flight", active=active)
                 finally:
                     done.callback(None)
             else:
+                waited = True
                 self.reactor.callLater(0.1, check)
 
         check()
