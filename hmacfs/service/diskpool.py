@@ -95,6 +95,14 @@ def _run_batch(batch: _Batch) -> list[tuple[Deferred, bool, Any]]:
         batch.done += 1
 
 
+def _fire(deferred: Deferred, ok: bool, value: Any) -> None:
+    """Deliver a job's outcome (reactor thread)."""
+    if ok:
+        deferred.callback(value)
+    else:
+        deferred.errback(value)
+
+
 class _Waiter:
     """The hand-over of one ``run_short`` batch: its outcome, unless the caller gave up."""
 
@@ -205,11 +213,8 @@ class DiskThreadPoolService(Service):
         self.short_waited += len(jobs)
         self.short_batches += 1
         assert waiter.outcome is not None
-        for deferred, ok, value in waiter.outcome[1]:
-            if ok:
-                deferred.callback(value)
-            else:
-                deferred.errback(value)
+        for outcome in waiter.outcome[1]:
+            _fire(*outcome)
 
     def _missed(self) -> None:
         """A wait ran out (the pool lock held): after ``SHORT_TIMEOUTS``, pause waiting."""
@@ -320,8 +325,4 @@ class DiskThreadPoolService(Service):
             self._wake_pending = False
         results = self._results
         while results:
-            deferred, ok, value = results.popleft()
-            if ok:
-                deferred.callback(value)
-            else:
-                deferred.errback(value)
+            _fire(*results.popleft())
